@@ -1,0 +1,273 @@
+"""GPU benchmark of kernels.py: every Triton kernel against its torch twin (run on the same GPU).
+
+    python bench/bench_kernels.py            # one table on stdout; JSON to $OUT/bench_kernels.json
+
+Routing (hash_topk, score_topk; E=256, K=6, some experts replicated, load counting on) at
+T = 64 .. 1M: time, speedup over the twin, GB/s over the bytes the kernel must move.
+MoE experts at decode (T = 64, 256) and prefill (T = 8192), released-size experts (E=256, d=4096,
+I=2048, K=6) and the mini preset (d=512, I=256, E=32 on P=36 slots, K=4), bf16: TFLOP/s and GB/s
+of expert weights actually read, against ceilings measured in this run (device copy bandwidth,
+bf16 torch.matmul rate). Correctness (Triton vs twin on the bench inputs) is checked first.
+Times are medians of triton.testing.do_bench (CUDA events, L2 flushed, launch overhead included).
+"""
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+if not torch.cuda.is_available():
+    sys.exit("bench_kernels.py needs a CUDA GPU (the torch twins are what runs on CPU; "
+             "their CPU tests are tests/test_kernels.py)")
+os.environ.pop("DSV4_KERNELS", None)  # the bench calls each twin by name
+
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+import kernels  # noqa: E402
+
+DEV = "cuda"
+T0 = time.time()
+SWEEP_BUDGET_S = 170  # skip the MoE block-size sweep once the run has taken this long
+ROUTING_T = (64, 1024, 16384, 262144, 1048576)
+MOE_T = (64, 256, 8192)
+
+
+def log(msg):
+    print(f"[{time.time() - T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def bench_ms(fn, warmup=25, rep=100):
+    """Median time in ms (return_mode exists in triton 3.6 and 3.9; quantiles not used)."""
+    return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+# ------------------------------------------------------------------------------------ ceilings
+def measure_ceilings():
+    n = 1 << 29  # 2 GiB of fp32 each side: far beyond L2
+    a = torch.empty(n, dtype=torch.float32, device=DEV).fill_(1.0)
+    b = torch.empty_like(a)
+    ms = bench_ms(lambda: b.copy_(a), warmup=10, rep=200)
+    copy_gbs = 2 * a.numel() * 4 / ms / 1e6  # read + write
+    del a, b
+    m = 8192
+    x = torch.randn(m, m, dtype=torch.bfloat16, device=DEV)
+    y = torch.randn(m, m, dtype=torch.bfloat16, device=DEV)
+    ms = bench_ms(lambda: torch.matmul(x, y), warmup=25, rep=300)
+    mm_tflops = 2 * m ** 3 / ms / 1e9
+    del x, y
+    torch.cuda.empty_cache()
+    return copy_gbs, mm_tflops
+
+
+# ------------------------------------------------------------------------------------ routing
+def replicated_maps(E, extra4, extra2):
+    """log2phy [E, 4], logcnt [E], P: experts 0..extra4-1 on 4 slots, the next extra2 on 2
+    (P = E + 3 * extra4 + extra2)."""
+    counts = torch.ones(E, dtype=torch.int32)
+    counts[:extra4] = 4
+    counts[extra4:extra4 + extra2] = 2
+    log2phy = torch.full((E, 4), -1, dtype=torch.int32)
+    log2phy[:, 0] = torch.arange(E)
+    nxt = E
+    for e in range(E):
+        for r in range(1, int(counts[e])):
+            log2phy[e, r] = nxt
+            nxt += 1
+    return log2phy.to(DEV), counts.to(DEV), nxt
+
+
+def routing_rows(copy_gbs, results):
+    E, K, V = 256, 6, 129280
+    log2phy, logcnt, P = replicated_maps(E, 8, 8)  # P = 288
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    tid2eid = torch.argsort(torch.rand(V, E, device=DEV, generator=gen), dim=1)[:, :K]
+    tid2eid = tid2eid.to(torch.int32).contiguous()
+    bias = torch.randn(E, device=DEV, generator=gen) * 0.1
+    for T in ROUTING_T:
+        logits = torch.randn(T, E, device=DEV, generator=gen)
+        input_ids = torch.randint(0, V, (T,), device=DEV, generator=gen)
+        for name in ("hash_topk", "score_topk"):
+            row = dict(section="routing", case=name, T=T)
+            try:
+                if name == "hash_topk":
+                    args = lambda load: (logits, input_ids, tid2eid, 1.5, log2phy, logcnt, load, T)
+                    # input ids, tid2eid rows, K logit gathers, logcnt + log2phy gathers, writes
+                    nbytes = T * 8 + T * K * 4 + T * K * 4 + T * K * 8 + T * K * 8
+                else:
+                    args = lambda load: (logits, bias, K, 1.5, log2phy, logcnt, load, T)
+                    # logit rows, bias, logcnt + log2phy gathers, weight + id writes
+                    nbytes = T * E * 4 + E * 4 + T * K * 8 + T * K * 8
+                f_tl = getattr(kernels, name + "_triton")
+                f_th = getattr(kernels, name + "_torch")
+                load_tl = torch.zeros(P, dtype=torch.int32, device=DEV)
+                load_th = torch.zeros_like(load_tl)
+                w_tl, i_tl = f_tl(*args(load_tl))
+                w_th, i_th = f_th(*args(load_th))
+                bad_rows = int((i_tl != i_th).any(dim=1).sum())
+                same = (i_tl == i_th).all(dim=1)
+                row["ids_mismatch_rows"] = bad_rows  # score: near-ties under GPU exp/log rounding
+                row["max_weight_err"] = float((w_tl - w_th)[same].abs().max()) if same.any() else 0.0
+                row["load_equal"] = bool(torch.equal(load_tl, load_th))
+                row["load_err"] = int((load_tl - load_th).abs().sum())
+                row["ok"] = (row["max_weight_err"] < 1e-5 and bad_rows <= 1e-4 * T
+                             and row["load_err"] <= 2 * K * bad_rows)
+                load = torch.zeros(P, dtype=torch.int32, device=DEV)  # wraps over reps: harmless
+                row["triton_ms"] = bench_ms(lambda: f_tl(*args(load)))
+                row["torch_ms"] = bench_ms(lambda: f_th(*args(load)), warmup=10, rep=50)
+                row["speedup"] = row["torch_ms"] / row["triton_ms"]
+                row["GB/s"] = nbytes / row["triton_ms"] / 1e6
+                row["pct_ceiling"] = 100 * row["GB/s"] / copy_gbs
+                row["target"] = "speedup>=10" + (" & >=50% copy BW" if T == ROUTING_T[-1] else "")
+                row["target_met"] = row["speedup"] >= 10 and (T != ROUTING_T[-1] or row["pct_ceiling"] >= 50)
+            except Exception as e:  # keep going: one run must produce the whole table
+                row["error"] = f"{type(e).__name__}: {e}"
+                traceback.print_exc()
+            results.append(row)
+            log(f"{name} T={T} done")
+        del logits, input_ids
+    torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------ experts
+PRESETS = {  # name: (E logical, P slots, d, I, K)
+    "released": (256, 256, 4096, 2048, 6),
+    "mini": (32, 36, 512, 256, 4),
+}
+SWEEP = {  # alternative block configs tried at released size (reported, not used by default)
+    "decode": [dict(BLOCK_M=16, up=(32, 128, 4), down=(32, 128, 4)),
+               dict(BLOCK_M=16, up=(64, 256, 4), down=(64, 256, 4)),
+               dict(BLOCK_M=16, up=(128, 128, 4), down=(128, 128, 4))],
+    "prefill": [dict(BLOCK_M=128, up=(64, 64, 4), down=(128, 64, 4)),
+                dict(BLOCK_M=128, up=(128, 64, 8), down=(128, 64, 8)),
+                dict(BLOCK_M=64, up=(64, 64, 4), down=(128, 64, 4)),
+                dict(BLOCK_M=128, up=(64, 32, 4), down=(64, 64, 4))],
+}
+
+
+def moe_rows(copy_gbs, mm_tflops, results):
+    gen = torch.Generator(device=DEV).manual_seed(1)
+    for preset, (E, P, d, I, K) in PRESETS.items():
+        w1 = torch.randn(P, I, d, dtype=torch.bfloat16, device=DEV, generator=gen).mul_(d ** -0.5)
+        w3 = torch.randn(P, I, d, dtype=torch.bfloat16, device=DEV, generator=gen).mul_(d ** -0.5)
+        w2 = torch.randn(P, d, I, dtype=torch.bfloat16, device=DEV, generator=gen).mul_(I ** -0.5)
+        if P > E:
+            log2phy, logcnt, P_maps = replicated_maps(E, (P - E) // 4, (P - E) // 4)
+            assert P_maps == P
+        else:
+            log2phy = logcnt = None
+        for T in MOE_T:
+            phase = "prefill" if T >= 4096 else "decode"
+            row = dict(section="moe", case=f"{preset} {phase}", T=T)
+            try:
+                logits = torch.randn(T, E, device=DEV, generator=gen)
+                weights, ids = kernels.score_topk_torch(logits, None, K, 1.5, log2phy, logcnt)
+                x = torch.randn(T, d, dtype=torch.bfloat16, device=DEV, generator=gen)
+                args = (x, weights, ids, w1, w3, w2, 10.0, 0)
+                out_tl = kernels.moe_experts_triton(*args)
+                out_th = kernels.moe_experts_torch(*args)
+                err = float((out_tl - out_th).abs().max())
+                row["max_abs_err"] = err
+                row["rel_err"] = err / max(float(out_th.abs().max()), 1e-30)
+                row["ok"] = row["rel_err"] < 2e-2
+                slots_read = int(torch.unique(ids).numel())  # every id is local here
+                flops = 6 * d * I * T * K
+                wbytes = slots_read * 3 * d * I * w1.element_size()
+                row["slots_read"] = slots_read
+                row["triton_ms"] = bench_ms(lambda: kernels.moe_experts_triton(*args))
+                slow = preset == "released" and T >= 4096
+                row["torch_ms"] = bench_ms(lambda: kernels.moe_experts_torch(*args),
+                                           warmup=1 if slow else 10, rep=1 if slow else 50)
+                row["speedup"] = row["torch_ms"] / row["triton_ms"]
+                row["TFLOP/s"] = flops / row["triton_ms"] / 1e9
+                row["GB/s"] = wbytes / row["triton_ms"] / 1e6
+                if phase == "prefill":
+                    row["pct_ceiling"] = 100 * row["TFLOP/s"] / mm_tflops
+                    row["target"] = ">=40% matmul & speedup>=3"
+                    row["target_met"] = row["pct_ceiling"] >= 40 and row["speedup"] >= 3
+                else:
+                    row["pct_ceiling"] = 100 * row["GB/s"] / copy_gbs
+                    row["target"] = ">=50% copy BW & speedup>=3"
+                    row["target_met"] = row["pct_ceiling"] >= 50 and row["speedup"] >= 3
+                if preset == "released" and time.time() - T0 < SWEEP_BUDGET_S:
+                    sweep = []
+                    for cfg in SWEEP[phase]:
+                        try:
+                            ms = bench_ms(lambda: kernels.moe_experts_triton(*args, config=cfg),
+                                          warmup=10, rep=50)
+                            sweep.append((ms, cfg))
+                        except Exception as e:  # e.g. out of shared memory for one config
+                            log(f"sweep config {cfg} failed: {type(e).__name__}: {e}")
+                    if sweep:
+                        ms, cfg = min(sweep, key=lambda s: s[0])
+                        row["sweep_best_ms"] = ms
+                        row["sweep_best_cfg"] = cfg
+                        row["sweep"] = [dict(ms=m, cfg=c) for m, c in sweep]
+                del out_tl, out_th
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"
+                traceback.print_exc()
+            results.append(row)
+            log(f"moe {preset} T={T} done")
+        del w1, w3, w2
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------ report
+def fmt(v, spec):
+    return format(v, spec) if isinstance(v, (int, float)) else "-"
+
+
+def print_table(meta, results):
+    print(f"GPU {meta['gpu']} | torch {meta['torch']} | triton {meta['triton']} | "
+          f"ceilings: copy {meta['copy_GB/s']:.0f} GB/s, bf16 matmul {meta['matmul_TFLOP/s']:.0f} TFLOP/s")
+    head = (f"{'section':8} {'case':17} {'T':>8} {'triton ms':>10} {'torch ms':>10} {'x twin':>7} "
+            f"{'TFLOP/s':>8} {'GB/s':>8} {'%ceil':>6} {'check':>22} {'target':>7} {'sweep best':>11}")
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        if "error" in r:
+            print(f"{r['section']:8} {r['case']:17} {r['T']:>8} ERROR {r['error'][:90]}")
+            continue
+        if r["section"] == "routing":
+            check = f"ids!={r['ids_mismatch_rows']} w {r['max_weight_err']:.0e}"
+        else:
+            check = f"rel err {r['rel_err']:.1e}"
+        check = ("ok " if r["ok"] else "BAD ") + check
+        print(f"{r['section']:8} {r['case']:17} {r['T']:>8} {fmt(r['triton_ms'], '10.4f')} "
+              f"{fmt(r['torch_ms'], '10.4f')} {fmt(r['speedup'], '7.1f')} "
+              f"{fmt(r.get('TFLOP/s'), '8.1f')} {fmt(r['GB/s'], '8.0f')} "
+              f"{fmt(r['pct_ceiling'], '6.1f')} {check:>22} "
+              f"{'met' if r['target_met'] else 'MISS':>7} {fmt(r.get('sweep_best_ms'), '11.4f')}")
+    print("%ceil: routing and MoE decode = GB/s / copy bandwidth; MoE prefill = TFLOP/s / matmul. "
+          "Targets: routing >=10x twin (and >=50% copy BW at T=1M); MoE >=3x twin, decode >=50% "
+          "copy BW, prefill >=40% matmul. 'sweep best' = fastest alternative block config "
+          "(JSON has all).")
+
+
+def main():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                triton=triton.__version__)
+    log(f"{meta}")
+    copy_gbs, mm_tflops = measure_ceilings()
+    meta["copy_GB/s"], meta["matmul_TFLOP/s"] = copy_gbs, mm_tflops
+    log(f"ceilings: copy {copy_gbs:.0f} GB/s, matmul {mm_tflops:.0f} TFLOP/s")
+    results = []
+    routing_rows(copy_gbs, results)
+    moe_rows(copy_gbs, mm_tflops, results)
+    meta["wall_s"] = time.time() - T0
+    print_table(meta, results)
+    if os.environ.get("OUT"):
+        path = os.path.join(os.environ["OUT"], "bench_kernels.json")
+        with open(path, "w") as f:
+            json.dump(dict(meta=meta, results=results), f, indent=1, default=str)
+        log(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""Expert parallelism over torch.distributed: process group, lock-step batches, cross-rank expert moves.
+
+`torchrun --nproc-per-node G serve.py --eplb --ep-size G` starts G processes. Rank 0 owns HTTP,
+tokenizer, scheduler and sampling; every rank runs the same forward on the same batch, computes only
+its own P/G expert slots (`kernels.moe_experts(..., slot_offset)`) and the partial MoE outputs are
+summed with all-reduce inside the model. This file holds the three pieces that need more than one
+process:
+
+1. `init_expert_parallel`  – the process group (gloo on CPU, NCCL on CUDA) with a bounded timeout,
+                              so a dead or hung rank turns into an error, never a silent hang.
+2. `StepChannel`            – rank 0 broadcasts each step's work (or an idle/stop marker); the other
+                              ranks follow, so every rank runs the same number of steps and collectives.
+3. `DistributedMover`       – applies one layer of a rebalance plan: only changed slots move; a slot
+                              whose expert already sits on the same rank is copied locally, others are
+                              received (batch_isend_irecv, bounded chunks) from a rank that held the
+                              expert in the old placement, senders spread over all holders.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+def init_expert_parallel(device: torch.device, timeout_s: float = 20.0):
+    """Join the torchrun job. Returns (rank, world_size, group). Backend follows the device."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size(), dist.group.WORLD
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+
+
+# ---------------------------------------------------------------- lock-step batches
+
+STEP_IDLE, STEP_FORWARD, STEP_REBALANCE, STEP_STOP = 0, 1, 2, 3
+
+
+class StepChannel:
+    """Rank 0 → all ranks: what the next step is. Two broadcasts: a fixed header, then the payload.
+
+    header = [kind, n_payload_tensors, len_0, ..., len_7]; payloads are int64 vectors (a forward's
+    input_ids, positions, slot ids, shapes; a rebalance's new phy2log rows), so every rank can
+    rebuild exactly what rank 0 runs.
+    """
+
+    MAX_PARTS = 8
+
+    def __init__(self, group=None, device: torch.device | str = "cpu"):
+        self.group = group
+        self.device = torch.device(device)
+
+    def send(self, kind: int, parts: list[torch.Tensor]) -> None:
+        assert len(parts) <= self.MAX_PARTS
+        header = torch.zeros(2 + self.MAX_PARTS, dtype=torch.int64, device=self.device)
+        header[0], header[1] = kind, len(parts)
+        for i, p in enumerate(parts):
+            header[2 + i] = p.numel()
+        dist.broadcast(header, src=0, group=self.group)
+        for p in parts:
+            dist.broadcast(p.to(self.device, torch.int64).contiguous().view(-1), src=0, group=self.group)
+
+    def recv(self) -> tuple[int, list[torch.Tensor]]:
+        header = torch.empty(2 + self.MAX_PARTS, dtype=torch.int64, device=self.device)
+        dist.broadcast(header, src=0, group=self.group)
+        kind, n = int(header[0]), int(header[1])
+        parts = []
+        for i in range(n):
+            buf = torch.empty(int(header[2 + i]), dtype=torch.int64, device=self.device)
+            dist.broadcast(buf, src=0, group=self.group)
+            parts.append(buf)
+        return kind, parts
+
+
+# ---------------------------------------------------------------- cross-rank expert moves
+
+@dataclass(frozen=True)
+class SlotTransfer:
+    """Destination slot `dst_slot` receives logical expert `expert` from `src_slot` (global ids)."""
+    expert: int
+    dst_slot: int
+    src_slot: int
+
+
+def plan_layer_transfers(old_row: torch.Tensor, new_row: torch.Tensor, num_ranks: int) -> list[SlotTransfer]:
+    """Which changed slot is filled from where. old_row, new_row: [P] logical id per slot.
+
+    Same answer on every rank (pure function of the two rows). A destination prefers a source slot on
+    its own rank (local copy); otherwise the receivers of expert e are dealt round-robin over the
+    old holders of e, so no single rank sends everything.
+    """
+    old, new = old_row.tolist(), new_row.tolist()
+    per_rank = len(old) // num_ranks
+    holders: dict[int, list[int]] = {}
+    for slot, e in enumerate(old):
+        holders.setdefault(e, []).append(slot)
+    dealt: dict[int, int] = {}
+    transfers = []
+    for dst, e in enumerate(new):
+        if old[dst] == e:
+            continue
+        if e not in holders:
+            raise ValueError(f"expert {e} has no replica in the old placement: nothing to copy from")
+        local = [s for s in holders[e] if s // per_rank == dst // per_rank]
+        if local:
+            src = local[0]
+        else:
+            i = dealt.get(e, 0)
+            dealt[e] = i + 1
+            src = holders[e][i % len(holders[e])]
+        transfers.append(SlotTransfer(e, dst, src))
+    # One global order (expert, destination) so matching sends and receives line up on both sides.
+    return sorted(transfers, key=lambda t: (t.expert, t.dst_slot))
+
+
+class DistributedMover:
+    """Moves one layer's changed slots between ranks. `weights`: this rank's [P_local, ...] tensors."""
+
+    def __init__(self, rank: int, num_ranks: int, group=None, chunk_size: int = 32):
+        self.rank, self.num_ranks, self.group, self.chunk_size = rank, num_ranks, group, chunk_size
+        self.bytes_sent = 0
+
+    def move_layer(self, weights: list[torch.Tensor], old_row: torch.Tensor, new_row: torch.Tensor) -> int:
+        """Apply the slot changes of one layer in place. Returns the bytes this rank received."""
+        per_rank = old_row.numel() // self.num_ranks
+        first = self.rank * per_rank
+        mine = lambda slot: first <= slot < first + per_rank  # noqa: E731
+        transfers = plan_layer_transfers(old_row, new_row, self.num_ranks)
+        staged: list[tuple[int, list[torch.Tensor]]] = []  # (local dst slot, new tensors)
+        # Local copies are staged first: later writes must not clobber a slot another copy reads.
+        for t in transfers:
+            if mine(t.dst_slot) and mine(t.src_slot):
+                staged.append((t.dst_slot - first, [w[t.src_slot - first].clone() for w in weights]))
+        remote = [t for t in transfers if t.src_slot // per_rank != t.dst_slot // per_rank]
+        received = 0
+        for start in range(0, len(remote), self.chunk_size):  # bounded batches: big ones hang NCCL
+            ops, inbox = [], []
+            for t in remote[start:start + self.chunk_size]:
+                src_rank, dst_rank = t.src_slot // per_rank, t.dst_slot // per_rank
+                if src_rank == self.rank:
+                    for w in weights:
+                        ops.append(dist.P2POp(dist.isend, w[t.src_slot - first].contiguous(), dst_rank, self.group))
+                elif dst_rank == self.rank:
+                    bufs = [torch.empty_like(w[0]) for w in weights]
+                    ops += [dist.P2POp(dist.irecv, b, src_rank, self.group) for b in bufs]
+                    inbox.append((t.dst_slot - first, bufs))
+            if ops:
+                for req in dist.batch_isend_irecv(ops):
+                    req.wait()
+            staged += inbox
+            received += sum(b.numel() * b.element_size() for _, bufs in inbox for b in bufs)
+        for local_slot, tensors in staged:
+            for w, t in zip(weights, tensors):
+                w[local_slot].copy_(t)
+        return received
+
+
+def slot_fingerprints(weights: list[torch.Tensor], group=None, num_ranks: int = 1) -> torch.Tensor:
+    """[P] float64 fingerprint of every global slot's weights (gathered from all ranks).
+
+    A weighted sum with position-dependent weights, so permuted or partially copied tensors differ.
+    """
+    parts = []
+    for w in weights:
+        flat = w.reshape(w.shape[0], -1).double()
+        ramp = torch.linspace(1.0, 2.0, flat.shape[1], dtype=torch.float64, device=flat.device)
+        parts.append(flat @ ramp)
+    local = torch.stack(parts, 1).sum(1)  # [P_local]
+    if num_ranks == 1:
+        return local
+    gathered = [torch.empty_like(local) for _ in range(num_ranks)]
+    dist.all_gather(gathered, local, group=group)
+    return torch.cat(gathered)
+
+
+def expert_fingerprints(slot_fp: torch.Tensor, phy2log_row: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] fingerprint of each logical expert, read from the first slot holding it."""
+    fp = torch.full((num_experts,), float("nan"), dtype=torch.float64, device=slot_fp.device)
+    for slot in reversed(range(phy2log_row.numel())):
+        fp[int(phy2log_row[slot])] = slot_fp[slot]
+    return fp
+
+
+def check_canary(weights, new_row, expected_expert_fp, group=None, num_ranks=1) -> None:
+    """After a move: every slot must hold exactly its planned expert's weights."""
+    got = slot_fingerprints(weights, group, num_ranks)
+    want = expected_expert_fp[new_row.to(expected_expert_fp.device)]
+    bad = (got != want).nonzero().flatten().tolist()
+    if bad:
+        raise RuntimeError(f"EPLB canary failed: slots {bad[:16]} do not hold their planned experts")
