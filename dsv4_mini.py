@@ -1,0 +1,1011 @@
+"""dsv4-mini model: DeepSeek-V4 (DSV4) in one readable file.
+
+Read top to bottom: config -> small math helpers (RMSNorm, interleaved RoPE, mHC) -> attention
+(sliding window, HCA compressor, CSA compressor + lightning indexer) -> MoE -> block -> model ->
+KV cache -> build / load / save / generate.
+
+The math follows DeepSeek's reference `inference/model.py` (see shared/reference/dsv4_architecture.md
+§2). Module and parameter names are the official checkpoint names, except the routed experts, which
+are slot-stacked per layer (`layers.L.ffn.experts.w1 [P_local, I, d]`) so that expert-parallel load
+balancing (eplb.py) can move weights between physical slots in place.
+
+Deliberately not modelled:
+* QAT simulation (FP8 quant-dequant of the kv nope dims, Hadamard + FP4 of the indexer q/k): the
+  math runs in fp32 (or bf16 weights with fp32 norms/softmax). Hugging Face transformers' DSV4 port
+  omits it too; it changes quantisation noise only.
+* The MTP block (`mtp.*`): not instantiated, its checkpoint keys are ignored (HF ignores it too, and
+  the reference's `Transformer.forward` never calls it). Its `compress_ratios` entry is kept in the
+  config so that config.json round-trips.
+
+Shapes: B batch rows, S new tokens per row, d hidden, n hc streams, H heads, D head dim, r rope dims,
+W sliding window, m compress ratio, N compressed entries, E logical experts, K top-k, P physical
+slots, V vocab.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import zlib
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+import kernels
+
+# ---------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------
+
+_FLASH_RATIOS = [0, 0] + [4, 128] * 20 + [4] + [0]  # 43 layers + the MTP block (always sliding)
+_YARN = {"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536, "beta_fast": 32, "beta_slow": 1}
+_HF_KIND_OF_RATIO = {0: "sliding_attention", 4: "compressed_sparse_attention"}  # anything else: HCA
+
+
+@dataclass
+class ModelConfig:
+    """DSV4 hyper-parameters under the official config.json names. Defaults = DeepSeek-V4-Flash.
+
+    compress_ratios has one entry per layer plus one per MTP block: 0 = sliding window only,
+    4 = CSA (overlapping compressor + lightning indexer), any other positive m = HCA (one entry per
+    m tokens, all visible). Layers < num_hash_layers route by tid2eid[token]; the rest by score.
+    """
+    vocab_size: int = 129280
+    hidden_size: int = 4096
+    num_hidden_layers: int = 43
+    num_attention_heads: int = 64
+    num_key_value_heads: int = 1
+    head_dim: int = 512
+    qk_rope_head_dim: int = 64
+    q_lora_rank: int = 1024
+    o_groups: int = 8
+    o_lora_rank: int = 1024
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 6
+    moe_intermediate_size: int = 2048
+    num_hash_layers: int = 3
+    scoring_func: str = "sqrtsoftplus"
+    topk_method: str = "noaux_tc"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.5
+    swiglu_limit: float = 10.0
+    hidden_act: str = "silu"
+    sliding_window: int = 128
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 512
+    compress_ratios: list = field(default_factory=lambda: list(_FLASH_RATIOS))
+    compress_rope_theta: float = 160000.0
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = field(default_factory=lambda: dict(_YARN))
+    hc_mult: int = 4
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    rms_norm_eps: float = 1e-6
+    num_nextn_predict_layers: int = 1
+    max_position_embeddings: int = 1048576
+    bos_token_id: int = 0
+    eos_token_id: int = 1
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self):
+        self.compress_ratios = [int(r) for r in self.compress_ratios]
+        self.validate()
+
+    # -- presets ----------------------------------------------------------------------------------
+    @classmethod
+    def flash(cls) -> ModelConfig:
+        """The released DeepSeek-V4-Flash sizes (only for loading real checkpoints)."""
+        return cls()
+
+    @classmethod
+    def mini(cls) -> ModelConfig:
+        """The built-in served model: Flash's layer schedule at 1/8 width (tokenizer <= 8192 ids)."""
+        return cls(vocab_size=8192, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                   head_dim=128, qk_rope_head_dim=64, q_lora_rank=256, o_groups=4, o_lora_rank=128,
+                   n_routed_experts=32, num_experts_per_tok=4, moe_intermediate_size=256,
+                   num_hash_layers=3, sliding_window=128, index_n_heads=8, index_head_dim=64,
+                   index_topk=32, compress_ratios=[0, 0, 4, 128, 4, 128, 4, 128] + [0])
+
+    @classmethod
+    def tiny(cls) -> ModelConfig:
+        """Unit-test size: one layer of each kind, short window and HCA ratio 8 so that 40-token
+        tests cross several windows and compression boundaries. Hash layers: a sliding and a CSA one."""
+        return cls(vocab_size=512, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                   head_dim=64, qk_rope_head_dim=16, q_lora_rank=64, o_groups=2, o_lora_rank=32,
+                   n_routed_experts=16, num_experts_per_tok=2, moe_intermediate_size=64,
+                   num_hash_layers=2, sliding_window=8, index_n_heads=4, index_head_dim=32,
+                   index_topk=4, compress_ratios=[0, 4, 8, 4] + [0], max_position_embeddings=4096)
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def layer_ratio(self, layer_idx: int) -> int:
+        return self.compress_ratios[layer_idx]
+
+    def is_hash_layer(self, layer_idx: int) -> bool:
+        return layer_idx < self.num_hash_layers
+
+    def validate(self) -> None:
+        """Raise ValueError naming the offending field."""
+        def need(ok: bool, name: str, why: str):
+            if not ok:
+                raise ValueError(f"ModelConfig.{name}: {why} (got {getattr(self, name)!r})")
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
+                     "q_lora_rank", "o_groups", "o_lora_rank", "n_routed_experts", "num_experts_per_tok",
+                     "moe_intermediate_size", "sliding_window", "index_n_heads", "index_head_dim",
+                     "index_topk", "hc_mult", "hc_sinkhorn_iters"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "must be a positive int")
+        need(self.num_key_value_heads == 1, "num_key_value_heads", "DSV4 has one shared K=V head")
+        need(self.n_shared_experts == 1, "n_shared_experts", "DSV4 has exactly one shared expert")
+        need(self.scoring_func == "sqrtsoftplus", "scoring_func", "only sqrtsoftplus is implemented")
+        need((self.num_attention_heads * self.head_dim) % self.o_groups == 0, "o_groups",
+             "must divide num_attention_heads * head_dim")
+        need(self.num_attention_heads % self.o_groups == 0, "o_groups", "must divide num_attention_heads")
+        need(self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim",
+             "must be positive and even (interleaved pairs)")
+        need(self.qk_rope_head_dim <= self.head_dim, "qk_rope_head_dim", f"must be <= head_dim {self.head_dim}")
+        need(self.qk_rope_head_dim <= self.index_head_dim, "qk_rope_head_dim",
+             f"must be <= index_head_dim {self.index_head_dim} (the indexer ropes its last dims)")
+        need(len(self.compress_ratios) == self.num_hidden_layers + self.num_nextn_predict_layers,
+             "compress_ratios", f"needs num_hidden_layers + num_nextn_predict_layers = "
+             f"{self.num_hidden_layers + self.num_nextn_predict_layers} entries")
+        need(all(r >= 0 for r in self.compress_ratios), "compress_ratios", "entries must be >= 0")
+        need(self.num_experts_per_tok <= self.n_routed_experts, "num_experts_per_tok",
+             f"must be <= n_routed_experts {self.n_routed_experts}")
+        need(0 <= self.num_hash_layers <= self.num_hidden_layers, "num_hash_layers",
+             "must be in [0, num_hidden_layers]")
+        need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", "must be >= 0")
+        need(self.rope_scaling is None or self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
+             == "yarn", "rope_scaling", "only YaRN (or none) is supported")
+
+    # -- (de)serialisation ------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """Official config.json form."""
+        d = asdict(self)
+        return {"architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4", **d}
+
+    def to_hf_dict(self) -> dict:
+        """transformers' DeepseekV4Config form (layer_types, compress_rates, rope_parameters, ...)."""
+        n = self.num_hidden_layers
+        hca = sorted({r for r in self.compress_ratios[:n] if r not in (0, 4)})
+        if len(hca) > 1:
+            raise ValueError(f"ModelConfig.compress_ratios: transformers allows one HCA ratio, got {hca}")
+        d = {k: v for k, v in asdict(self).items()
+             if k not in ("compress_ratios", "num_hash_layers", "qk_rope_head_dim", "rope_scaling", "topk_method")}
+        d["model_type"] = "deepseek_v4"
+        d["layer_types"] = [_HF_KIND_OF_RATIO.get(r, "heavily_compressed_attention") for r in self.compress_ratios[:n]]
+        d["compress_rates"] = {"compressed_sparse_attention": 4, "heavily_compressed_attention": hca[0] if hca else 128}
+        d["mlp_layer_types"] = ["hash_moe" if self.is_hash_layer(i) else "moe" for i in range(n)]
+        d["partial_rotary_factor"] = self.qk_rope_head_dim / self.head_dim
+        compress = {"rope_type": "default", "rope_theta": self.compress_rope_theta,
+                    "partial_rotary_factor": d["partial_rotary_factor"]}
+        if self.rope_scaling:
+            compress.update({k: v for k, v in self.rope_scaling.items() if k not in ("type", "rope_type")},
+                            rope_type="yarn", attention_factor=1.0)
+        d["rope_parameters"] = {"main": {"rope_type": "default", "rope_theta": self.rope_theta,
+                                         "partial_rotary_factor": d["partial_rotary_factor"]},
+                                "compress": compress}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        """Official config.json or the transformers variant; unknown keys are ignored."""
+        d = dict(d)
+        if any(k in d for k in ("layer_types", "mlp_layer_types", "compress_rates", "rope_parameters",
+                                "partial_rotary_factor")):
+            d = _official_from_hf(d)
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_json(cls, path: str) -> ModelConfig:
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    @classmethod
+    def from_pretrained(cls, directory: str) -> ModelConfig:
+        return cls.from_json(os.path.join(directory, "config.json"))
+
+    def truncated(self, num_layers: int) -> ModelConfig:
+        """The first num_layers layers (plus the MTP entries of compress_ratios)."""
+        n = self.num_hidden_layers
+        if not 0 < num_layers <= n:
+            raise ValueError(f"num_layers must be in [1, {n}], got {num_layers}")
+        d = asdict(self)
+        d.update(num_hidden_layers=num_layers, num_hash_layers=min(self.num_hash_layers, num_layers),
+                 compress_ratios=self.compress_ratios[:num_layers] + self.compress_ratios[n:])
+        return ModelConfig(**d)
+
+
+def _official_from_hf(d: dict) -> dict:
+    """transformers' DeepseekV4Config keys -> official keys (inverse of ModelConfig.to_hf_dict)."""
+    n = d["num_hidden_layers"]
+    rates = {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128, **(d.get("compress_rates") or {})}
+    if "layer_types" in d and d["layer_types"] is not None:
+        ratio = {"sliding_attention": 0, **rates}
+        bad = [t for t in d["layer_types"] if t not in ratio]
+        if bad:
+            raise ValueError(f"ModelConfig.layer_types: unknown layer types {bad}")
+        if len(d["layer_types"]) < n:
+            raise ValueError(f"ModelConfig.layer_types: needs {n} entries, got {len(d['layer_types'])}")
+        d["compress_ratios"] = [ratio[t] for t in d["layer_types"][:n]] + [0] * d.get("num_nextn_predict_layers", 1)
+    if d.get("mlp_layer_types") is not None:
+        kinds = list(d["mlp_layer_types"][:n])
+        num_hash = kinds.count("hash_moe")
+        if kinds != ["hash_moe"] * num_hash + ["moe"] * (len(kinds) - num_hash):
+            raise ValueError(f"ModelConfig.mlp_layer_types: hash_moe layers must come first, got {kinds}")
+        d["num_hash_layers"] = num_hash
+    if d.get("partial_rotary_factor") is not None:
+        d["qk_rope_head_dim"] = int(round(d["head_dim"] * d["partial_rotary_factor"]))
+    rp = d.get("rope_parameters") or {}
+    compress = rp.get("compress") if isinstance(rp.get("compress"), dict) else rp
+    if isinstance(rp.get("main"), dict) and "rope_theta" in rp["main"]:
+        d["rope_theta"] = rp["main"]["rope_theta"]
+    if isinstance(rp.get("compress"), dict) and "rope_theta" in compress:
+        d["compress_rope_theta"] = compress["rope_theta"]
+    if compress.get("rope_type", compress.get("type")) == "yarn":
+        d["rope_scaling"] = {"type": "yarn", **{k: compress[k] for k in (
+            "factor", "original_max_position_embeddings", "beta_fast", "beta_slow") if k in compress}}
+    elif rp:
+        d["rope_scaling"] = None
+    return d
+
+
+# ---------------------------------------------------------------------------------------------------
+# Small math: RMSNorm, interleaved partial RoPE, hyper-connections
+# ---------------------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, device=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32, device=device))  # fp32 like the reference
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps) * self.weight).to(x.dtype)
+
+
+def rope_inv_freq(rope_dim: int, base: float, yarn: dict | None) -> Tensor:
+    """Per-pair angular frequency [r/2]. YaRN as in the reference's precompute_freqs_cis: low
+    frequencies are divided by `factor`, high ones kept, a linear ramp between; no mscale."""
+    freqs = 1.0 / (base ** (torch.arange(0, rope_dim, 2, dtype=torch.float32) / rope_dim))  # [r/2]
+    if yarn:
+        factor, orig = yarn["factor"], yarn["original_max_position_embeddings"]
+
+        def correction_dim(rotations):  # pair index whose wavelength fits `rotations` times in orig
+            return rope_dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+        low = max(math.floor(correction_dim(yarn.get("beta_fast", 32))), 0)
+        high = min(math.ceil(correction_dim(yarn.get("beta_slow", 1))), rope_dim - 1)
+        ramp = ((torch.arange(rope_dim // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)).clamp(0, 1)
+        freqs = freqs / factor * ramp + freqs * (1 - ramp)
+    return freqs
+
+
+def rope_cos_sin(inv_freq: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+    angles = positions.float().unsqueeze(-1) * inv_freq  # [..., r/2]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
+    """Interleaved RoPE on the LAST r dims of x [..., D]; pairs (2i, 2i+1) rotate by angle i.
+    cos/sin broadcast against [..., r/2]. inverse=True rotates back (conjugate)."""
+    r = cos.shape[-1] * 2
+    pairs = x[..., -r:].float().unflatten(-1, (-1, 2))  # [..., r/2, 2]
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    if inverse:
+        sin = -sin
+    rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
+    return torch.cat([x[..., :-r], rotated.to(x.dtype)], dim=-1)
+
+
+def hc_pre(h: Tensor, fn: Tensor, scale: Tensor, base: Tensor, iters: int, hc_eps: float, norm_eps: float):
+    """mHC collapse: streams h [B,S,n,d] -> block input [B,S,d], plus post [B,S,n] and comb [B,S,n,n].
+
+    pre/post come from sigmoids, comb from a Sinkhorn projection (softmax start, then alternating
+    column/row normalisation) onto (nearly) doubly-stochastic matrices. All fp32.
+    """
+    n = h.shape[-2]
+    flat = h.flatten(-2).float()  # [B,S,n*d]
+    mixes = F.linear(flat, fn) * torch.rsqrt(flat.square().mean(-1, keepdim=True) + norm_eps)  # [B,S,(2+n)n]
+    pre = torch.sigmoid(mixes[..., :n] * scale[0] + base[:n]) + hc_eps  # [B,S,n]
+    post = 2 * torch.sigmoid(mixes[..., n:2 * n] * scale[1] + base[n:2 * n])  # [B,S,n]
+    comb = mixes[..., 2 * n:].unflatten(-1, (n, n)) * scale[2] + base[2 * n:].view(n, n)  # [B,S,n,n]
+    comb = comb.softmax(-1).add_(hc_eps)
+    comb.div_(comb.sum(-2, keepdim=True).add_(hc_eps))  # in place: ~120 tiny ops, allocation matters
+    for _ in range(iters - 1):
+        comb.div_(comb.sum(-1, keepdim=True).add_(hc_eps))
+        comb.div_(comb.sum(-2, keepdim=True).add_(hc_eps))
+    x = (pre.unsqueeze(-1) * h.float()).sum(-2)  # [B,S,d]
+    return x.to(h.dtype), post, comb
+
+
+def hc_post(x: Tensor, residual: Tensor, post: Tensor, comb: Tensor) -> Tensor:
+    """mHC expand: out_k = post_k * x + sum_j comb[j, k] * residual_j (note: comb transposed)."""
+    mixed = torch.einsum("bsjk,bsjd->bskd", comb, residual.float())  # [B,S,n,d]
+    return (post.unsqueeze(-1) * x.float().unsqueeze(-2) + mixed).to(residual.dtype)
+
+
+def _linear(dim_in: int, dim_out: int, dtype, device) -> nn.Linear:
+    return nn.Linear(dim_in, dim_out, bias=False, dtype=dtype, device=device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Per-forward context
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class Batch:
+    """What every layer needs to know about this forward step (built once by DSV4Model.forward)."""
+    input_ids: Tensor  # [B,S] int64
+    positions: Tensor  # [B,S] int64: absolute position of each new token
+    start: Tensor  # [B] int64: position of each row's first new token
+    start_list: list  # the same as Python ints (cheap host-side decisions: which windows complete)
+    slot_ids: Tensor  # [B] int64: cache slot of each row
+    rope: dict  # "main" | "compress" -> (cos, sin) [B,S,r/2] at `positions`
+    window_idx: Tensor  # [B,W] ring slots of the W positions before `start` (slot = position mod W)
+    window_mask: Tensor  # [B,1,S,W+S] query t sees key p (ring, then this step) iff t-W < p <= t, p >= 0
+    window_write: Tensor  # [B,min(S,W)] ring slots the last new tokens go to
+    inv_freq: dict  # "main" | "compress" -> [r/2]
+    load: Tensor | None  # [L,P] int32 per-step expert counts, or None
+    log2phy: Tensor  # [L,E,X] int32 (the model's buffer)
+    logcnt: Tensor  # [L,E] int32
+    ep_group: object  # torch.distributed group or None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------------
+
+class Compressor(nn.Module):
+    """Pools every m consecutive tokens into one kv entry (softmax-gated per channel).
+
+    HCA (m != 4): entry w pools window w = tokens [w*m, (w+1)*m).
+    CSA (m == 4, overlap): entry w pools 2m tokens: window w-1 through channels [0:D] of wkv/wgate
+    and window w through channels [D:2D]; window -1 counts as empty (gate -inf).
+    The entry is RMS-normed and roped at position w*m. Only complete windows emit an entry.
+
+    Incremental state per cache slot: the raw projections of the last coff*m tokens (ring indexed by
+    position mod coff*m), so a window that completes in a later step (or the overlap's previous
+    window) can be pooled without recomputation.
+    """
+
+    def __init__(self, config: ModelConfig, ratio: int, head_dim: int, dtype, device):
+        super().__init__()
+        self.ratio, self.head_dim = ratio, head_dim
+        self.overlap = ratio == 4
+        self.coff = 2 if self.overlap else 1
+        width = self.coff * head_dim
+        self.ape = nn.Parameter(torch.zeros(ratio, width, dtype=torch.float32, device=device))
+        self.wkv = _linear(config.hidden_size, width, dtype, device)
+        self.wgate = _linear(config.hidden_size, width, dtype, device)
+        self.norm = RMSNorm(head_dim, config.rms_norm_eps, device)
+
+    def forward(self, x: Tensor, batch: Batch, kv_state: Tensor, gate_state: Tensor, entries: Tensor,
+                inv_freq: Tensor) -> None:
+        """Fold x [B,S,d] (tokens at batch.positions) into the state; write completed entries into
+        entries [slots, N_max, D] at their window index."""
+        B, S, _ = x.shape
+        m, c, D = self.ratio, self.coff, self.head_dim
+        ring = c * m
+        kv = F.linear(x.float(), self.wkv.weight.float())  # [B,S,cD] fp32 like the reference
+        gate = F.linear(x.float(), self.wgate.weight.float()) + self.ape[batch.positions % m]  # [B,S,cD]
+
+        # Which windows complete in this step: w in [start//m, (start+S)//m) per row.
+        first = [s // m for s in batch.start_list]
+        counts = [(s + S) // m - f for s, f in zip(batch.start_list, first)]
+        num_new = max(counts)
+        if num_new > 0:
+            # Tokens of the windows to pool, window-aligned per row: from window first-(c-1) on.
+            # Positions < start come from the ring, positions in [start, start+S) from this step.
+            base = (torch.tensor(first, device=x.device) - (c - 1)) * m  # [B]
+            pos = base.unsqueeze(1) + torch.arange((num_new + c - 1) * m, device=x.device)  # [B,J]
+            start = batch.start.unsqueeze(1)  # [B,1]
+            old = (pos >= 0) & (pos < start)  # [B,J]
+            new = (pos >= start) & (pos < start + S)
+            slot = batch.slot_ids.unsqueeze(1)
+            ring_idx = pos.clamp(min=0) % ring
+            step_idx = (pos - start).clamp(0, S - 1).unsqueeze(-1).expand(-1, -1, c * D)
+            seq_kv = torch.where(old.unsqueeze(-1), kv_state[slot, ring_idx],
+                                 torch.where(new.unsqueeze(-1), kv.gather(1, step_idx), 0.0))  # [B,J,cD]
+            seq_gate = torch.where(old.unsqueeze(-1), gate_state[slot, ring_idx],
+                                   torch.where(new.unsqueeze(-1), gate.gather(1, step_idx), -math.inf))
+            seq_kv = seq_kv.unflatten(1, (-1, m))  # [B,windows,m,cD]
+            seq_gate = seq_gate.unflatten(1, (-1, m))
+            if self.overlap:  # previous window's first half + this window's second half: 2m slots
+                pool_kv = torch.cat([seq_kv[:, :-1, :, :D], seq_kv[:, 1:, :, D:]], dim=2)  # [B,num_new,2m,D]
+                pool_gate = torch.cat([seq_gate[:, :-1, :, :D], seq_gate[:, 1:, :, D:]], dim=2)
+            else:
+                pool_kv, pool_gate = seq_kv, seq_gate  # [B,num_new,m,D]
+            pooled = (pool_kv * pool_gate.softmax(dim=2)).sum(2)  # [B,num_new,D]
+            window = torch.tensor(first, device=x.device).unsqueeze(1) + torch.arange(num_new, device=x.device)
+            cos, sin = rope_cos_sin(inv_freq, window * m)  # entry w is roped at its first token
+            pooled = apply_rope(self.norm(pooled), cos, sin)
+            valid = torch.arange(num_new, device=x.device) < torch.tensor(counts, device=x.device).unsqueeze(1)
+            rows = batch.slot_ids.unsqueeze(1).expand(-1, num_new)
+            entries[rows[valid], window[valid]] = pooled[valid].to(entries.dtype)
+
+        # Keep the raw projections of the last `ring` tokens for later windows.
+        keep = min(S, ring)
+        idx = batch.positions[:, -keep:] % ring  # [B,keep], distinct within a row
+        kv_state[batch.slot_ids.unsqueeze(1), idx] = kv[:, -keep:]
+        gate_state[batch.slot_ids.unsqueeze(1), idx] = gate[:, -keep:]
+
+
+class Indexer(nn.Module):
+    """Lightning indexer (CSA): score(t, s) = sum_h w_h(t) * relu(q_h(t) . K_s), top-k visible entries.
+
+    Ties are broken by the lowest entry index (stable sort), identically in every path, so cached
+    decoding picks exactly what the full forward picks (torch.topk's tie order is unspecified).
+    """
+
+    def __init__(self, config: ModelConfig, ratio: int, dtype, device):
+        super().__init__()
+        self.ratio = ratio
+        self.n_heads, self.head_dim, self.topk = config.index_n_heads, config.index_head_dim, config.index_topk
+        self.wq_b = _linear(config.q_lora_rank, self.n_heads * self.head_dim, dtype, device)
+        self.weights_proj = _linear(config.hidden_size, self.n_heads, dtype, device)
+        self.compressor = Compressor(config, ratio, self.head_dim, dtype, device)
+
+    def forward(self, x: Tensor, qr: Tensor, batch: Batch, cache: LayerCache, num_entries: int) -> Tensor:
+        """-> entry indices [B,S,k] (-1 = nothing to pick), k = min(index_topk, num_entries).
+        The caller has already folded x into this indexer's compressor (cache.index_entries)."""
+        B, S, _ = x.shape
+        keys = cache.index_entries[batch.slot_ids, :num_entries].float()  # [B,N,Di]
+        cos, sin = batch.rope["compress"]
+        q = apply_rope(self.wq_b(qr).view(B, S, self.n_heads, self.head_dim), cos.unsqueeze(2), sin.unsqueeze(2))
+        weights = self.weights_proj(x).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)  # [B,S,Hi]
+        scores = torch.einsum("bshd,bnd->bshn", q.float(), keys).relu()  # [B,S,Hi,N]
+        scores = (scores * weights.unsqueeze(-1)).sum(2)  # [B,S,N]
+        visible = _entry_visible(num_entries, self.ratio, batch.positions)  # [B,S,N]
+        scores = scores.masked_fill(~visible, -math.inf)
+        picked = indexer_topk(scores, min(self.topk, num_entries))  # [B,S,k]
+        return torch.where(visible.gather(-1, picked), picked, -1)
+
+
+def indexer_topk(scores: Tensor, k: int) -> Tensor:
+    """Indices of the k largest scores along the last dim; equal scores: lowest index first."""
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def _entry_visible(num_entries: int, ratio: int, positions: Tensor) -> Tensor:
+    """[B,S,N] bool: entry w (tokens up to (w+1)*m - 1) is visible to the query at position t."""
+    w = torch.arange(num_entries, device=positions.device)
+    return (w + 1) * ratio <= positions.unsqueeze(-1) + 1
+
+
+class Attention(nn.Module):
+    """Shared-K=V MQA over (sliding window + compressed entries), per-head sink, grouped output."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, dtype, device):
+        super().__init__()
+        c = config
+        self.n_heads, self.head_dim, self.rope_dim = c.num_attention_heads, c.head_dim, c.qk_rope_head_dim
+        self.eps, self.o_groups = c.rms_norm_eps, c.o_groups
+        self.ratio = c.layer_ratio(layer_idx)
+        self.rope_kind = "compress" if self.ratio else "main"  # compressed layers: compress_rope_theta + YaRN
+        self.wq_a = _linear(c.hidden_size, c.q_lora_rank, dtype, device)
+        self.q_norm = RMSNorm(c.q_lora_rank, c.rms_norm_eps, device)
+        self.wq_b = _linear(c.q_lora_rank, c.num_attention_heads * c.head_dim, dtype, device)
+        self.wkv = _linear(c.hidden_size, c.head_dim, dtype, device)
+        self.kv_norm = RMSNorm(c.head_dim, c.rms_norm_eps, device)
+        # grouped low-rank output: wo_a is [g*o_lora, H*D/g], used as g separate [o_lora, H*D/g] maps
+        self.wo_a = _linear(c.num_attention_heads * c.head_dim // c.o_groups, c.o_groups * c.o_lora_rank, dtype, device)
+        self.wo_b = _linear(c.o_groups * c.o_lora_rank, c.hidden_size, dtype, device)
+        self.attn_sink = nn.Parameter(torch.zeros(c.num_attention_heads, dtype=torch.float32, device=device))
+        self.compressor = Compressor(c, self.ratio, c.head_dim, dtype, device) if self.ratio else None
+        self.indexer = Indexer(c, self.ratio, dtype, device) if self.ratio == 4 else None
+
+    def forward(self, x: Tensor, batch: Batch, cache: LayerCache) -> Tensor:
+        B, S, _ = x.shape
+        H, D = self.n_heads, self.head_dim
+        cos, sin = batch.rope[self.rope_kind]  # [B,S,r/2]
+
+        qr = self.q_norm(self.wq_a(x))  # [B,S,q_lora]; the indexer reuses it
+        q = self.wq_b(qr).view(B, S, H, D)
+        q = q * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + self.eps).to(q.dtype)  # weightless
+        q = apply_rope(q, cos.unsqueeze(2), sin.unsqueeze(2))  # [B,S,H,D]
+        kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)  # [B,S,D]: the one K=V head
+
+        # Sliding window: the W positions before this step (from the ring) + this step's tokens.
+        slots = batch.slot_ids.unsqueeze(1)
+        win_kv = torch.cat([cache.window[slots, batch.window_idx], kv.to(cache.window.dtype)], dim=1)  # [B,W+S,D]
+        cache.window[slots, batch.window_write] = win_kv[:, -batch.window_write.shape[1]:]
+
+        qf = q.float() * D ** -0.5
+        scores = [torch.einsum("bshd,bkd->bhsk", qf, win_kv.float()).masked_fill(~batch.window_mask, -math.inf)]
+        values = [win_kv]
+        if self.compressor is not None:
+            self.compressor(x, batch, cache.kv_state, cache.gate_state, cache.entries, batch.inv_freq["compress"])
+            if self.indexer is not None:  # the indexer's keys come from its own (smaller) compressor
+                self.indexer.compressor(x, batch, cache.index_kv_state, cache.index_gate_state,
+                                        cache.index_entries, batch.inv_freq["compress"])
+            num_entries = (max(batch.start_list) + S) // self.ratio  # the most any row can see
+            if num_entries > 0:
+                entries = cache.entries[batch.slot_ids, :num_entries]  # [B,N,D]
+                if self.indexer is None:  # HCA: every visible entry
+                    visible = _entry_visible(num_entries, self.ratio, batch.positions)  # [B,S,N]
+                    s = torch.einsum("bshd,bnd->bhsn", qf, entries.float())
+                    scores.append(s.masked_fill(~visible.unsqueeze(1), -math.inf))
+                    values.append(entries)
+                else:  # CSA: the indexer's top-k entries per query
+                    picked = self.indexer(x, qr, batch, cache, num_entries)  # [B,S,k]
+                    sel = entries[torch.arange(B, device=x.device).view(B, 1, 1), picked.clamp(min=0)]  # [B,S,k,D]
+                    s = torch.einsum("bshd,bskd->bhsk", qf, sel.float())
+                    scores.append(s.masked_fill((picked < 0).unsqueeze(1), -math.inf))
+                    values.append(sel)
+        # sink: one extra logit per head with a zero value, i.e. it only enlarges the denominator
+        sink = self.attn_sink.view(1, H, 1, 1).expand(B, H, S, 1)
+        probs = torch.cat(scores + [sink], dim=-1).softmax(-1)  # [B,H,S,*]
+        sizes = [s.shape[-1] for s in scores]
+        parts = probs[..., :-1].split(sizes, dim=-1)
+        o = torch.einsum("bhsk,bkd->bshd", parts[0], values[0].float())
+        if len(values) > 1:
+            eq = "bhsn,bnd->bshd" if values[1].dim() == 3 else "bhsk,bskd->bshd"
+            o = o + torch.einsum(eq, parts[1], values[1].float())
+        o = apply_rope(o, cos.unsqueeze(2), sin.unsqueeze(2), inverse=True).to(x.dtype)  # [B,S,H,D]
+
+        g = self.o_groups
+        wo_a = self.wo_a.weight.view(g, -1, H * D // g)  # [g, o_lora, H*D/g]
+        u = torch.einsum("bsgi,gri->bsgr", o.reshape(B, S, g, -1), wo_a)  # [B,S,g,o_lora]
+        return self.wo_b(u.flatten(2))
+
+
+# ---------------------------------------------------------------------------------------------------
+# MoE
+# ---------------------------------------------------------------------------------------------------
+
+class Gate(nn.Module):
+    """Router: fp32 logits; hash layers carry tid2eid [V,K], score layers a selection-only bias [E]."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, dtype, device):
+        super().__init__()
+        E = config.n_routed_experts
+        self.weight = nn.Parameter(torch.empty(E, config.hidden_size, dtype=dtype, device=device))
+        if config.is_hash_layer(layer_idx):
+            self.register_buffer("tid2eid", torch.zeros(config.vocab_size, config.num_experts_per_tok,
+                                                        dtype=torch.int32, device=device))
+            self.bias = None
+        else:
+            self.bias = nn.Parameter(torch.zeros(E, dtype=torch.float32, device=device))
+
+
+class Expert(nn.Module):
+    """The shared expert: SwiGLU with the same clamp as the routed experts (REF since 2b2bebc)."""
+
+    def __init__(self, dim: int, inter: int, limit: float, dtype, device):
+        super().__init__()
+        self.limit = limit
+        self.w1 = _linear(dim, inter, dtype, device)
+        self.w2 = _linear(inter, dim, dtype, device)
+        self.w3 = _linear(dim, inter, dtype, device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        g = self.w1(x).float().clamp(max=self.limit)
+        u = self.w3(x).float().clamp(-self.limit, self.limit)
+        return self.w2((F.silu(g) * u).to(x.dtype))
+
+
+class Experts(nn.Module):
+    """Routed experts, slot-stacked: slot p of this rank holds physical expert slot_offset + p."""
+
+    def __init__(self, num_local_slots: int, dim: int, inter: int, dtype, device):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(num_local_slots, inter, dim, dtype=dtype, device=device))
+        self.w3 = nn.Parameter(torch.empty(num_local_slots, inter, dim, dtype=dtype, device=device))
+        self.w2 = nn.Parameter(torch.empty(num_local_slots, dim, inter, dtype=dtype, device=device))
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, num_local_slots: int, slot_offset: int, dtype, device):
+        super().__init__()
+        self.is_hash = config.is_hash_layer(layer_idx)
+        self.top_k, self.scale = config.num_experts_per_tok, config.routed_scaling_factor
+        self.limit, self.slot_offset = config.swiglu_limit, slot_offset
+        self.gate = Gate(config, layer_idx, dtype, device)
+        self.experts = Experts(num_local_slots, config.hidden_size, config.moe_intermediate_size, dtype, device)
+        self.shared_experts = Expert(config.hidden_size, config.moe_intermediate_size, config.swiglu_limit, dtype, device)
+
+    def forward(self, x: Tensor, batch: Batch, layer_idx: int) -> Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [T,d], T = B*S row-major (the replica hash's token index)
+        logits = F.linear(x.float(), self.gate.weight.float())  # [T,E] fp32
+        maps = (batch.log2phy[layer_idx], batch.logcnt[layer_idx],
+                batch.load[layer_idx] if batch.load is not None else None)
+        if self.is_hash:
+            weights, ids = kernels.hash_topk(logits, batch.input_ids.reshape(-1), self.gate.tid2eid, self.scale, *maps)
+        else:
+            weights, ids = kernels.score_topk(logits, self.gate.bias, self.top_k, self.scale, *maps)
+        e = self.experts
+        routed = kernels.moe_experts(x, weights, ids, e.w1, e.w3, e.w2, self.limit, slot_offset=self.slot_offset)
+        if batch.ep_group is not None:  # each rank summed its own slots' share
+            torch.distributed.all_reduce(routed, group=batch.ep_group)
+        return (routed + self.shared_experts(x).float()).to(x.dtype).view(shape)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Block and model
+# ---------------------------------------------------------------------------------------------------
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, num_local_slots: int, slot_offset: int, dtype, device):
+        super().__init__()
+        n, d = config.hc_mult, config.hidden_size
+        self.hc_iters, self.hc_eps, self.norm_eps = config.hc_sinkhorn_iters, config.hc_eps, config.rms_norm_eps
+        self.attn = Attention(config, layer_idx, dtype, device)
+        self.ffn = MoE(config, layer_idx, num_local_slots, slot_offset, dtype, device)
+        self.attn_norm = RMSNorm(d, config.rms_norm_eps, device)
+        self.ffn_norm = RMSNorm(d, config.rms_norm_eps, device)
+        for kind in ("attn", "ffn"):
+            self.register_parameter(f"hc_{kind}_fn", nn.Parameter(torch.zeros((2 + n) * n, n * d, device=device)))
+            self.register_parameter(f"hc_{kind}_base", nn.Parameter(torch.zeros((2 + n) * n, device=device)))
+            self.register_parameter(f"hc_{kind}_scale", nn.Parameter(torch.ones(3, device=device)))
+
+    def forward(self, h: Tensor, batch: Batch, cache: LayerCache, layer_idx: int) -> Tensor:
+        x, post, comb = hc_pre(h, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base,
+                               self.hc_iters, self.hc_eps, self.norm_eps)
+        h = hc_post(self.attn(self.attn_norm(x), batch, cache), h, post, comb)
+        x, post, comb = hc_pre(h, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base,
+                               self.hc_iters, self.hc_eps, self.norm_eps)
+        return hc_post(self.ffn(self.ffn_norm(x), batch, layer_idx), h, post, comb)
+
+
+class DSV4Model(nn.Module):
+    def __init__(self, config: ModelConfig, num_physical_experts: int | None = None, ep_rank: int = 0,
+                 ep_size: int = 1, dtype=torch.float32, device=None):
+        super().__init__()
+        c = config
+        L, E = c.num_hidden_layers, c.n_routed_experts
+        P = E if num_physical_experts is None else num_physical_experts
+        if P < E or P % ep_size or not 0 <= ep_rank < ep_size:
+            raise ValueError(f"need num_physical_experts >= n_routed_experts ({E}), divisible by ep_size "
+                             f"({ep_size}), and 0 <= ep_rank < ep_size; got P={P}, ep_rank={ep_rank}")
+        self.config, self.num_physical_experts, self.ep_rank, self.ep_size = c, P, ep_rank, ep_size
+        self.slots_per_rank = P // ep_size
+        self.ep_group = None
+        self.embed = nn.Embedding(c.vocab_size, c.hidden_size, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(Block(c, i, self.slots_per_rank, ep_rank * self.slots_per_rank, dtype, device)
+                                    for i in range(L))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, device)
+        self.head = _linear(c.hidden_size, c.vocab_size, dtype, device)
+        n = c.hc_mult
+        self.hc_head_fn = nn.Parameter(torch.zeros(n, n * c.hidden_size, device=device))
+        self.hc_head_base = nn.Parameter(torch.zeros(n, device=device))
+        self.hc_head_scale = nn.Parameter(torch.ones(1, device=device))
+        # expert-location maps (eplb updates them IN PLACE; never reassign)
+        self.register_buffer("phy2log", torch.zeros(L, P, dtype=torch.int64, device=device), persistent=False)
+        self.register_buffer("log2phy", torch.zeros(L, E, P - E + 1, dtype=torch.int32, device=device), persistent=False)
+        self.register_buffer("logcnt", torch.zeros(L, E, dtype=torch.int32, device=device), persistent=False)
+        self.register_buffer("inv_freq_main", rope_inv_freq(c.qk_rope_head_dim, c.rope_theta, None).to(device),
+                             persistent=False)
+        self.register_buffer("inv_freq_compress", rope_inv_freq(c.qk_rope_head_dim, c.compress_rope_theta,
+                                                                c.rope_scaling).to(device), persistent=False)
+        if device is None or torch.device(device).type != "meta":
+            self.reset_expert_maps()
+
+    def reset_expert_maps(self) -> None:
+        """Trivial placement: slot p holds expert p % E (in place)."""
+        L, E, P = self.config.num_hidden_layers, self.config.n_routed_experts, self.num_physical_experts
+        slots = torch.arange(P)
+        self.phy2log.copy_((slots % E).expand(L, P))
+        log2phy = torch.full((E, P - E + 1), -1, dtype=torch.int32)
+        for p in range(P):
+            log2phy[p % E, p // E] = p
+        self.log2phy.copy_(log2phy.expand(L, -1, -1))
+        self.logcnt.copy_(torch.bincount(slots % E, minlength=E).to(torch.int32).expand(L, E))
+
+    def expert_weights(self, layer_idx: int) -> list[Tensor]:
+        e = self.layers[layer_idx].ffn.experts
+        return [e.w1, e.w3, e.w2]
+
+    def new_cache(self, num_slots: int, max_seq_len: int) -> KVCache:
+        return KVCache(self.config, num_slots, max_seq_len, self.embed.weight.dtype, self.embed.weight.device)
+
+    @torch.no_grad()
+    def forward(self, input_ids: Tensor, start_pos: Tensor | None = None, cache: KVCache | None = None,
+                slot_ids: Tensor | None = None, load: Tensor | None = None, last_only: bool = False) -> Tensor:
+        B, S = input_ids.shape
+        device = input_ids.device
+        if cache is None:  # stateless full forward = a fresh scratch cache, one slot per row
+            if start_pos is not None and bool((start_pos != 0).any()):
+                raise ValueError("start_pos must be 0 without a cache")
+            cache = self.new_cache(B, S)
+            start_pos = slot_ids = None
+        start = torch.zeros(B, dtype=torch.long, device=device) if start_pos is None else start_pos.to(device).long()
+        slot_ids = torch.arange(B, device=device) if slot_ids is None else slot_ids.to(device).long()
+        start_list = start.tolist()
+        if max(start_list) + S > cache.max_seq_len:
+            raise ValueError(f"positions up to {max(start_list) + S} exceed the cache's max_seq_len {cache.max_seq_len}")
+        positions = start.unsqueeze(1) + torch.arange(S, device=device)  # [B,S]
+        inv_freq = {"main": self.inv_freq_main, "compress": self.inv_freq_compress}
+        W = self.config.sliding_window
+        ring_pos = start.unsqueeze(1) - W + torch.arange(W, device=device)  # [B,W]
+        key_pos = torch.cat([ring_pos, positions], dim=1).unsqueeze(1)  # [B,1,W+S]
+        t = positions.unsqueeze(-1)  # [B,S,1]
+        window_mask = ((key_pos <= t) & (key_pos > t - W) & (key_pos >= 0)).unsqueeze(1)  # [B,1,S,W+S]
+        batch = Batch(input_ids=input_ids, positions=positions, start=start, start_list=start_list,
+                      slot_ids=slot_ids, rope={k: rope_cos_sin(f, positions) for k, f in inv_freq.items()},
+                      window_idx=ring_pos % W, window_mask=window_mask, window_write=positions[:, -min(S, W):] % W,
+                      inv_freq=inv_freq, load=load, log2phy=self.log2phy, logcnt=self.logcnt, ep_group=self.ep_group)
+
+        h = self.embed(input_ids).unsqueeze(2).repeat(1, 1, self.config.hc_mult, 1)  # [B,S,n,d]: n copies
+        for layer_idx, block in enumerate(self.layers):
+            h = block(h, batch, cache.layers[layer_idx], layer_idx)
+        if last_only:
+            h = h[:, -1:]
+        # hc_head: sigmoid-weighted collapse of the n streams (no Sinkhorn)
+        flat = h.flatten(-2).float()
+        mixes = F.linear(flat, self.hc_head_fn) * torch.rsqrt(flat.square().mean(-1, keepdim=True) + self.config.rms_norm_eps)
+        pre = torch.sigmoid(mixes * self.hc_head_scale + self.hc_head_base) + self.config.hc_eps  # [B,S,n]
+        y = (pre.unsqueeze(-1) * h.float()).sum(-2).to(h.dtype)  # [B,S,d]
+        logits = F.linear(self.norm(y).float(), self.head.weight.float())  # fp32 [B,S,V]
+        return logits[:, 0] if last_only else logits
+
+    def logits(self, input_ids: Tensor) -> Tensor:
+        return self.forward(input_ids)
+
+    # -- official-name state dict ------------------------------------------------------------------
+    def official_state_dict(self) -> dict[str, Tensor]:
+        """Official checkpoint names; routed expert E comes from the first local slot holding it."""
+        out = {}
+        for name, t in self.state_dict().items():
+            m = _STACKED_RE.fullmatch(name)
+            if not m:
+                out[name] = t
+                continue
+            layer, w = int(m.group(1)), m.group(2)
+            for expert, slot in self._local_slots_of(layer).items():
+                out[f"layers.{layer}.ffn.experts.{expert}.{w}.weight"] = t[slot[0]]
+        return out
+
+    def _local_slots_of(self, layer: int) -> dict[int, list[int]]:
+        """expert -> local slots holding it on this rank (from phy2log)."""
+        offset = self.ep_rank * self.slots_per_rank
+        held: dict[int, list[int]] = {}
+        for slot, expert in enumerate(self.phy2log[layer, offset:offset + self.slots_per_rank].tolist()):
+            held.setdefault(expert, []).append(slot)
+        return dict(sorted(held.items()))
+
+    @torch.no_grad()
+    def load_official_state_dict(self, sd: dict[str, Tensor]) -> None:
+        """Copy an official-name state dict in; expert E goes into every local slot holding E.
+
+        `mtp.*` is ignored; tid2eid is cast to int32. Experts held by no local slot may be present or
+        absent. Raises ONE ValueError listing every missing, unexpected and mis-shaped key.
+        """
+        own = self.state_dict()
+        missing, unexpected, misshaped = [], [], []
+        plain, experts = {}, {}  # name -> tensor ; (layer, w) -> {expert: tensor}
+        E = self.config.n_routed_experts
+        for name, t in sd.items():
+            if name.startswith("mtp."):
+                continue
+            m = _EXPERT_KEY_RE.fullmatch(name)
+            if m and int(m.group(1)) < len(self.layers) and int(m.group(2)) < E:
+                experts.setdefault((int(m.group(1)), m.group(3)), {})[int(m.group(2))] = t
+            elif name in own and not _STACKED_RE.fullmatch(name):
+                plain[name] = t
+            else:
+                unexpected.append(name)
+        for name, target in own.items():
+            m = _STACKED_RE.fullmatch(name)
+            if m is None:
+                if name not in plain:
+                    missing.append(name)
+                elif plain[name].shape != target.shape:
+                    misshaped.append(f"{name}: {list(plain[name].shape)} != {list(target.shape)}")
+                continue
+            layer, w = int(m.group(1)), m.group(2)
+            given, held = experts.get((layer, w), {}), self._local_slots_of(layer)
+            for expert in held:
+                key = f"layers.{layer}.ffn.experts.{expert}.{w}.weight"
+                if expert not in given:
+                    missing.append(key)
+                elif given[expert].shape != target.shape[1:]:
+                    misshaped.append(f"{key}: {list(given[expert].shape)} != {list(target.shape[1:])}")
+            for expert, t in given.items():
+                if t.shape != target.shape[1:] and expert not in held:
+                    misshaped.append(f"layers.{layer}.ffn.experts.{expert}.{w}.weight: "
+                                     f"{list(t.shape)} != {list(target.shape[1:])}")
+        if missing or unexpected or misshaped:
+            raise ValueError("state dict does not fit the model:"
+                             + "".join(f"\n  missing: {k}" for k in sorted(missing))
+                             + "".join(f"\n  unexpected: {k}" for k in sorted(unexpected))
+                             + "".join(f"\n  mis-shaped: {k}" for k in sorted(misshaped)))
+        for name, target in own.items():
+            m = _STACKED_RE.fullmatch(name)
+            if m is None:
+                target.copy_(plain[name].to(target.dtype) if name.endswith("tid2eid") else plain[name])
+                continue
+            layer, w = int(m.group(1)), m.group(2)
+            for expert, slots in self._local_slots_of(layer).items():
+                for slot in slots:
+                    target[slot].copy_(experts[(layer, w)][expert])
+
+    def save_pretrained(self, directory: str) -> None:
+        """config.json (official form) + safetensors under official names (tid2eid as int64, like the release)."""
+        import checkpoint
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(self.config.to_dict(), f, indent=2)
+        sd = {k: (v.to(torch.int64) if k.endswith("tid2eid") else v) for k, v in self.official_state_dict().items()}
+        checkpoint.write_checkpoint(directory, sd)
+
+
+_STACKED_RE = re.compile(r"layers\.(\d+)\.ffn\.experts\.(w[123])")
+_EXPERT_KEY_RE = re.compile(r"layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])\.weight")
+
+
+# ---------------------------------------------------------------------------------------------------
+# KV cache
+# ---------------------------------------------------------------------------------------------------
+
+class LayerCache:
+    """One layer's attention state for every slot (fixed storage; nothing grows).
+
+    window [slots, W, D]: ring of the last W kv (slot = position mod W).
+    entries [slots, max_seq_len // m, D]: compressed entries by window index (m > 0 layers).
+    kv_state / gate_state [slots, coff*m, coff*D] fp32: compressor projections of the last coff*m
+    tokens (partial window, plus the previous window for CSA's overlap); gate -inf = empty.
+    index_*: the same for the CSA indexer's own compressor (keys of dim index_head_dim).
+    """
+
+    def __init__(self, config: ModelConfig, layer_idx: int, num_slots: int, max_seq_len: int, dtype, device):
+        D, W, m = config.head_dim, config.sliding_window, config.layer_ratio(layer_idx)
+        self.window = torch.zeros(num_slots, W, D, dtype=dtype, device=device)
+        self.entries = self.kv_state = self.gate_state = None
+        self.index_entries = self.index_kv_state = self.index_gate_state = None
+        if m:
+            c = 2 if m == 4 else 1
+            self.entries = torch.zeros(num_slots, max_seq_len // m, D, dtype=dtype, device=device)
+            self.kv_state = torch.zeros(num_slots, c * m, c * D, device=device)
+            self.gate_state = torch.full((num_slots, c * m, c * D), -math.inf, device=device)
+        if m == 4:
+            Di = config.index_head_dim
+            self.index_entries = torch.zeros(num_slots, max_seq_len // m, Di, dtype=dtype, device=device)
+            self.index_kv_state = torch.zeros(num_slots, 2 * m, 2 * Di, device=device)
+            self.index_gate_state = torch.full((num_slots, 2 * m, 2 * Di), -math.inf, device=device)
+
+    def reset(self, slot: int) -> None:
+        for t in (self.window, self.entries, self.kv_state, self.index_entries, self.index_kv_state):
+            if t is not None:
+                t[slot] = 0
+        for t in (self.gate_state, self.index_gate_state):
+            if t is not None:
+                t[slot] = -math.inf
+
+
+class KVCache:
+    """Per-slot DSV4 attention state for all layers. A slot serves one sequence; reset it before reuse."""
+
+    def __init__(self, config: ModelConfig, num_slots: int, max_seq_len: int, dtype=torch.float32, device=None):
+        self.num_slots, self.max_seq_len = num_slots, max_seq_len
+        self.layers = [LayerCache(config, i, num_slots, max_seq_len, dtype, device)
+                       for i in range(config.num_hidden_layers)]
+
+    def reset(self, slot: int) -> None:
+        for layer in self.layers:
+            layer.reset(slot)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Build, load, generate
+# ---------------------------------------------------------------------------------------------------
+
+def _generator(seed: int, name: str) -> torch.Generator:
+    """One generator per tensor name: init is the same whatever P, ep_rank or device."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+
+
+def _zipf_bias(config: ModelConfig, seed: int, layer: int) -> Tensor:
+    """Selection-only router bias with a realistic popularity skew (mini/flash-sized presets).
+
+    Trained routers are not uniform: a few experts take a large share of tokens. We model it as a
+    Zipf-like log-popularity, bias = -log(rank + 1), over a random expert permutation per layer, so hot
+    experts land on random EP ranks. With router logits ~N(0, 1) (unit-RMS input, N(0, 1/d) gate) the
+    hottest expert of a mini layer takes ~20% of the routed choices and the coldest almost none; over
+    4 EP ranks the mean balancedness of the score layers is ~0.55-0.65 before EPLB (1.0 = perfect).
+    """
+    E = config.n_routed_experts
+    rank = torch.randperm(E, generator=_generator(seed, f"layers.{layer}.ffn.gate.popularity"))
+    return -torch.log1p(rank.float())
+
+
+def random_official_state_dict(config: ModelConfig, seed: int = 0) -> dict[str, Tensor]:
+    """Deterministic random weights under official names (per-expert keys), generated on CPU.
+
+    Linear weights N(0, 1/fan_in); embeddings N(0, 1); norm weights 1 + 0.1 N; sinks N(0, 0.5);
+    hc fn N(0, 1/(n d)), hc base 0.5 N, hc scale 1 + 0.3 N (modest, so the mixing is not uniform);
+    ape 0.5 N; tid2eid rows are distinct random experts per token; score-layer bias: see _zipf_bias.
+    """
+    shapes = _official_shapes(config)
+    out = {}
+    for name, (shape, dtype) in shapes.items():
+        g = _generator(seed, name)
+        if name.endswith("tid2eid"):
+            E, K = config.n_routed_experts, config.num_experts_per_tok
+            out[name] = torch.rand(shape[0], E, generator=g).argsort(-1)[:, :K].to(torch.int32)
+        elif name.endswith("gate.bias"):
+            out[name] = _zipf_bias(config, seed, int(name.split(".")[1])) + 0.05 * torch.randn(shape, generator=g)
+        elif name.endswith("norm.weight"):
+            out[name] = 1 + 0.1 * torch.randn(shape, generator=g)
+        elif name.endswith("attn_sink"):
+            out[name] = 0.5 * torch.randn(shape, generator=g)
+        elif name.endswith("_fn"):
+            out[name] = torch.randn(shape, generator=g) / math.sqrt(shape[1])
+        elif name.endswith("_base"):
+            out[name] = 0.5 * torch.randn(shape, generator=g)
+        elif name.endswith("_scale"):
+            out[name] = 1 + 0.3 * torch.randn(shape, generator=g)
+        elif name.endswith("ape"):
+            out[name] = 0.5 * torch.randn(shape, generator=g)
+        elif name == "embed.weight":
+            out[name] = torch.randn(shape, generator=g)
+        else:  # linear [out, in]
+            out[name] = torch.randn(shape, generator=g) / math.sqrt(shape[-1])
+        out[name] = out[name].to(dtype)
+    return out
+
+
+def _official_shapes(config: ModelConfig) -> dict[str, tuple]:
+    """name -> (shape, dtype) of every official tensor (per-expert keys), from a meta-device model."""
+    meta = DSV4Model(config, device="meta")
+    out = {}
+    for name, t in meta.state_dict().items():
+        m = _STACKED_RE.fullmatch(name)
+        if m is None:
+            out[name] = (tuple(t.shape), t.dtype)
+        else:
+            for e in range(config.n_routed_experts):
+                out[f"layers.{m.group(1)}.ffn.experts.{e}.{m.group(2)}.weight"] = (tuple(t.shape[1:]), t.dtype)
+    return out
+
+
+def _empty_model(config, device, dtype, num_physical_experts, ep_rank, ep_size) -> DSV4Model:
+    model = DSV4Model(config, num_physical_experts, ep_rank, ep_size, dtype=dtype, device="meta")
+    model.to_empty(device=device)
+    model.inv_freq_main.copy_(rope_inv_freq(config.qk_rope_head_dim, config.rope_theta, None))
+    model.inv_freq_compress.copy_(rope_inv_freq(config.qk_rope_head_dim, config.compress_rope_theta, config.rope_scaling))
+    model.reset_expert_maps()
+    return model.requires_grad_(False).eval()
+
+
+def build_model(config: ModelConfig, seed: int = 0, device="cpu", dtype=torch.float32,
+                num_physical_experts: int | None = None, ep_rank: int = 0, ep_size: int = 1) -> DSV4Model:
+    """Random-init model; identical weights for the same seed on every machine and placement."""
+    model = _empty_model(config, device, dtype, num_physical_experts, ep_rank, ep_size)
+    model.load_official_state_dict(random_official_state_dict(config, seed))
+    return model
+
+
+def load_model(path: str, device="cpu", dtype=torch.bfloat16, num_layers: int | None = None,
+               num_physical_experts: int | None = None, ep_rank: int = 0, ep_size: int = 1) -> DSV4Model:
+    """A checkpoint directory (config.json + safetensors, official or transformers names)."""
+    import checkpoint
+    config = ModelConfig.from_pretrained(path)
+    if num_layers is not None:
+        config = config.truncated(num_layers)
+    model = _empty_model(config, device, dtype, num_physical_experts, ep_rank, ep_size)
+    model.load_official_state_dict(checkpoint.read_checkpoint(path, num_layers=config.num_hidden_layers, dtype=dtype))
+    return model
+
+
+@torch.inference_mode()
+def generate(model: DSV4Model, input_ids: Tensor, max_new_tokens: int) -> Tensor:
+    """Greedy decoding through the KV cache: prefill the prompt, then one token per step."""
+    B, S = input_ids.shape
+    cache = model.new_cache(B, S + max_new_tokens)
+    slots = torch.arange(B, device=input_ids.device)
+    start = torch.zeros(B, dtype=torch.long, device=input_ids.device)
+    tokens = [input_ids]
+    logits = model.forward(input_ids, start, cache, slots, last_only=True)  # [B,V]
+    for step in range(max_new_tokens):
+        next_token = logits.argmax(-1, keepdim=True)  # [B,1]
+        tokens.append(next_token)
+        if step + 1 < max_new_tokens:
+            logits = model.forward(next_token, start + S + step, cache, slots, last_only=True)
+    return torch.cat(tokens, dim=1)
