@@ -136,16 +136,37 @@ def _swiglu(g, u, weight, limit):
     return F.silu(g) * u * weight
 
 
+MATMUL_TILE_ROWS = 4  # see _tiled_matmul; small, because decode has ~1 token per slot
+
+
+def _tiled_matmul(xs, w):
+    """xs [n, a] @ w [b, a].T -> [n, b], computed in fixed tiles of MATMUL_TILE_ROWS rows.
+
+    CPU BLAS picks different kernels (and so different rounding) by row count. With fixed tiles a
+    row's result is bitwise independent of which other rows share the call. EPLB relies on that:
+    moving an expert to another slot changes which tokens share a slot, never the output.
+    """
+    n = xs.shape[0]
+    pad = (-n) % MATMUL_TILE_ROWS
+    if pad:
+        xs = torch.cat([xs, xs.new_zeros(pad, xs.shape[1])])
+    tiles = xs.view(-1, MATMUL_TILE_ROWS, xs.shape[1])  # [c, M, a]
+    out = torch.bmm(tiles, w.T.unsqueeze(0).expand(tiles.shape[0], -1, -1))  # [c, M, b]
+    return out.view(-1, w.shape[0])[:n]
+
+
 def moe_experts_torch(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0):
     """Routed experts over physical slots: sum_k weights[t,k] * expert(ids[t,k])(x[t]).
 
     x [T, d], weights [T, K] fp32, ids [T, K] int32, w1/w3 [P_local, I, d], w2 [P_local, d, I]
     -> [T, d] fp32. ids outside [slot_offset, slot_offset + P_local) contribute nothing (they live
-    on another expert-parallel rank). Loops only over slots that have tokens.
+    on another expert-parallel rank). Loops only over slots that have tokens. Each (t, k) result is
+    computed alone (tiled matmuls) and summed over k in k order, so the output does not depend on
+    which slot holds an expert or who shares it.
     """
     T, K = ids.shape
+    per_pair = torch.zeros(T * K, x.shape[1], dtype=torch.float32, device=x.device)  # [T*K, d]
     P_local = w1.shape[0]
-    out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)  # [T, d]
     local = ids.long().flatten() - slot_offset  # [T*K]
     local = torch.where((local >= 0) & (local < P_local), local, P_local)  # P_local = not here
     counts = torch.bincount(local, minlength=P_local + 1)[:P_local].tolist()
@@ -157,13 +178,12 @@ def moe_experts_torch(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0):
             continue
         pairs = order[start:start + n]  # [n] flat (t, k) indices routed to this slot
         start += n
-        tok = pairs // K  # [n]
-        xs = x[tok].to(w1.dtype)  # [n, d]
-        g = (xs @ w1[slot].T).float()  # [n, I]
-        u = (xs @ w3[slot].T).float()  # [n, I]
+        xs = x[pairs // K].to(w1.dtype)  # [n, d]
+        g = _tiled_matmul(xs, w1[slot]).float()  # [n, I]
+        u = _tiled_matmul(xs, w3[slot]).float()  # [n, I]
         h = _swiglu(g, u, flat_w[pairs].unsqueeze(1), swiglu_limit)  # [n, I]
-        out.index_add_(0, tok, (h.to(w2.dtype) @ w2[slot].T).float())  # [n, d]
-    return out
+        per_pair[pairs] = _tiled_matmul(h.to(w2.dtype), w2[slot]).float()  # [n, d]
+    return per_pair.view(T, K, x.shape[1]).sum(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,97 +223,177 @@ if triton is not None:
 
     @triton.jit
     def _route_kernel(logits_ptr, stride_lt, input_ids_ptr, tid2eid_ptr, V, bias_ptr,
-                      log2phy_ptr, X, logcnt_ptr, load_ptr, weights_ptr, ids_ptr,
-                      T, E, num_valid, scale,
+                      log2phy_ptr, X, logcnt_ptr, load_ptr, P, weights_ptr, ids_ptr,
+                      T, E, num_valid, scale, num_blocks,
                       K: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr,
-                      BLOCK_E: tl.constexpr, HASH: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      HAS_MAP: tl.constexpr, COUNT: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
-        row_ok = rows < T
+                      BLOCK_E: tl.constexpr, NB: tl.constexpr, HASH: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, HAS_MAP: tl.constexpr, COUNT: tl.constexpr,
+                      KEY64: tl.constexpr, HIST: tl.constexpr):
+        # persistent: program p handles row blocks p, p + nprog, ...; the load counts of all its
+        # blocks are gathered in a register histogram (bin NB-1 = not counted) and added to
+        # `load` once at the end: one atomic per (program, non-empty bin) instead of one per pair
         kcol = tl.arange(0, KP)  # [KP]
-        k_ok = row_ok[:, None] & (kcol[None, :] < K)  # [BT, KP]
-        row_base = logits_ptr + rows.to(tl.int64)[:, None] * stride_lt  # [BT, 1]
-        if HASH:
-            # experts from the frozen table; bad token ids never touch memory (mask) and come
-            # out as id -1, weight 0, uncounted (the wrapper raises before launch when it can)
-            tok = tl.load(input_ids_ptr + rows, mask=row_ok, other=0)  # [BT]
-            tok_ok = (tok >= 0) & (tok < V)
-            ok = k_ok & tok_ok[:, None]  # [BT, KP]
-            expert = tl.load(tid2eid_ptr + tok.to(tl.int64)[:, None] * K + kcol[None, :],
-                             mask=ok, other=0)  # [BT, KP]
-            ok = ok & (expert >= 0) & (expert < E)
-            picked = _sqrtsoftplus_tl(tl.load(row_base + expert, mask=ok, other=0.0))  # [BT, KP]
-        else:
-            ecol = tl.arange(0, BLOCK_E)  # [BE]
-            e_ok = row_ok[:, None] & (ecol[None, :] < E)  # [BT, BE]
-            choice = _sqrtsoftplus_fast(tl.load(row_base + ecol[None, :], mask=e_ok, other=0.0))
-            if HAS_BIAS:
-                choice += tl.load(bias_ptr + ecol, mask=ecol < E, other=0.0)[None, :]
-            choice = tl.where(e_ok, choice, float("-inf"))  # [BT, BE]
-            expert = tl.zeros([BLOCK_T, KP], dtype=tl.int32)
-            for j in tl.static_range(K):  # K rounds of argmax; ties -> lowest expert id
-                e_j = tl.argmax(choice, axis=1, tie_break_left=True)  # [BT]
-                choice = tl.where(ecol[None, :] == e_j[:, None], float("-inf"), choice)
-                expert = tl.where(kcol[None, :] == j, e_j[:, None], expert)
-            ok = k_ok & (expert < E)
+        hist = tl.zeros([NB], dtype=tl.int32)
+        for blk in range(tl.program_id(0), num_blocks, tl.num_programs(0)):
+            rows = blk * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
+            row_ok = rows < T
+            k_ok = row_ok[:, None] & (kcol[None, :] < K)  # [BT, KP]
+            row_base = logits_ptr + rows.to(tl.int64)[:, None] * stride_lt  # [BT, 1]
+            if HASH:
+                # experts from the frozen table; bad token ids never touch memory (mask) and come
+                # out as id -1, weight 0, uncounted (the wrapper raises before launch when it can)
+                tok = tl.load(input_ids_ptr + rows, mask=row_ok, other=0)  # [BT]
+                tok_ok = (tok >= 0) & (tok < V)
+                ok = k_ok & tok_ok[:, None]  # [BT, KP]
+                expert = tl.load(tid2eid_ptr + tok.to(tl.int64)[:, None] * K + kcol[None, :],
+                                 mask=ok, other=0)  # [BT, KP]
+                ok = ok & (expert >= 0) & (expert < E)
+            else:
+                ecol = tl.arange(0, BLOCK_E)  # [BE]
+                e_ok = row_ok[:, None] & (ecol[None, :] < E)  # [BT, BE]
+                choice = _sqrtsoftplus_fast(tl.load(row_base + ecol[None, :], mask=e_ok, other=0.0))
+                if HAS_BIAS:
+                    choice += tl.load(bias_ptr + ecol, mask=ecol < E, other=0.0)[None, :]
+                expert = tl.zeros([BLOCK_T, KP], dtype=tl.int32)
+                if KEY64:
+                    choice = choice + 0.0  # -0.0 -> +0.0: equal values must tie (lower id wins)
+                    # one int64 key per (row, expert): order-preserving float bits above,
+                    # reversed expert id below: a plain max is the top-1 with ties to the lower
+                    # id, and every key is unique (exact removal by equality)
+                    bits = choice.to(tl.int32, bitcast=True)
+                    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # float order == signed int order
+                    key = (bits.to(tl.int64) << 32) | (BLOCK_E - 1 - ecol).to(tl.int64)[None, :]
+                    key = tl.where(e_ok, key, -0x7FFFFFFFFFFFFFFF)  # below every real key
+                    for j in tl.static_range(K):  # K rounds of max; ties -> lowest expert id
+                        best = tl.max(key, axis=1)  # [BT]
+                        key = tl.where(key == best[:, None], -0x7FFFFFFFFFFFFFFF, key)
+                        e_j = (BLOCK_E - 1) - (best & 0xFFFFFFFF).to(tl.int32)  # [BT]
+                        expert = tl.where(kcol[None, :] == j, e_j[:, None], expert)
+                else:
+                    choice = tl.where(e_ok, choice, float("-inf"))  # [BT, BE]
+                    for j in tl.static_range(K):  # K rounds of argmax; ties -> lowest expert id
+                        e_j = tl.argmax(choice, axis=1, tie_break_left=True)  # [BT]
+                        choice = tl.where(ecol[None, :] == e_j[:, None], float("-inf"), choice)
+                        expert = tl.where(kcol[None, :] == j, e_j[:, None], expert)
+                ok = k_ok & (expert >= 0) & (expert < E)
             # weights from the K picked logits (L1/L2-hot), with the accurate score
             picked = _sqrtsoftplus_tl(tl.load(row_base + expert, mask=ok, other=0.0))  # [BT, KP]
-        picked = tl.where(ok, picked, 0.0)
-        total = tl.sum(picked, axis=1)  # [BT]
-        total = tl.where(tl.max(ok.to(tl.int32), axis=1) > 0, total, 1.0)  # no 0/0 on masked rows
-        weight = picked / total[:, None] * scale  # [BT, KP]
-        phys = expert
-        if HAS_MAP:
-            count = tl.load(logcnt_ptr + expert, mask=ok, other=1)  # [BT, KP]
-            r = _replica_tl(rows[:, None], kcol[None, :], count)
-            r = tl.minimum(r, X - 1)  # a corrupt logcnt > X must not read past the row
-            phys = tl.load(log2phy_ptr + expert.to(tl.int64) * X + r, mask=ok, other=-1)
-        phys = tl.where(ok, phys, -1)
-        weight = tl.where(ok, weight, 0.0)
-        out_off = rows.to(tl.int64)[:, None] * K + kcol[None, :]  # [BT, KP]
-        tl.store(weights_ptr + out_off, weight, mask=k_ok)
-        tl.store(ids_ptr + out_off, phys, mask=k_ok)
-        if COUNT:
-            counted = ok & (rows < num_valid)[:, None] & (phys >= 0)
-            tl.atomic_add(load_ptr + phys, tl.full([BLOCK_T, KP], 1, tl.int32), mask=counted,
-                          sem="relaxed")
+            picked = tl.where(ok, picked, 0.0)
+            total = tl.sum(picked, axis=1)  # [BT]
+            total = tl.where(tl.max(ok.to(tl.int32), axis=1) > 0, total, 1.0)  # no 0/0 on masked
+            weight = picked / total[:, None] * scale  # [BT, KP]
+            phys = expert
+            if HAS_MAP:
+                count = tl.load(logcnt_ptr + expert, mask=ok, other=1)  # [BT, KP]
+                r = _replica_tl(rows[:, None], kcol[None, :], count)
+                r = tl.minimum(r, X - 1)  # a corrupt logcnt > X must not read past the row
+                phys = tl.load(log2phy_ptr + expert.to(tl.int64) * X + r, mask=ok, other=-1)
+            phys = tl.where(ok, phys, -1)
+            weight = tl.where(ok, weight, 0.0)
+            out_off = rows.to(tl.int64)[:, None] * K + kcol[None, :]  # [BT, KP]
+            tl.store(weights_ptr + out_off, weight, mask=k_ok)
+            tl.store(ids_ptr + out_off, phys, mask=k_ok)
+            if COUNT:
+                counted = ok & (rows < num_valid)[:, None] & (phys >= 0) & (phys < P)
+                if HIST:
+                    bins = tl.where(counted, phys, NB - 1)  # NB - 1 >= P: "not counted" bin
+                    hist += tl.histogram(tl.reshape(bins, [BLOCK_T * KP]), NB)
+                else:  # small blocks (score): a histogram per block costs more than atomics
+                    tl.atomic_add(load_ptr + phys, tl.full([BLOCK_T, KP], 1, tl.int32),
+                                  mask=counted, sem="relaxed")
+        if COUNT and HIST:
+            b = tl.arange(0, NB)
+            tl.atomic_add(load_ptr + b, hist, mask=(b < P) & (hist > 0), sem="relaxed")
+
+
+# Routing launch parameters (module-level so bench/bench_kernels.py can sweep them):
+# rows per program = hash_rows (hash) or score_elems // BLOCK_E (score), never more than needed
+# to give every SM a block; at most `waves` programs per SM, each looping over row blocks.
+# score_key64: top-K by int64 (value, id) keys instead of argmax rounds (both exact).
+# *_hist: count load with a per-program register histogram (else one atomic per pair);
+# score_waves: programs per SM for score (0: one program per row block, no persistent loop).
+# Defaults from H200 sweeps at T=1M (bench --sweep): hash 128 rows / 4 warps / 4 waves 0.235 ms
+# (256 rows 0.317); score 2 rows x 256 experts / 1 warp, one program per block 1.85 ms (16 rows /
+# 4 warps 3.77, persistent + histogram 4.07, int64 keys 3.0-4.0).
+ROUTE_CFG = dict(hash_rows=128, hash_warps=4, score_elems=512, score_warps=1, waves=4,
+                 score_key64=False, score_hist=False, score_waves=0)
+_NUM_SMS = {}
+
+
+def _num_sms(dev) -> int:
+    """SM count of a CUDA device (cached: the property query costs host time); 4 elsewhere
+    (the interpreter: a few programs, so the persistent loop runs several blocks in tests)."""
+    if dev.type != "cuda":
+        return 4
+    idx = dev.index if dev.index is not None else torch.cuda.current_device()
+    n = _NUM_SMS.get(idx)
+    if n is None:
+        n = _NUM_SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return n
 
 
 def _route_triton(router_logits, K, routed_scaling_factor, log2phy, logcnt, load,
                   num_valid_tokens, input_ids=None, tid2eid=None, bias=None):
-    """Launch _route_kernel: hash mode when tid2eid is given, else top-K of s + bias."""
-    _check_maps(log2phy, logcnt)
+    """Launch _route_kernel: hash mode when tid2eid is given, else top-K of s + bias.
+
+    Host work is kept to the two output allocations and one launch (no syncs, no copies of
+    inputs that are already fp32 / int / contiguous)."""
+    if (log2phy is None) != (logcnt is None):
+        raise ValueError("log2phy and logcnt must be given together")
     T, E = router_logits.shape
     dev = router_logits.device
-    weights = torch.empty(T, K, dtype=torch.float32, device=dev)  # [T, K]
-    ids = torch.empty(T, K, dtype=torch.int32, device=dev)  # [T, K]
+    weights = torch.empty((T, K), dtype=torch.float32, device=dev)  # [T, K]
+    ids = torch.empty((T, K), dtype=torch.int32, device=dev)  # [T, K]
     if T == 0 or K == 0:
         return weights, ids
-    logits = router_logits.float()
+    logits = router_logits
+    if logits.dtype != torch.float32:
+        logits = logits.float()
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     hash_mode = tid2eid is not None
     dummy = ids  # stands in for pointers a variant does not read
     KP = _next_pow2(K)
     BLOCK_E = _next_pow2(E)
-    # hash reads K scores per row; score holds a [BLOCK_T, BLOCK_E] tile (~4K elements) per program
-    BLOCK_T = 128 if hash_mode else max(1, min(128, 4096 // BLOCK_E))
+    cfg = ROUTE_CFG
+    nsm = _num_sms(dev)
+    if hash_mode:
+        cap, warps = cfg["hash_rows"], cfg["hash_warps"]
+        if not input_ids.is_contiguous():
+            input_ids = input_ids.contiguous()
+        if not tid2eid.is_contiguous():
+            tid2eid = tid2eid.contiguous()
+    else:
+        cap, warps = max(1, cfg["score_elems"] // BLOCK_E), cfg["score_warps"]
+        if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+            bias = bias.float().contiguous()
+    # small T: shrink the block so every SM gets work (one compile per power of two, cached)
+    BLOCK_T = max(1, min(cap, _next_pow2(-(-T // nsm))))
+    num_blocks = -(-T // BLOCK_T)
+    waves = cfg["waves"] if hash_mode else cfg["score_waves"]
+    grid = (min(num_blocks, nsm * waves) if waves else num_blocks,)
+    hist = load is not None and (hash_mode or bool(cfg["score_hist"]))
+    if log2phy is not None:
+        if not log2phy.is_contiguous():
+            log2phy = log2phy.contiguous()
+        if not logcnt.is_contiguous():
+            logcnt = logcnt.contiguous()
+    P = load.shape[0] if load is not None else 1
     nv = T if num_valid_tokens is None else max(0, min(int(num_valid_tokens), T))
-    grid = (triton.cdiv(T, BLOCK_T),)
     _route_kernel[grid](
         logits, logits.stride(0),
-        input_ids.contiguous() if hash_mode else dummy,
-        tid2eid.contiguous() if hash_mode else dummy,
+        input_ids if hash_mode else dummy,
+        tid2eid if hash_mode else dummy,
         tid2eid.shape[0] if hash_mode else 0,
-        bias.float().contiguous() if bias is not None else dummy,
-        log2phy.contiguous() if log2phy is not None else dummy,
+        bias if bias is not None else dummy,
+        log2phy if log2phy is not None else dummy,
         log2phy.shape[1] if log2phy is not None else 1,
-        logcnt.contiguous() if logcnt is not None else dummy,
-        load if load is not None else dummy,
-        weights, ids, T, E, nv, float(routed_scaling_factor),
-        K=K, KP=KP, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, HASH=hash_mode,
-        HAS_BIAS=bias is not None, HAS_MAP=log2phy is not None, COUNT=load is not None,
-        num_warps=4)
+        logcnt if logcnt is not None else dummy,
+        load if load is not None else dummy, P,
+        weights, ids, T, E, nv, float(routed_scaling_factor), num_blocks,
+        K=K, KP=KP, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, NB=max(32, _next_pow2(P + 1)),
+        HASH=hash_mode, HAS_BIAS=bias is not None, HAS_MAP=log2phy is not None,
+        COUNT=load is not None, KEY64=bool(cfg["score_key64"]), HIST=hist, num_warps=warps)
     return weights, ids
 
 
@@ -329,39 +429,84 @@ def score_topk_triton(router_logits, bias, top_k, routed_scaling_factor,
 # ---------------------------------------------------------------------------------------------
 # Experts: Triton grouped GEMM over slot-sorted (token, k) pairs
 # ---------------------------------------------------------------------------------------------
-# 1. align (torch, no host sync): sort the T*K pairs by local slot and pad every slot's run to a
-#    multiple of BLOCK_M, so each block of BLOCK_M rows belongs to one slot;
-# 2. up kernel: per (block, I-tile) h = swiglu(x @ w1[s]^T, x @ w3[s]^T) * weight, weights read
-#    once per slot-block; 3. down kernel: y[pair] = h @ w2[s]^T (fp32);
-# 4. sum kernel: out[t] = sum over k of y[t, k] for local pairs (deterministic, no atomics).
-def _moe_align(ids, slot_offset: int, P_local: int, BLOCK_M: int):
-    """ids [T, K] -> (sorted_pairs [num_blocks*BLOCK_M] int32, block_slot [num_blocks] int32).
+# Two ways to group the T*K (token, k) pairs by local slot, both without a host sync:
+# - decode ("scan", few pairs): every up/down program scans all ids for its own slot and
+#   compacts them in registers (cumsum), looping over BLOCK_M-row chunks; h and y are indexed by
+#   pair, so there is no align step at all: 3 launches (up, down, sum);
+# - prefill ("sorted"): 2 small Triton kernels (count + scan, scatter) sort the pairs by slot,
+#   each slot's run padded to a multiple of BLOCK_M, so each BLOCK_M-row block is one slot; then
+#   up kernel h = swiglu(x @ w1[s]^T, x @ w3[s]^T) * weight per (block, I-tile), down kernel
+#   y[pair] = h @ w2[s]^T (fp32).
+# Finally the sum kernel: out[t] = sum over k of y[t, k] for local pairs (fixed order, no atomics
+# on outputs). Every pair's row is computed independently of its position in a tile, so the
+# result does not depend on the (atomic) order of pairs inside a slot: runs are bitwise repeatable.
+if triton is not None:
 
-    sorted_pairs holds flat pair indices t*K + k grouped by slot (N = T*K marks padding);
-    block_slot[b] is the slot of rows b*BLOCK_M.. (or -1: block unused). num_blocks is the upper
-    bound cdiv(N, BLOCK_M) + min(N, P_local), so nothing here waits on the device.
+    @triton.jit
+    def _moe_scan_kernel(ids_ptr, ws_ptr, pairs_ptr, slot_ptr, N, slot_offset, P_local,
+                         num_blocks, NBINS: tl.constexpr, BLOCK_M: tl.constexpr,
+                         CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+        # one program: pairs per slot (register histogram; bin NBINS-1 = not local), padded run
+        # starts -> cursors ws[0:NBINS], block -> slot, padding rows of pairs_ptr = N
+        counts = tl.zeros([NBINS], dtype=tl.int32)
+        for i0 in range(0, N, BLOCK):
+            offs = i0 + tl.arange(0, BLOCK)
+            local = tl.load(ids_ptr + offs, mask=offs < N, other=-1) - slot_offset
+            ok = (offs < N) & (local >= 0) & (local < P_local)
+            counts += tl.histogram(tl.where(ok, local, NBINS - 1), NBINS)
+        b = tl.arange(0, NBINS)
+        in_range = b < P_local
+        counts = tl.where(in_range, counts, 0)
+        padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        pad_end = tl.cumsum(padded, 0)  # [NBINS]
+        tl.store(ws_ptr + b, pad_end - padded, mask=in_range)  # cursor = run start
+        pad_end = tl.where(in_range, pad_end, 0x7FFFFFFF)
+        for b0 in range(0, num_blocks, CHUNK):
+            blk = b0 + tl.arange(0, CHUNK)  # [CH]
+            start = blk * BLOCK_M
+            slot = tl.sum((pad_end[None, :] <= start[:, None]).to(tl.int32), axis=1)  # [CH]
+            tl.store(slot_ptr + blk, tl.where(slot < P_local, slot, -1), mask=blk < num_blocks)
+        size = num_blocks * BLOCK_M
+        for r0 in range(0, size, CHUNK * BLOCK_M):
+            r = r0 + tl.arange(0, CHUNK * BLOCK_M)
+            tl.store(pairs_ptr + r, tl.full([CHUNK * BLOCK_M], 0, tl.int32) + N, mask=r < size)
+
+    @triton.jit
+    def _moe_scatter_kernel(ids_ptr, ws_ptr, pairs_ptr, N, slot_offset, P_local,
+                            NBINS: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        local = tl.load(ids_ptr + offs, mask=offs < N, other=-1) - slot_offset
+        ok = (offs < N) & (local >= 0) & (local < P_local)
+        dest = tl.atomic_add(ws_ptr + local, tl.full([BLOCK], 1, tl.int32), mask=ok,
+                             sem="relaxed")
+        tl.store(pairs_ptr + dest, offs, mask=ok)
+
+
+def _moe_align(ids, slot_offset: int, P_local: int, BLOCK_M: int):
+    """ids [T, K] int32 -> (sorted_pairs [num_blocks*BLOCK_M] int32, block_slot [num_blocks] int32).
+
+    sorted_pairs holds flat pair indices t*K + k grouped by slot (N = T*K marks padding; the
+    order inside a slot is unspecified); block_slot[b] is the slot of rows b*BLOCK_M.. (or -1:
+    block unused). num_blocks is the upper bound cdiv(N, BLOCK_M) + min(N, P_local), so nothing
+    here waits on the device. Three launches (count, scan, scatter), no torch ops but allocations.
     """
     N = ids.numel()
     dev = ids.device
-    local = ids.flatten().long() - slot_offset  # [N]
-    local = torch.where((local >= 0) & (local < P_local), local, P_local)  # P_local = not here
-    counts = torch.zeros(P_local + 1, dtype=torch.long, device=dev)
-    counts.scatter_add_(0, local, torch.ones_like(local))  # [P_local + 1]
-    order = torch.argsort(local, stable=True)  # [N] pairs grouped by slot
-    slot_of = local[order]  # [N]
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M  # [P_local + 1]
-    padded[P_local] = 0
-    pad_end = torch.cumsum(padded, 0)  # [P_local + 1]
-    num_blocks = triton.cdiv(N, BLOCK_M) + min(N, P_local)
+    if ids.dtype != torch.int32 or not ids.is_contiguous():
+        ids = ids.to(torch.int32).contiguous()
+    num_blocks = -(-N // BLOCK_M) + min(N, P_local)
     size = num_blocks * BLOCK_M
-    rank = torch.arange(N, device=dev) - (torch.cumsum(counts, 0) - counts)[slot_of]  # [N]
-    dest = torch.where(slot_of < P_local, (pad_end - padded)[slot_of] + rank, size)  # [N]
-    sorted_pairs = torch.full((size + 1,), N, dtype=torch.int32, device=dev)  # +1: dump row
-    sorted_pairs.scatter_(0, dest, order.to(torch.int32))
-    starts = torch.arange(num_blocks, device=dev) * BLOCK_M  # [num_blocks]
-    block_slot = torch.searchsorted(pad_end[:P_local], starts, right=True)  # [num_blocks]
-    block_slot = torch.where(block_slot < P_local, block_slot, -1).to(torch.int32)
-    return sorted_pairs[:size], block_slot
+    NBINS = max(32, _next_pow2(P_local + 1))
+    ws = torch.empty(NBINS, dtype=torch.int32, device=dev)  # per-slot cursors
+    sorted_pairs = torch.empty(size, dtype=torch.int32, device=dev)
+    block_slot = torch.empty(num_blocks, dtype=torch.int32, device=dev)
+    BLOCK = 1024
+    _moe_scan_kernel[(1,)](ids, ws, sorted_pairs, block_slot, N, slot_offset, P_local, num_blocks,
+                           NBINS=NBINS, BLOCK_M=BLOCK_M, CHUNK=max(1, min(64, 8192 // NBINS)),
+                           BLOCK=BLOCK)
+    _moe_scatter_kernel[(max(1, -(-N // BLOCK)),)](ids, ws, sorted_pairs, N, slot_offset, P_local,
+                                                  NBINS=NBINS, BLOCK=BLOCK)
+    return sorted_pairs, block_slot
 
 
 if triton is not None:
@@ -448,6 +593,104 @@ if triton is not None:
         tl.store(y_ptrs, acc, mask=pair_ok[:, None] & n_ok[None, :])
 
     @triton.jit
+    def _slot_rank(ids_ptr, N, sid, NP: tl.constexpr):
+        """Scan all N pair ids for slot id `sid`: (rank [NP] of each pair among the slot's pairs
+        in flat order, -1 elsewhere; count)."""
+        offs_p = tl.arange(0, NP)
+        mine = (tl.load(ids_ptr + offs_p, mask=offs_p < N, other=-1) == sid) & (offs_p < N)
+        mine_i = mine.to(tl.int32)
+        rank = tl.where(mine, tl.cumsum(mine_i, 0) - 1, -1)
+        return rank, tl.sum(mine_i)
+
+    @triton.jit
+    def _chunk_pairs(rank, m0, N, NP: tl.constexpr, BLOCK_M: tl.constexpr):
+        """Pairs of ranks m0 .. m0+BLOCK_M-1 (N where the slot has fewer): [BM] int32."""
+        offs_p = tl.arange(0, NP)
+        want = m0 + tl.arange(0, BLOCK_M)  # [BM]
+        sel = rank[None, :] == want[:, None]  # [BM, NP] at most one hit per row
+        pair = tl.sum(tl.where(sel, offs_p[None, :] + 1, 0), axis=1) - 1  # [BM] -1: none
+        return tl.where(pair >= 0, pair, N)
+
+    @triton.jit
+    def _moe_up_scan_kernel(x_ptr, stride_xt, w1_ptr, w3_ptr, h_ptr, rw_ptr, ids_ptr,
+                            N, D, I, top_k, limit, slot_offset, num_n,
+                            NP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                            PRECISION: tl.constexpr):
+        # program = (slot, I-tile); the slot's pairs found by scanning ids; h indexed by pair
+        pid = tl.program_id(0)
+        slot = pid // num_n
+        pid_n = pid % num_n
+        rank, cnt = _slot_rank(ids_ptr, N, slot + slot_offset, NP)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] intermediate features
+        n_ok = offs_n < I
+        offs_k = tl.arange(0, BLOCK_K)  # [BK]
+        w_off = slot.to(tl.int64) * I * D + offs_n.to(tl.int64)[None, :] * D + offs_k[:, None]
+        for m0 in range(0, cnt, BLOCK_M):
+            pair = _chunk_pairs(rank, m0, N, NP, BLOCK_M)  # [BM]
+            pair_ok = pair < N
+            tok = tl.where(pair_ok, pair // top_k, 0)
+            a_ptrs = x_ptr + tok.to(tl.int64)[:, None] * stride_xt + offs_k[None, :]  # [BM, BK]
+            b1_ptrs = w1_ptr + w_off  # [BK, BN] = w1[slot, n, k]^T
+            b3_ptrs = w3_ptr + w_off
+            acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, D, BLOCK_K):
+                if EVEN_K:
+                    a = tl.load(a_ptrs, mask=pair_ok[:, None], other=0.0)
+                    b1 = tl.load(b1_ptrs, mask=n_ok[None, :], other=0.0)
+                    b3 = tl.load(b3_ptrs, mask=n_ok[None, :], other=0.0)
+                else:
+                    k_ok = offs_k + k0 < D
+                    a = tl.load(a_ptrs, mask=pair_ok[:, None] & k_ok[None, :], other=0.0)
+                    b1 = tl.load(b1_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                    b3 = tl.load(b3_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                acc_g = tl.dot(a, b1, acc_g, input_precision=PRECISION)
+                acc_u = tl.dot(a, b3, acc_u, input_precision=PRECISION)
+                a_ptrs += BLOCK_K
+                b1_ptrs += BLOCK_K
+                b3_ptrs += BLOCK_K
+            g = tl.minimum(acc_g, limit)
+            u = tl.minimum(tl.maximum(acc_u, -limit), limit)
+            rw = tl.load(rw_ptr + pair, mask=pair_ok, other=0.0)  # [BM] routing weight
+            h = g / (1.0 + tl.exp(-g)) * u * rw[:, None]  # silu(g) * u * w, fp32
+            h_ptrs = h_ptr + pair.to(tl.int64)[:, None] * I + offs_n[None, :]
+            tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=pair_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _moe_down_scan_kernel(h_ptr, w2_ptr, y_ptr, ids_ptr, N, D, I, slot_offset, num_n,
+                              NP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                              PRECISION: tl.constexpr):
+        pid = tl.program_id(0)
+        slot = pid // num_n
+        pid_n = pid % num_n
+        rank, cnt = _slot_rank(ids_ptr, N, slot + slot_offset, NP)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] hidden features
+        n_ok = offs_n < D
+        offs_k = tl.arange(0, BLOCK_K)  # [BK] over I
+        w_off = slot.to(tl.int64) * D * I + offs_n.to(tl.int64)[None, :] * I + offs_k[:, None]
+        for m0 in range(0, cnt, BLOCK_M):
+            pair = _chunk_pairs(rank, m0, N, NP, BLOCK_M)  # [BM]
+            pair_ok = pair < N
+            a_ptrs = h_ptr + pair.to(tl.int64)[:, None] * I + offs_k[None, :]  # [BM, BK]
+            b_ptrs = w2_ptr + w_off  # [BK, BN] = w2[slot, n, k]^T
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, I, BLOCK_K):
+                if EVEN_K:
+                    a = tl.load(a_ptrs, mask=pair_ok[:, None], other=0.0)
+                    b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
+                else:
+                    k_ok = offs_k + k0 < I
+                    a = tl.load(a_ptrs, mask=pair_ok[:, None] & k_ok[None, :], other=0.0)
+                    b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                a_ptrs += BLOCK_K
+                b_ptrs += BLOCK_K
+            y_ptrs = y_ptr + pair.to(tl.int64)[:, None] * D + offs_n[None, :]
+            tl.store(y_ptrs, acc, mask=pair_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
     def _moe_sum_kernel(y_ptr, ids_ptr, out_ptr, D, top_k, slot_lo, slot_hi,
                         BLOCK_N: tl.constexpr):
         t = tl.program_id(0)
@@ -462,18 +705,23 @@ if triton is not None:
         tl.store(out_ptr + t.to(tl.int64) * D + offs_n, acc, mask=n_ok)
 
 
-def _moe_config(N: int, P_local: int, elem_size: int):
+SCAN_MAX_PAIRS = 2048  # decode path (no align step) up to this many (token, k) pairs
+SCAN_MAX_TILE = 16384  # ... and while a BLOCK_M x next_pow2(N) compaction tile stays this small
+
+
+def _moe_config(N: int, P_local: int, elem_size: int, I: int = 2048):
     """Block sizes by pairs per slot: decode (few rows per slot) is a weight stream, so a small
-    BLOCK_M keeps padding cheap; prefill uses 128-row tiles for the tensor cores."""
+    BLOCK_M keeps padding cheap and the scan path skips the align step; prefill uses 128-row
+    tiles for the tensor cores. (BLOCK_N, BLOCK_K, warps) per GEMM."""
     per_slot = N / max(P_local, 1)
-    if per_slot <= 16:
-        cfg = dict(BLOCK_M=16, up=(64, 128, 4), down=(64, 128, 4))  # (BLOCK_N, BLOCK_K, warps)
-    elif per_slot <= 32:
-        cfg = dict(BLOCK_M=32, up=(64, 128, 4), down=(64, 128, 4))
+    if per_slot <= 32:  # decode: a weight stream; up BN=32 where 64 leaves SMs idle (H200 sweep)
+        cfg = dict(BLOCK_M=16, up=(32 if P_local * I < 64 * 1024 else 64, 256, 4),
+                   down=(64, 128, 4))
     elif per_slot <= 64:
         cfg = dict(BLOCK_M=64, up=(64, 64, 4), down=(128, 64, 4))
     else:
-        cfg = dict(BLOCK_M=128, up=(64, 64, 8), down=(128, 64, 8))
+        cfg = dict(BLOCK_M=128, up=(128, 64, 8), down=(128, 64, 8))
+    cfg["scan"] = N <= SCAN_MAX_PAIRS and cfg["BLOCK_M"] * _next_pow2(N) <= SCAN_MAX_TILE
     cfg["elem_size"] = elem_size
     return cfg
 
@@ -487,46 +735,68 @@ def _stages(BLOCK_M, BLOCK_N, BLOCK_K, mats, elem_size):
 def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0, *, config=None):
     """Triton twin of moe_experts_torch (same signature and results; fp32 out).
 
-    config: optional dict like _moe_config's result, to override block sizes (benchmarks).
+    config: optional dict like _moe_config's result, to override block sizes (benchmarks);
+    its "scan" key (default: from _moe_config) picks the decode path.
+    Host work: output + scratch allocations and 3 launches (decode) or 6 (prefill); no sync.
     """
     T, D = x.shape
     K = ids.shape[1]
     P_local, I, _ = w1.shape
-    out = torch.empty(T, D, dtype=torch.float32, device=x.device)  # [T, d]
+    dev = x.device
+    out = torch.empty((T, D), dtype=torch.float32, device=dev)  # [T, d]
     if T == 0:
         return out
     if K == 0 or P_local == 0:
         return out.zero_()
-    w1, w3, w2 = w1.contiguous(), w3.contiguous(), w2.contiguous()  # no-ops for stacked weights
-    x = x.to(w1.dtype)
+    if not (w1.is_contiguous() and w3.is_contiguous() and w2.is_contiguous()):
+        w1, w3, w2 = w1.contiguous(), w3.contiguous(), w2.contiguous()
+    if x.dtype != w1.dtype:
+        x = x.to(w1.dtype)
     if x.stride(1) != 1:
         x = x.contiguous()
+    if weights.dtype != torch.float32 or not weights.is_contiguous():
+        weights = weights.float().contiguous()  # [T, K] routing weights
+    if ids.dtype != torch.int32 or not ids.is_contiguous():
+        ids = ids.to(torch.int32).contiguous()
     N = T * K
-    cfg = config or _moe_config(N, P_local, w1.element_size())
+    esize = w1.element_size()
+    cfg = _moe_config(N, P_local, esize, I)
+    if config:
+        cfg = {**cfg, **config}
     BM = cfg["BLOCK_M"]
+    scan = cfg["scan"] and N <= SCAN_MAX_PAIRS
     precision = "ieee" if w1.dtype == torch.float32 else "tf32"  # exact fp32; ignored for 16-bit
-    sorted_pairs, block_slot = _moe_align(ids, slot_offset, P_local, BM)
-    num_blocks = block_slot.numel()
-    rw = weights.float().contiguous()  # [T, K] routing weights
-    ids_c = ids.to(torch.int32).contiguous()
-    h = torch.empty(num_blocks * BM, I, dtype=w1.dtype, device=x.device)  # [rows, I] sorted order
-    y = torch.empty(N, D, dtype=torch.float32, device=x.device)  # [T*K, d] per-pair outputs
+    y = torch.empty((N, D), dtype=torch.float32, device=dev)  # [T*K, d] per-pair outputs
+    limit = float(swiglu_limit)
     BN, BK, warps = cfg["up"]
-    num_n = triton.cdiv(I, BN)
-    _moe_up_kernel[(num_blocks * num_n,)](
-        x, x.stride(0), w1, w3, h, rw, sorted_pairs, block_slot, N, D, I, K,
-        float(swiglu_limit), num_n, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, EVEN_K=D % BK == 0,
-        PRECISION=precision, num_warps=warps,
-        num_stages=_stages(BM, BN, BK, 2, w1.element_size()))
-    BN, BK, warps = cfg["down"]
-    num_n = triton.cdiv(D, BN)
-    _moe_down_kernel[(num_blocks * num_n,)](
-        h, w2, y, sorted_pairs, block_slot, N, D, I, num_n,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, EVEN_K=I % BK == 0, PRECISION=precision,
-        num_warps=warps, num_stages=_stages(BM, BN, BK, 1, w1.element_size()))
+    BN2, BK2, warps2 = cfg["down"]
+    num_n, num_n2 = -(-I // BN), -(-D // BN2)
+    if scan:
+        NP = max(16, _next_pow2(N))
+        h = torch.empty((N, I), dtype=w1.dtype, device=dev)  # [T*K, I] by pair
+        _moe_up_scan_kernel[(P_local * num_n,)](
+            x, x.stride(0), w1, w3, h, weights, ids, N, D, I, K, limit, slot_offset, num_n,
+            NP=NP, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, EVEN_K=D % BK == 0, PRECISION=precision,
+            num_warps=warps, num_stages=_stages(BM, BN, BK, 2, esize))
+        _moe_down_scan_kernel[(P_local * num_n2,)](
+            h, w2, y, ids, N, D, I, slot_offset, num_n2,
+            NP=NP, BLOCK_M=BM, BLOCK_N=BN2, BLOCK_K=BK2, EVEN_K=I % BK2 == 0,
+            PRECISION=precision, num_warps=warps2, num_stages=_stages(BM, BN2, BK2, 1, esize))
+    else:
+        sorted_pairs, block_slot = _moe_align(ids, slot_offset, P_local, BM)
+        num_blocks = block_slot.shape[0]
+        h = torch.empty((num_blocks * BM, I), dtype=w1.dtype, device=dev)  # [rows, I] sorted
+        _moe_up_kernel[(num_blocks * num_n,)](
+            x, x.stride(0), w1, w3, h, weights, sorted_pairs, block_slot, N, D, I, K,
+            limit, num_n, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, EVEN_K=D % BK == 0,
+            PRECISION=precision, num_warps=warps, num_stages=_stages(BM, BN, BK, 2, esize))
+        _moe_down_kernel[(num_blocks * num_n2,)](
+            h, w2, y, sorted_pairs, block_slot, N, D, I, num_n2,
+            BLOCK_M=BM, BLOCK_N=BN2, BLOCK_K=BK2, EVEN_K=I % BK2 == 0, PRECISION=precision,
+            num_warps=warps2, num_stages=_stages(BM, BN2, BK2, 1, esize))
     SUM_N = min(1024, _next_pow2(D))
-    _moe_sum_kernel[(T, triton.cdiv(D, SUM_N))](
-        y, ids_c, out, D, K, slot_offset, slot_offset + P_local, BLOCK_N=SUM_N, num_warps=4)
+    _moe_sum_kernel[(T, -(-D // SUM_N))](
+        y, ids, out, D, K, slot_offset, slot_offset + P_local, BLOCK_N=SUM_N, num_warps=4)
     return out
 
 

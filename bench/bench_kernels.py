@@ -1,6 +1,9 @@
 """GPU benchmark of kernels.py: every Triton kernel against its torch twin (run on the same GPU).
 
     python bench/bench_kernels.py            # one table on stdout; JSON to $OUT/bench_kernels.json
+    python bench/bench_kernels.py --only routing|moe [--sweep] [--profile]
+        --sweep: also time alternative routing launch configs (T=1M) and mini MoE block configs;
+        --profile: per-kernel GPU times (torch.profiler) of a few cases.
 
 Routing (hash_topk, score_topk; E=256, K=6, some experts replicated, load counting on) at
 T = 64 .. 1M: time, speedup over the twin, GB/s over the bytes the kernel must move.
@@ -10,6 +13,7 @@ of expert weights actually read, against ceilings measured in this run (device c
 bf16 torch.matmul rate). Correctness (Triton vs twin on the bench inputs) is checked first.
 Times are medians of triton.testing.do_bench (CUDA events, L2 flushed, launch overhead included).
 """
+import argparse
 import json
 import os
 import sys
@@ -44,6 +48,18 @@ def log(msg):
 def bench_ms(fn, warmup=25, rep=100):
     """Median time in ms (return_mode exists in triton 3.6 and 3.9; quantiles not used)."""
     return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def host_us(fn, n=50):
+    """Host time per call in µs (launches queued without waiting; the GPU drains afterwards)."""
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    dt = time.perf_counter() - t
+    torch.cuda.synchronize()
+    return dt / n * 1e6
 
 
 # ------------------------------------------------------------------------------------ ceilings
@@ -118,6 +134,7 @@ def routing_rows(copy_gbs, results):
                              and row["load_err"] <= 2 * K * bad_rows)
                 load = torch.zeros(P, dtype=torch.int32, device=DEV)  # wraps over reps: harmless
                 row["triton_ms"] = bench_ms(lambda: f_tl(*args(load)))
+                row["host_us"] = host_us(lambda: f_tl(*args(load)))
                 row["torch_ms"] = bench_ms(lambda: f_th(*args(load)), warmup=10, rep=50)
                 row["speedup"] = row["torch_ms"] / row["triton_ms"]
                 row["GB/s"] = nbytes / row["triton_ms"] / 1e6
@@ -133,11 +150,88 @@ def routing_rows(copy_gbs, results):
     torch.cuda.empty_cache()
 
 
+ROUTE_SWEEP = [dict(score_elems=2048, score_warps=2), dict(score_elems=8192, score_warps=8),
+               dict(score_hist=True, score_waves=4), dict(score_hist=True, score_waves=16),
+               dict(score_waves=4), dict(score_elems=2048, score_warps=2, score_key64=True),
+               dict(score_elems=1024, score_warps=1), dict(score_elems=512, score_warps=1),
+               dict(score_elems=2048, score_warps=4)]
+
+
+def routing_sweep(copy_gbs):
+    """Alternative ROUTE_CFG values at T=1M (ids and load checked against the default)."""
+    E, K, V, T = 256, 6, 129280, ROUTING_T[-1]
+    log2phy, logcnt, P = replicated_maps(E, 8, 8)
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    tid2eid = torch.randint(0, E, (V, K), device=DEV, generator=gen, dtype=torch.int32)
+    bias = torch.randn(E, device=DEV, generator=gen) * 0.1
+    logits = torch.randn(T, E, device=DEV, generator=gen)
+    input_ids = torch.randint(0, V, (T,), device=DEV, generator=gen)
+    default = dict(kernels.ROUTE_CFG)
+    calls = {"hash_topk": lambda load: kernels.hash_topk_triton(
+                 logits, input_ids, tid2eid, 1.5, log2phy, logcnt, load, T),
+             "score_topk": lambda load: kernels.score_topk_triton(
+                 logits, bias, K, 1.5, log2phy, logcnt, load, T)}
+    ref = {}
+    for name, f in calls.items():
+        load = torch.zeros(P, dtype=torch.int32, device=DEV)
+        ref[name] = (f(load)[1], load)
+    for cfg in [{}] + ROUTE_SWEEP:
+        kernels.ROUTE_CFG.update(cfg)
+        for name, f in calls.items():
+            key = "hash" if name == "hash_topk" else "score"
+            if cfg and not any(k.startswith(key) or (k == "waves" and key == "hash") for k in cfg):
+                continue
+            try:
+                load = torch.zeros(P, dtype=torch.int32, device=DEV)
+                ids = f(load)[1]
+                same = torch.equal(ids, ref[name][0]) and torch.equal(load, ref[name][1])
+                ms = bench_ms(lambda: f(load))
+                log(f"route sweep {name} {cfg or 'default'}: {ms:.4f} ms same={same}")
+            except Exception as e:
+                log(f"route sweep {name} {cfg}: {type(e).__name__}: {e}")
+        kernels.ROUTE_CFG.clear()
+        kernels.ROUTE_CFG.update(default)
+
+
+def profile_cases():
+    """Per-kernel GPU time (torch.profiler) of mini MoE decode/prefill and small-T routing."""
+    from torch.profiler import ProfilerActivity, profile
+    E, P, d, I, K = PRESETS["mini"]
+    gen = torch.Generator(device=DEV).manual_seed(2)
+    w1 = torch.randn(P, I, d, dtype=torch.bfloat16, device=DEV, generator=gen) * d ** -0.5
+    w3 = torch.randn(P, I, d, dtype=torch.bfloat16, device=DEV, generator=gen) * d ** -0.5
+    w2 = torch.randn(P, d, I, dtype=torch.bfloat16, device=DEV, generator=gen) * I ** -0.5
+    log2phy, logcnt, _ = replicated_maps(E, 1, 1)
+    for T in (64, 8192):
+        logits = torch.randn(T, E, device=DEV, generator=gen)
+        weights, ids = kernels.score_topk_triton(logits, None, K, 1.5, log2phy, logcnt)
+        x = torch.randn(T, d, dtype=torch.bfloat16, device=DEV, generator=gen)
+        f = lambda: kernels.moe_experts_triton(x, weights, ids, w1, w3, w2, 10.0, 0)
+        f()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                f()
+            torch.cuda.synchronize()
+        print(f"--- profile mini moe T={T} (10 calls)")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8))
+
+
 # ------------------------------------------------------------------------------------ experts
 PRESETS = {  # name: (E logical, P slots, d, I, K)
     "released": (256, 256, 4096, 2048, 6),
     "mini": (32, 36, 512, 256, 4),
 }
+MINI_SWEEP = {  # alternative block configs tried for the mini preset with --sweep
+    "decode": [dict(BLOCK_M=16, up=(32, 128, 4), down=(32, 128, 4)),
+               dict(BLOCK_M=16, up=(16, 256, 4), down=(32, 256, 4)),
+               dict(BLOCK_M=16, up=(32, 256, 4), down=(64, 128, 4)),
+               dict(BLOCK_M=16, up=(64, 128, 4), down=(64, 128, 4), scan=False)],
+    "prefill": [dict(BLOCK_M=128, up=(64, 64, 4), down=(128, 64, 4)),
+                dict(BLOCK_M=64, up=(64, 64, 4), down=(64, 64, 4)),
+                dict(BLOCK_M=128, up=(128, 64, 8), down=(64, 64, 4))],
+}
+OPTS = argparse.Namespace(only="all", sweep=False, profile=False)
 SWEEP = {  # alternative block configs tried at released size (reported, not used by default)
     "decode": [dict(BLOCK_M=16, up=(32, 128, 4), down=(32, 128, 4)),
                dict(BLOCK_M=16, up=(64, 256, 4), down=(64, 256, 4)),
@@ -179,6 +273,7 @@ def moe_rows(copy_gbs, mm_tflops, results):
                 wbytes = slots_read * 3 * d * I * w1.element_size()
                 row["slots_read"] = slots_read
                 row["triton_ms"] = bench_ms(lambda: kernels.moe_experts_triton(*args))
+                row["host_us"] = host_us(lambda: kernels.moe_experts_triton(*args), n=20)
                 slow = preset == "released" and T >= 4096
                 row["torch_ms"] = bench_ms(lambda: kernels.moe_experts_torch(*args),
                                            warmup=1 if slow else 10, rep=1 if slow else 50)
@@ -193,9 +288,11 @@ def moe_rows(copy_gbs, mm_tflops, results):
                     row["pct_ceiling"] = 100 * row["GB/s"] / copy_gbs
                     row["target"] = ">=50% copy BW & speedup>=3"
                     row["target_met"] = row["pct_ceiling"] >= 50 and row["speedup"] >= 3
-                if preset == "released" and time.time() - T0 < SWEEP_BUDGET_S:
+                sweep_cfgs = (SWEEP[phase] if preset == "released" else
+                              MINI_SWEEP[phase] if OPTS.sweep else [])
+                if sweep_cfgs and time.time() - T0 < SWEEP_BUDGET_S:
                     sweep = []
-                    for cfg in SWEEP[phase]:
+                    for cfg in sweep_cfgs:
                         try:
                             ms = bench_ms(lambda: kernels.moe_experts_triton(*args, config=cfg),
                                           warmup=10, rep=50)
@@ -203,6 +300,7 @@ def moe_rows(copy_gbs, mm_tflops, results):
                         except Exception as e:  # e.g. out of shared memory for one config
                             log(f"sweep config {cfg} failed: {type(e).__name__}: {e}")
                     if sweep:
+                        log(f"sweep {preset} T={T}: " + "; ".join(f"{m:.4f} ms {c}" for m, c in sweep))
                         ms, cfg = min(sweep, key=lambda s: s[0])
                         row["sweep_best_ms"] = ms
                         row["sweep_best_cfg"] = cfg
@@ -226,7 +324,8 @@ def print_table(meta, results):
     print(f"GPU {meta['gpu']} | torch {meta['torch']} | triton {meta['triton']} | "
           f"ceilings: copy {meta['copy_GB/s']:.0f} GB/s, bf16 matmul {meta['matmul_TFLOP/s']:.0f} TFLOP/s")
     head = (f"{'section':8} {'case':17} {'T':>8} {'triton ms':>10} {'torch ms':>10} {'x twin':>7} "
-            f"{'TFLOP/s':>8} {'GB/s':>8} {'%ceil':>6} {'check':>22} {'target':>7} {'sweep best':>11}")
+            f"{'TFLOP/s':>8} {'GB/s':>8} {'%ceil':>6} {'check':>22} {'target':>7} {'sweep best':>11} "
+            f"{'host us':>8}")
     print(head)
     print("-" * len(head))
     for r in results:
@@ -242,11 +341,12 @@ def print_table(meta, results):
               f"{fmt(r['torch_ms'], '10.4f')} {fmt(r['speedup'], '7.1f')} "
               f"{fmt(r.get('TFLOP/s'), '8.1f')} {fmt(r['GB/s'], '8.0f')} "
               f"{fmt(r['pct_ceiling'], '6.1f')} {check:>22} "
-              f"{'met' if r['target_met'] else 'MISS':>7} {fmt(r.get('sweep_best_ms'), '11.4f')}")
+              f"{'met' if r['target_met'] else 'MISS':>7} {fmt(r.get('sweep_best_ms'), '11.4f')} "
+              f"{fmt(r.get('host_us'), '8.1f')}")
     print("%ceil: routing and MoE decode = GB/s / copy bandwidth; MoE prefill = TFLOP/s / matmul. "
           "Targets: routing >=10x twin (and >=50% copy BW at T=1M); MoE >=3x twin, decode >=50% "
           "copy BW, prefill >=40% matmul. 'sweep best' = fastest alternative block config "
-          "(JSON has all).")
+          "(JSON has all). host us: host time per Triton call (launches only, no wait).")
 
 
 def main():
@@ -258,16 +358,28 @@ def main():
     meta["copy_GB/s"], meta["matmul_TFLOP/s"] = copy_gbs, mm_tflops
     log(f"ceilings: copy {copy_gbs:.0f} GB/s, matmul {mm_tflops:.0f} TFLOP/s")
     results = []
-    routing_rows(copy_gbs, results)
-    moe_rows(copy_gbs, mm_tflops, results)
-    meta["wall_s"] = time.time() - T0
+    if OPTS.only in ("all", "routing"):
+        routing_rows(copy_gbs, results)
+    if OPTS.only in ("all", "moe"):
+        moe_rows(copy_gbs, mm_tflops, results)
+    meta["route_cfg"] = dict(kernels.ROUTE_CFG)
     print_table(meta, results)
+    sys.stdout.flush()
+    meta["wall_s"] = time.time() - T0
     if os.environ.get("OUT"):
         path = os.path.join(os.environ["OUT"], "bench_kernels.json")
         with open(path, "w") as f:
             json.dump(dict(meta=meta, results=results), f, indent=1, default=str)
         log(f"wrote {path}")
-
+    if OPTS.sweep and OPTS.only in ("all", "routing"):
+        routing_sweep(copy_gbs)
+    if OPTS.profile:
+        profile_cases()
 
 if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", choices=["all", "routing", "moe"], default="all")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--profile", action="store_true")
+    OPTS = ap.parse_args()
     main()
