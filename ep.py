@@ -39,7 +39,7 @@ def launched_by_torchrun() -> bool:
 
 # ---------------------------------------------------------------- lock-step batches
 
-STEP_IDLE, STEP_FORWARD, STEP_REBALANCE, STEP_STOP = 0, 1, 2, 3
+STEP_IDLE, STEP_FORWARD, STEP_RESET_SLOT, STEP_NEW_CACHE, STEP_MOVE_LAYER, STEP_STOP = range(6)
 
 
 class StepChannel:
@@ -194,3 +194,120 @@ def check_canary(weights, new_row, expected_expert_fp, group=None, num_ranks=1) 
     bad = (got != want).nonzero().flatten().tolist()
     if bad:
         raise RuntimeError(f"EPLB canary failed: slots {bad[:16]} do not hold their planned experts")
+
+
+# ---------------------------------------------------------------- rank 0 side: the engine's model
+
+class LockstepModel:
+    """Rank 0's stand-in for the model: every forward and cache reset is first broadcast, so the
+    other ranks run the same step. Everything else is the model's own (attribute passthrough)."""
+
+    def __init__(self, model, channel: StepChannel, group=None):
+        self._model, self._channel, self._group = model, channel, group
+        self.rank_moe_seconds = torch.zeros(dist.get_world_size(group))  # [G] of the last step
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def parameters(self):
+        return self._model.parameters()
+
+    def new_cache(self, num_slots: int, max_seq_len: int):
+        self._channel.send(STEP_NEW_CACHE, [torch.tensor([num_slots, max_seq_len])])
+        return LockstepCache(self._model.new_cache(num_slots, max_seq_len), self._channel)
+
+    def forward(self, input_ids, start_pos, cache, slot_ids, load=None, last_only=False):
+        B, S = input_ids.shape
+        self._channel.send(STEP_FORWARD, [input_ids, start_pos, slot_ids, torch.tensor([B, S, int(last_only)])])
+        logits = self._model.forward(input_ids, start_pos, cache.inner, slot_ids, load=load, last_only=last_only)
+        self.rank_moe_seconds = gather_moe_seconds(self._model, self._group)
+        return logits
+
+    def idle(self) -> None:
+        """Keep the other ranks in step (and prove they are alive) while there is no work."""
+        self._channel.send(STEP_IDLE, [])
+        gather_moe_seconds(self._model, self._group)
+
+    def stop(self) -> None:
+        self._channel.send(STEP_STOP, [])
+
+
+class LockstepCache:
+    def __init__(self, inner, channel: StepChannel):
+        self.inner, self._channel = inner, channel
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def reset(self, slot: int) -> None:
+        self._channel.send(STEP_RESET_SLOT, [torch.tensor([slot])])
+        self.inner.reset(slot)
+
+
+class LockstepMover:
+    """Rank 0's mover: announces the layer move, then takes part in it like every other rank."""
+
+    def __init__(self, model, channel: StepChannel, mover: DistributedMover, canary: bool):
+        self.model, self.channel, self.mover, self.canary = model, channel, mover, canary
+
+    def move_layer(self, weights, old_row, new_row, layer: int) -> int:
+        self.channel.send(STEP_MOVE_LAYER, [torch.tensor([layer]), new_row])
+        return move_layer_checked(self.mover, self.model, weights, old_row, new_row, self.canary)
+
+
+def move_layer_checked(mover: DistributedMover, model, weights, old_row, new_row, canary: bool) -> int:
+    """The same on every rank: move one layer's slots; with `canary`, prove every slot now holds
+    its planned expert (fingerprints gathered from all ranks before and after)."""
+    expected = None
+    if canary:
+        before = slot_fingerprints(weights, mover.group, mover.num_ranks)
+        expected = expert_fingerprints(before, old_row, model.config.n_routed_experts)
+    received = mover.move_layer(weights, old_row, new_row)
+    if canary:
+        check_canary(weights, new_row, expected, mover.group, mover.num_ranks)
+    return received
+
+
+def gather_moe_seconds(model, group) -> torch.Tensor:
+    """[G] seconds each rank spent in its own expert slots during the last step (also a liveness
+    check: it needs every rank, so a dead or hung rank turns into a timeout error here)."""
+    mine = torch.tensor([float(getattr(model, "moe_seconds", 0.0))], dtype=torch.float64)
+    model.moe_seconds = 0.0
+    out = [torch.zeros(1, dtype=torch.float64) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, mine, group=group)
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------- ranks 1..G-1
+
+def run_worker(model, channel: StepChannel, mover: DistributedMover, canary: bool) -> None:
+    """Follow rank 0 step by step until it says stop. Logits are computed and dropped: rank 0 samples."""
+    from eplb import ExpertLocation  # the maps are updated exactly as rank 0's Rebalancer does
+
+    location = ExpertLocation.of_model(model, mover.num_ranks)
+    cache = None
+    while True:
+        kind, parts = channel.recv()
+        if kind == STEP_STOP:
+            return
+        if kind == STEP_NEW_CACHE:
+            num_slots, max_seq_len = parts[0].tolist()
+            cache = model.new_cache(num_slots, max_seq_len)
+        elif kind == STEP_RESET_SLOT:
+            cache.reset(int(parts[0]))
+        elif kind == STEP_FORWARD:
+            B, S, last_only = parts[3].tolist()
+            device = model.phy2log.device
+            input_ids = parts[0].view(B, S).to(device)
+            model.forward(input_ids, parts[1].to(device), cache, parts[2].to(device), load=None,
+                          last_only=bool(last_only))
+            gather_moe_seconds(model, mover.group)
+        elif kind == STEP_IDLE:
+            gather_moe_seconds(model, mover.group)
+        elif kind == STEP_MOVE_LAYER:
+            layer, new_row = int(parts[0]), parts[1].cpu()
+            old_row = location.phy2log[layer].cpu().clone()
+            move_layer_checked(mover, model, model.expert_weights(layer), old_row, new_row, canary)
+            location.set_layer_(layer, new_row)
+        else:
+            raise RuntimeError(f"unknown step kind {kind} from rank 0")

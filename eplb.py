@@ -475,6 +475,13 @@ class ExpertLocation:
         self.log2phy[layer_idx, :, :w].copy_(other.log2phy[layer_idx, :, :w])
         self.logcnt[layer_idx].copy_(other.logcnt[layer_idx])
 
+    def set_layer_(self, layer_idx: int, phy2log_row: torch.Tensor) -> None:
+        """Point one layer at a new placement phy2log_row [P], rebuilding its log2phy / logcnt rows."""
+        row = ExpertLocation.from_phy2log(phy2log_row.view(1, -1), self.num_experts, self.num_ranks, self.width)
+        self.phy2log[layer_idx].copy_(row.phy2log[0])
+        self.log2phy[layer_idx].copy_(row.log2phy[0])
+        self.logcnt[layer_idx].copy_(row.logcnt[0])
+
     def changed_slots(self, other: "ExpertLocation") -> torch.Tensor:
         """[L] number of slots whose expert differs from `other`'s."""
         return (self.phy2log.cpu() != other.phy2log.cpu()).sum(1)
@@ -726,7 +733,7 @@ class LocalMover:
     """Moves one layer's slots inside this process (all G virtual ranks hold their slots here).
 
     The mover interface, shared with ep.DistributedMover (real ranks over torch.distributed):
-        move_layer(weights: list[Tensor [P_local, ...]], old_row [P], new_row [P]) -> int bytes moved
+        move_layer(weights: list[Tensor [P_local, ...]], old_row [P], new_row [P], layer) -> int bytes moved
     `weights` are the layer's slot-stacked tensors (w1, w3, w2 and any scales), changed in place.
     """
 
@@ -735,7 +742,8 @@ class LocalMover:
         self.spare: dict[tuple, torch.Tensor] = {}  # one slot's worth per tensor shape / dtype / device
         self.cross_rank_bytes = 0  # bytes that would cross ranks if the virtual ranks were real
 
-    def move_layer(self, weights: list[torch.Tensor], old_row: torch.Tensor, new_row: torch.Tensor) -> int:
+    def move_layer(self, weights: list[torch.Tensor], old_row: torch.Tensor, new_row: torch.Tensor,
+                   layer: int | None = None) -> int:
         old, new = old_row.tolist(), new_row.tolist()
         if len(old) != weights[0].shape[0]:
             raise ValueError(f"LocalMover needs all {len(old)} slots in this process, got {weights[0].shape[0]}")
@@ -792,7 +800,7 @@ class Rebalancer:
 
     def apply_layer(self, layer: int) -> None:
         old_row, new_row = self.location.phy2log[layer].cpu(), self.target.phy2log[layer].cpu()
-        self.stats.bytes_moved += self.mover.move_layer(self.model.expert_weights(layer), old_row, new_row)
+        self.stats.bytes_moved += self.mover.move_layer(self.model.expert_weights(layer), old_row, new_row, layer)
         self.stats.slots_changed += int((old_row != new_row).sum())
         self.location.copy_layer_(layer, self.target)  # weights first, then that layer's maps
         self.stats.layers += 1
