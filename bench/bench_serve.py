@@ -1,0 +1,174 @@
+"""Serving benchmark: an OpenAI-API load generator against a dsv4-mini server it starts itself.
+
+    python bench/bench_serve.py                                 # CPU, mini, concurrency 1..64, EPLB off and on
+    python bench/bench_serve.py --device cuda --preset flash --num-layers 4 --hf-baseline
+
+For each EPLB setting and concurrency C: C clients each send `requests_per_client` streaming
+completions (fixed seed, ignore_eos, fixed prompt/output lengths). Reports output tok/s, TTFT and
+per-output-token latency p50/p99, and the server's EPLB balancedness. The baseline is transformers
+`generate` on the same weights as one static batch of C prompts (where the HF model is available).
+Prints a table; writes JSON to $OUT/bench_serve.json when OUT is set.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args, eplb: bool) -> tuple[subprocess.Popen, str, float]:
+    port = free_port()
+    flags = ["--preset", args.preset, "--device", args.device, "--port", str(port), "--log-level", "warning",
+             "--max-batch-size", str(max(args.concurrency)), "--max-seq-len", str(args.prompt_len + args.output_len + 8)]
+    if args.num_layers:
+        flags += ["--num-layers", str(args.num_layers)]
+    if eplb:
+        flags += ["--eplb", "--ep-size", str(args.ep_size), "--ep-num-redundant-experts", str(args.redundant),
+                  "--eplb-rebalance-num-iterations", "50", "--eplb-window", "50"]
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "serve.py", *flags], cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url, time.monotonic() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+
+
+def make_prompt(rng: random.Random, n_words: int) -> str:
+    words = "the model routes every token to a few experts and the balancer moves hot ones".split()
+    return " ".join(rng.choice(words) for _ in range(n_words))
+
+
+async def one_request(http, url, model, prompt, args, seed) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": args.output_len, "temperature": 0.8, "seed": seed,
+            "ignore_eos": True, "stream": True}
+    t0 = time.perf_counter()
+    stamps = []
+    async with http.stream("POST", url + "/v1/completions", json=body, timeout=None) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                stamps.append(time.perf_counter())
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return {"ttft": stamps[0] - t0, "gaps": gaps, "tokens": args.output_len}
+
+
+async def sweep_point(url, model, concurrency, args) -> dict:
+    rng = random.Random(args.seed + concurrency)
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency + 4)) as http:
+        async def client(c):
+            return [await one_request(http, url, model, make_prompt(rng, args.prompt_len // 2), args,
+                                      args.seed + 1000 * c + i) for i in range(args.requests_per_client)]
+        t0 = time.perf_counter()
+        results = [r for rs in await asyncio.gather(*[client(c) for c in range(concurrency)]) for r in rs]
+        wall = time.perf_counter() - t0
+    ttft = sorted(r["ttft"] for r in results)
+    gaps = sorted(g for r in results for g in r["gaps"]) or [0.0]
+    pct = lambda xs, p: xs[min(len(xs) - 1, int(p * len(xs)))]  # noqa: E731
+    return {"concurrency": concurrency, "requests": len(results), "output_tok_s": sum(r["tokens"] for r in results) / wall,
+            "ttft_p50": pct(ttft, 0.5), "ttft_p99": pct(ttft, 0.99), "tpot_p50": pct(gaps, 0.5), "tpot_p99": pct(gaps, 0.99)}
+
+
+def hf_baseline(args, concurrency: int) -> float | None:
+    """Output tok/s of transformers `generate` on our weights, one static batch (None if unavailable)."""
+    try:
+        import torch
+        import transformers
+        import checkpoint
+        import dsv4_mini
+        config = getattr(dsv4_mini.ModelConfig, args.preset)()
+        if args.num_layers:
+            config = config.truncated(args.num_layers)
+        model = dsv4_mini.build_model(config, seed=0)
+        hf_config = transformers.DeepseekV4Config(**checkpoint.hf_config_kwargs(config))
+        hf = transformers.DeepseekV4ForCausalLM(hf_config)
+        hf.load_state_dict(checkpoint.official_to_hf_state_dict(model.official_state_dict(), config), strict=False)
+        device = "cuda" if args.device == "cuda" else "cpu"
+        hf = hf.to(device).eval()
+        del model
+        ids = torch.randint(0, config.vocab_size, (concurrency, args.prompt_len), device=device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            hf.generate(ids, max_new_tokens=args.output_len, min_new_tokens=args.output_len, do_sample=False)
+        return concurrency * args.output_len / (time.perf_counter() - t0)
+    except Exception as error:  # noqa: BLE001 - a baseline that cannot run is reported, not fatal
+        print(f"hf baseline unavailable: {type(error).__name__}: {error}", file=sys.stderr)
+        return None
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--preset", default="mini", choices=("tiny", "mini", "flash"))
+    p.add_argument("--num-layers", type=int, help="truncate the model (e.g. flash width, 4 layers)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    p.add_argument("--requests-per-client", type=int, default=1)
+    p.add_argument("--prompt-len", type=int, default=32, help="prompt words x2 (roughly tokens)")
+    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--ep-size", type=int, default=4)
+    p.add_argument("--redundant", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hf-baseline", action="store_true", help="also time transformers generate (static batch)")
+    args = p.parse_args()
+
+    rows, meta = [], {"args": vars(args)}
+    for eplb in (False, True):
+        proc, url, ready_s = start_server(args, eplb)
+        model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+        meta[f"ready_seconds_eplb_{'on' if eplb else 'off'}"] = ready_s
+        try:
+            for c in args.concurrency:
+                row = asyncio.run(sweep_point(url, model, c, args))
+                row["eplb"] = eplb
+                if eplb:
+                    row["balancedness"] = httpx.get(url + "/eplb/state").json().get("balancedness")
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+    if args.hf_baseline:
+        for row in rows:
+            if not row["eplb"]:
+                row["hf_generate_tok_s"] = hf_baseline(args, row["concurrency"])
+
+    header = f"{'eplb':>4} {'conc':>4} {'out tok/s':>10} {'ttft p50':>9} {'ttft p99':>9} {'tpot p50':>9} {'tpot p99':>9} {'bal':>5} {'hf tok/s':>9}"
+    print("\n" + header)
+    for r in rows:
+        hf = r.get("hf_generate_tok_s")
+        print(f"{'on' if r['eplb'] else 'off':>4} {r['concurrency']:>4} {r['output_tok_s']:>10.1f} "
+              f"{r['ttft_p50'] * 1e3:>7.0f}ms {r['ttft_p99'] * 1e3:>7.0f}ms {r['tpot_p50'] * 1e3:>7.1f}ms "
+              f"{r['tpot_p99'] * 1e3:>7.1f}ms {r.get('balancedness') or float('nan'):>5.2f} "
+              f"{hf if hf is not None else float('nan'):>9.1f}")
+    if os.environ.get("OUT"):
+        out = Path(os.environ["OUT"]) / "bench_serve.json"
+        out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

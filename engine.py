@@ -1,0 +1,303 @@
+"""Engine: token ids in, token ids out. Owns the model, the KV cache slots and the sampler.
+
+The model is only ever called from the engine thread. One `Engine.step()`:
+
+1. drop aborted requests (their cache slots are free again at once),
+2. admit waiting requests into free cache slots,
+3. one batched decode forward: every request past its prompt feeds its last token,
+4. one prefill chunk (at most `prefill_chunk` prompt tokens of the oldest request still
+   prefilling), so a long prompt never stalls the decoders for more than one chunk,
+5. EPLB bookkeeping on the step's `[L, P]` load counts (and, when due, a rebalance).
+
+Work that must not overlap a forward (EPLB state, rebalance, record control) is handed in with
+`Engine.call(fn)` and runs between steps. The engine knows nothing about text: stop strings are
+matched by the server, which aborts the request when one hits.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+class QueueFull(Exception):
+    """The waiting queue is at --max-queue, or the engine is draining."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0     # 0 = greedy
+    top_p: float = 1.0           # 1 = off
+    top_k: int = 0               # 0 = off
+    seed: int | None = None      # None: drawn from the engine's seeded stream
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+
+# Callback signature: (token_id or None, finish_reason or None). Called on the engine thread.
+TokenCallback = Callable[[int | None, str | None], None]
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request inside the engine."""
+    prompt_ids: list[int]
+    params: SamplingParams
+    on_token: TokenCallback
+    id: int = -1
+    slot: int = -1
+    num_prefilled: int = 0
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    generator: torch.Generator | None = None
+
+    @property
+    def prefilling(self) -> bool:
+        return self.num_prefilled < len(self.prompt_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """One token from one row of fp32 logits [V]: greedy at temperature 0, else top-k → top-p →
+    multinomial with the request's own generator (so a seeded request replays exactly)."""
+    if params.temperature == 0:
+        return int(logits.argmax())
+    logits = logits.float().cpu() / params.temperature
+    if 0 < params.top_k < logits.numel():
+        kth_largest = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p
+        mass_before = sorted_probs.cumsum(0) - sorted_probs
+        sorted_probs[mass_before >= params.top_p] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Published after every step; read by /metrics from another thread (one reference swap)."""
+    running: int = 0
+    waiting: int = 0
+    slots_in_use: int = 0
+    num_slots: int = 0
+    steps: int = 0
+
+
+class Engine:
+    def __init__(self, model, *, max_batch_size: int, max_seq_len: int, max_queue: int,
+                 eos_token_ids: tuple[int, ...] = (), prefill_chunk: int = 256, seed: int = 0,
+                 eplb=None, batch_invariant: bool = False):
+        self.model = model
+        # The batched CPU forward is not bitwise batch-invariant (a GEMM's rounding depends on how
+        # many rows it has), so a near-tie can flip a greedy token. batch_invariant decodes each
+        # request in its own forward: slower, but no request's numbers depend on another's.
+        self.batch_invariant = batch_invariant
+        self.max_seq_len = max_seq_len
+        self.max_queue = max_queue
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.prefill_chunk = prefill_chunk
+        self.eplb = eplb                      # eplb.EPLBManager or None
+        self.cache = model.new_cache(max_batch_size, max_seq_len)
+        self.device = next(model.parameters()).device
+        self.free_slots = list(range(max_batch_size - 1, -1, -1))   # pop() hands out slot 0 first
+        self.running: list[Sequence] = []                            # engine thread only
+        # Cross-thread inbox: guarded by one lock, drained at the start of each step.
+        self._lock = threading.Lock()
+        self._wakeup = threading.Event()
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._aborted: set[int] = set()
+        self._calls: collections.deque = collections.deque()
+        self._ids = itertools.count()
+        self._seed_stream = torch.Generator().manual_seed(seed)    # seeds for unseeded requests
+        self._draining = False
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+        self.stats = EngineStats(num_slots=max_batch_size)
+        self.last_error: BaseException | None = None
+
+    # ---------------------------------------------------------------- called from other threads
+
+    def submit(self, seq: Sequence) -> Sequence:
+        """Queue a request. Raises QueueFull when the queue is full or the engine is draining."""
+        with self._lock:
+            if self._draining or len(self._waiting) >= self.max_queue:
+                raise QueueFull
+            seq.id = next(self._ids)
+            self._waiting.append(seq)
+        self._wakeup.set()
+        return seq
+
+    def abort(self, seq: Sequence) -> None:
+        """Stop a request (client gone, stop string hit). Its slot is freed at the next step."""
+        with self._lock:
+            self._aborted.add(seq.id)
+        self._wakeup.set()
+
+    def call(self, fn: Callable[[], object]) -> concurrent.futures.Future:
+        """Run fn on the engine thread between two steps; the future holds its result or error."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            self._calls.append((fn, future))
+        self._wakeup.set()
+        return future
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    def drain(self, timeout_s: float) -> None:
+        """Stop admitting; let in-flight requests finish for up to timeout_s, then end the rest
+        with finish_reason "abort" (clients still get a well-formed end of stream)."""
+        with self._lock:
+            self._draining = True
+        deadline = time.monotonic() + timeout_s
+        while self.has_work() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.stop()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._wakeup.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._waiting or self._calls or self._aborted) or bool(self.running)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ---------------------------------------------------------------- engine thread
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            if not self.has_work():
+                self._wakeup.wait(timeout=0.5)
+                self._wakeup.clear()
+                continue
+            self.step()
+        self._end_all("abort")
+
+    def step(self) -> None:
+        self._run_calls()
+        self._drop_aborted()
+        self._admit()
+        if self.running:
+            load = self.eplb.load if self.eplb is not None else None   # [L, P] counts of this step
+            try:
+                self._decode(load)
+                self._prefill_one_chunk(load)
+                if self.eplb is not None:
+                    self.eplb.after_step()   # fold the counts; maybe move expert weights
+            except Exception as error:  # noqa: BLE001 - a failed step ends its requests, never the engine
+                self.last_error = error
+                self._end_all("abort")
+        self._publish_stats()
+
+    def _run_calls(self) -> None:
+        with self._lock:
+            calls, self._calls = list(self._calls), collections.deque()
+        for fn, future in calls:
+            try:
+                future.set_result(fn())
+            except Exception as error:  # noqa: BLE001 - the caller sees the error, the engine goes on
+                future.set_exception(error)
+
+    def _drop_aborted(self) -> None:
+        with self._lock:
+            aborted, self._aborted = self._aborted, set()
+            if aborted:
+                self._waiting = collections.deque(s for s in self._waiting if s.id not in aborted)
+        for seq in [s for s in self.running if s.id in aborted]:
+            self._finish(seq, "abort", notify=False)
+
+    def _admit(self) -> None:
+        while self.free_slots:
+            with self._lock:
+                if not self._waiting:
+                    break
+                seq = self._waiting.popleft()
+            seq.slot = self.free_slots.pop()
+            self.cache.reset(seq.slot)
+            seed = seq.params.seed
+            if seed is None:
+                seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_stream))
+            seq.generator = torch.Generator().manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
+            self.running.append(seq)
+
+    def _decode(self, load) -> None:
+        batch = [s for s in self.running if not s.prefilling]
+        for rows in ([[s] for s in batch] if self.batch_invariant else [batch] if batch else []):
+            self._decode_rows(rows, load)
+
+    def _decode_rows(self, batch: list[Sequence], load) -> None:
+        input_ids = torch.tensor([[s.output_ids[-1]] for s in batch], device=self.device)
+        start_pos = torch.tensor([s.num_tokens - 1 for s in batch], device=self.device)
+        slot_ids = torch.tensor([s.slot for s in batch], device=self.device)
+        logits = self.model.forward(input_ids, start_pos, self.cache, slot_ids, load=load, last_only=True)
+        for seq, row in zip(batch, logits):
+            self._append_token(seq, row)
+
+    def _prefill_one_chunk(self, load) -> None:
+        seq = next((s for s in self.running if s.prefilling), None)
+        if seq is None:
+            return
+        chunk = seq.prompt_ids[seq.num_prefilled: seq.num_prefilled + self.prefill_chunk]
+        input_ids = torch.tensor([chunk], device=self.device)
+        start_pos = torch.tensor([seq.num_prefilled], device=self.device)
+        slot_ids = torch.tensor([seq.slot], device=self.device)
+        logits = self.model.forward(input_ids, start_pos, self.cache, slot_ids, load=load, last_only=True)
+        seq.num_prefilled += len(chunk)
+        if not seq.prefilling:
+            self._append_token(seq, logits[0])
+
+    def _append_token(self, seq: Sequence, logits_row: torch.Tensor) -> None:
+        token = sample_next(logits_row, seq.params, seq.generator)
+        seq.output_ids.append(token)
+        reason = None
+        if (token in self.eos_token_ids and not seq.params.ignore_eos) or token in seq.params.stop_token_ids:
+            reason = "stop"
+        elif len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_seq_len:
+            reason = "length"
+        seq.on_token(token, reason)
+        if reason is not None:
+            self._finish(seq, reason, notify=False)
+
+    def _finish(self, seq: Sequence, reason: str, notify: bool = True) -> None:
+        seq.finish_reason = reason
+        self.running.remove(seq)
+        self.free_slots.append(seq.slot)
+        if notify:
+            seq.on_token(None, reason)
+
+    def _end_all(self, reason: str) -> None:
+        for seq in list(self.running):
+            self._finish(seq, reason)
+        with self._lock:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for seq in waiting:
+            seq.finish_reason = reason
+            seq.on_token(None, reason)
+        self._publish_stats()
+
+    def _publish_stats(self) -> None:
+        with self._lock:
+            waiting = len(self._waiting)
+        self.stats = EngineStats(running=len(self.running), waiting=waiting,
+                                 slots_in_use=len(self.running), num_slots=self.cache.num_slots,
+                                 steps=self.stats.steps + 1)

@@ -1,0 +1,226 @@
+"""The real server: `python serve.py --preset tiny ...` in a subprocess on a free loopback port,
+driven by the official openai client and raw httpx."""
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "test-key"
+MODEL = "dsv4-tiny"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, *flags: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "serve.py", "--preset", "tiny", "--port", str(self.port), "--log-level", "warning",
+             *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.proc.stdout.read()
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError("server did not become ready")
+
+    def metric(self, name: str, headers=None) -> float:
+        for line in httpx.get(self.url + "/metrics", headers=headers).text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise KeyError(name)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(15)
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server("--api-key", KEY, "--max-seq-len", "128", "--batch-invariant")
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+
+
+def test_openai_client_completions_and_chat(client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    done = client.completions.create(model=MODEL, prompt="Hello", max_tokens=5, temperature=0)
+    assert done.choices[0].finish_reason == "length" and done.usage.completion_tokens == 5
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt="Hello", max_tokens=5, temperature=0, stream=True))
+    assert streamed == done.choices[0].text
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=4, temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens == 4
+    chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=4, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == 4
+
+
+def test_seeded_sampling_replays_and_stop_string_cuts(client):
+    run = lambda: client.completions.create(model=MODEL, prompt="abc", max_tokens=12, temperature=1.0,  # noqa
+                                             top_p=0.9, seed=123, extra_body={"top_k": 50, "ignore_eos": True})
+    first = run().choices[0].text
+    assert run().choices[0].text == first
+    greedy = client.completions.create(model=MODEL, prompt="abc", max_tokens=12, temperature=0,
+                                       extra_body={"ignore_eos": True}).choices[0]
+    stop = greedy.text[3:5]
+    if stop.strip():
+        cut = client.completions.create(model=MODEL, prompt="abc", max_tokens=12, temperature=0, stop=[stop],
+                                        extra_body={"ignore_eos": True}).choices[0]
+        assert cut.finish_reason == "stop" and cut.text == greedy.text[:greedy.text.index(stop)]
+
+
+def test_openai_error_types(server, client):
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=500)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], n=2)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="x")
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    assert httpx.get(server.url + "/health").status_code == 200          # stays open
+    assert httpx.post(server.url + "/eplb/rebalance").status_code == 401
+
+
+async def stream_text(http: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> str:
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    text, done = "", False
+    async with http.stream("POST", url + "/v1/completions", json=body,
+                           headers={"Authorization": f"Bearer {KEY}"}, timeout=180) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if line == "data: [DONE]":
+                done = True
+            elif line.startswith("data: "):
+                import json
+                text += json.loads(line[6:])["choices"][0]["text"]
+    assert done
+    return text
+
+
+def run_streams(url: str, prompts: list[str], max_tokens: int) -> list[str]:
+    async def go():
+        async with httpx.AsyncClient() as http:
+            return await asyncio.gather(*[stream_text(http, url, p, max_tokens) for p in prompts])
+    return asyncio.run(go())
+
+
+PROMPTS = [f"request {i}: " + "lorem ipsum dolor "[: 3 + i % 15] * (1 + i % 4) for i in range(64)]
+
+
+def test_64_concurrent_greedy_streams_match_solo_runs(server):
+    together = run_streams(server.url, PROMPTS, 8)
+    alone = [run_streams(server.url, [p], 8)[0] for p in PROMPTS]
+    assert together == alone
+    assert len(set(together)) > 8          # distinct prompts give distinct outputs: nothing crossed
+
+
+def test_disconnect_mid_stream_frees_the_slot(server):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": MODEL, "prompt": "go", "max_tokens": 120, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=auth, timeout=60) as r:
+        lines = r.iter_lines()          # keep a reference: a dropped iterator closes the stream
+        assert r.status_code == 200, next(lines)
+        assert server.metric("dsv4_cache_slots_in_use") == 1
+    deadline = time.monotonic() + 5
+    while server.metric("dsv4_cache_slots_in_use") != 0:
+        assert time.monotonic() < deadline, "slot not freed after disconnect"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("flags", [["--eplb-layers-per-step", "0"], ["--eplb-layers-per-step", "1"]],
+                         ids=["all-at-once", "layer-per-step"])
+def test_rebalance_under_load_keeps_outputs(server, flags):
+    prompts = PROMPTS[:32]
+    reference = run_streams(server.url, prompts, 12)
+    eplb = Server("--api-key", KEY, "--max-seq-len", "128", "--batch-invariant", "--eplb", "--ep-size", "4",
+                  "--ep-num-redundant-experts", "4", "--eplb-rebalance-num-iterations", "4",
+                  "--eplb-window", "4", *flags)
+    try:
+        assert run_streams(eplb.url, prompts, 12) == reference
+        auth = {"Authorization": f"Bearer {KEY}"}
+        assert eplb.metric("dsv4_eplb_rebalances_total", auth) >= 1
+        state = httpx.get(eplb.url + "/eplb/state", headers=auth).json()
+        assert state["enabled"] and state["rebalances"] and len(state["phy2log"]) == 4
+    finally:
+        eplb.stop()
+    assert eplb.proc.returncode == 0
+
+
+def test_record_dump_goes_to_record_dir_and_reloads(tmp_path):
+    s = Server("--eplb", "--record-dir", str(tmp_path))
+    try:
+        assert httpx.post(s.url + "/start_expert_distribution_record").status_code == 200
+        run_streams(s.url, ["one", "two"], 4)
+        httpx.post(s.url + "/stop_expert_distribution_record")
+        dumped = httpx.post(s.url + "/dump_expert_distribution_record").json()
+        path = Path(dumped["path"])
+        assert path.parent == tmp_path.resolve() and path.is_file() and dumped["steps"] > 0
+    finally:
+        s.stop()
+    again = Server("--eplb", "--ep-size", "2", "--init-expert-location", str(path))
+    again.stop()
+    assert again.proc.returncode == 0
+
+
+def test_sigterm_drains_and_queue_full_is_503():
+    s = Server("--max-batch-size", "1", "--max-queue", "1", "--drain-seconds", "4")
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 500, "ignore_eos": True}
+
+    async def go():
+        async with httpx.AsyncClient(timeout=60) as http:
+            async with http.stream("POST", s.url + "/v1/completions", json={**body, "stream": True}) as running:
+                lines = running.aiter_lines()
+                await anext(lines)                       # it holds the only slot now
+                queued = asyncio.create_task(http.post(s.url + "/v1/completions", json={**body, "max_tokens": 5}))
+                while s.metric("dsv4_requests_waiting") < 1:
+                    await asyncio.sleep(0.05)
+                rejected = await http.post(s.url + "/v1/completions", json=body)
+                assert rejected.status_code == 503 and rejected.headers["retry-after"]
+                assert rejected.json()["error"]["code"] == "queue_full"
+                started = time.monotonic()
+                s.proc.send_signal(signal.SIGTERM)
+                rest = [line async for line in lines]
+                assert rest[-2:] == ["data: [DONE]", ""] or rest[-1] == "data: [DONE]"   # ended cleanly
+            assert (await queued).status_code == 200
+            return started
+    started = asyncio.run(go())
+    assert s.proc.wait(10) == 0 and time.monotonic() - started < 10
+
+
+def test_bad_flags_fail_with_one_line():
+    for flags in (["--ep-size", "3"], ["--max-batch-size", "0"], ["--eplb-min-balancedness", "2"]):
+        out = subprocess.run([sys.executable, "serve.py", "--preset", "tiny", *flags], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode != 0 and "Traceback" not in out.stderr
+        assert out.stderr.strip().splitlines()[-1].startswith("serve.py: error:")

@@ -1,0 +1,273 @@
+"""Server pieces without a model: tokenizer, text streaming, sampler, and the app's error surface
+(with a small fake engine that lives only in this file)."""
+import asyncio
+import json
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from hypothesis import given, settings, strategies as st
+
+import serve
+from engine import EngineStats, QueueFull, SamplingParams, sample_next
+
+TOKENIZER = serve.TextTokenizer(serve.builtin_tokenizer(512))
+
+
+# ---------------------------------------------------------------- tokenizer and text stream
+
+def test_builtin_tokenizer_is_deterministic_and_has_chat_tokens():
+    again = serve.TextTokenizer(serve.builtin_tokenizer(512))
+    assert again.tokenizer.to_str() == TOKENIZER.tokenizer.to_str()
+    assert TOKENIZER.vocab_size <= 512 and TOKENIZER.has_chat_tokens and TOKENIZER.eos_ids
+    prompt = TOKENIZER.render_chat([("system", "be brief"), ("user", "hi")])
+    assert prompt == f"{serve.BOS}be brief{serve.USER}hi{serve.ASSISTANT}{serve.THINK_END}"
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text())
+def test_builtin_tokenizer_is_lossless(text):
+    assert TOKENIZER.decode(TOKENIZER.encode(text, add_bos=False)) == text
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.text(min_size=1))
+def test_stream_deltas_are_whole_characters_and_add_up(text):
+    stream = serve.TextStream(TOKENIZER, stop=[])
+    ids = TOKENIZER.encode(text, add_bos=False)
+    deltas = [stream.push(t) for t in ids] + [stream.finish()]
+    assert "".join(deltas) == text
+    assert all("\ufffd" not in d for d in deltas) or "\ufffd" in text
+
+
+def test_stream_holds_back_a_split_emoji():
+    stream = serve.TextStream(TOKENIZER, stop=[])
+    emoji_bytes = [TOKENIZER.tokenizer.token_to_id(c) for c in "ðŁĺĢ"]   # byte tokens of 😀
+    assert None not in emoji_bytes
+    assert [stream.push(t) for t in emoji_bytes] == ["", "", "", "😀"]
+
+
+def test_stop_string_is_held_back_then_cut():
+    stream = serve.TextStream(TOKENIZER, stop=["STOP"])
+    out = [stream.push(t) for t in TOKENIZER.encode("abc ST", add_bos=False)]
+    assert "".join(out) == "abc "            # "ST" may still become "STOP": held back
+    out += [stream.push(t) for t in TOKENIZER.encode("OP tail", add_bos=False)]
+    assert "".join(out) == "abc " and stream.stopped
+
+
+def test_held_back_prefix_is_released_when_it_cannot_match():
+    stream = serve.TextStream(TOKENIZER, stop=["STOP"])
+    text = "".join(stream.push(t) for t in TOKENIZER.encode("a STX", add_bos=False)) + stream.finish()
+    assert text == "a STX" and not stream.stopped
+
+
+# ---------------------------------------------------------------- sampler
+
+def test_sampler_greedy_topk_topp_and_seed():
+    logits = torch.tensor([0.1, 2.0, 1.9, -1.0])
+    assert sample_next(logits, SamplingParams(temperature=0), None) == 1
+    assert sample_next(logits, SamplingParams(temperature=1.5, top_k=1), torch.Generator()) == 1
+    assert sample_next(logits, SamplingParams(temperature=1.0, top_p=1e-6), torch.Generator()) == 1
+    draws = lambda seed: [sample_next(logits, SamplingParams(temperature=1.0), g)  # noqa: E731
+                          for g in [torch.Generator().manual_seed(seed)] for _ in range(20)]
+    assert draws(7) == draws(7) and len(set(draws(7))) > 1
+    top2 = {sample_next(logits, SamplingParams(temperature=5.0, top_k=2), torch.Generator().manual_seed(s))
+            for s in range(50)}
+    assert top2 == {1, 2}
+
+
+# ---------------------------------------------------------------- app error surface (fake engine)
+
+class FakeEngine:
+    """Emits max_tokens copies of the token "a", or raises QueueFull when full=True."""
+
+    def __init__(self, full=False):
+        self.full, self.device = full, "cpu"
+        self.stats = EngineStats(num_slots=4)
+        self.alive = True
+        self.submitted = []
+
+    def submit(self, seq):
+        if self.full:
+            raise QueueFull
+        self.submitted.append(seq)
+        for i in range(seq.params.max_tokens):
+            seq.on_token(TOKENIZER.tokenizer.token_to_id("a"), "length" if i == seq.params.max_tokens - 1 else None)
+        return seq
+
+    def abort(self, seq):
+        pass
+
+    def call(self, fn):
+        import concurrent.futures
+        future = concurrent.futures.Future()
+        future.set_result(fn())
+        return future
+
+    def start(self):
+        pass
+
+    def drain(self, timeout_s):
+        pass
+
+
+def make_client(engine=None, **kwargs):
+    engine = engine or FakeEngine()
+    runtime = serve.Runtime(engine=engine, tokenizer=TOKENIZER, model_name="m", max_seq_len=64, vocab_size=512)
+    app = serve.create_app(lambda: runtime, **kwargs)
+    client = TestClient(app)
+    client.__enter__()
+    for _ in range(200):
+        if client.get("/health").status_code == 200:
+            break
+        asyncio.run(asyncio.sleep(0.01))
+    return client
+
+
+@pytest.fixture(scope="module")
+def client():
+    c = make_client()
+    yield c
+    c.__exit__(None, None, None)
+
+
+def assert_error(response, status, param=None, code=None):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param is not None:
+        assert error["param"] == param
+    if code is not None:
+        assert error["code"] == code
+
+
+def test_fake_completion_roundtrip(client):
+    r = client.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 3})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "aaa"
+    assert r.json()["usage"]["completion_tokens"] == 3
+
+
+BASE = {"model": "m", "prompt": "hi"}
+
+
+@pytest.mark.parametrize("body,param", [
+    ({**BASE, "max_tokens": "5"}, "max_tokens"),
+    ({**BASE, "max_tokens": 5.5}, "max_tokens"),
+    ({**BASE, "temperature": "hot"}, "temperature"),
+    ({**BASE, "stream": "yes"}, "stream"),
+    ({"model": "m"}, "prompt"),
+    ({**BASE, "frobnicate": 1}, "frobnicate"),
+    ({**BASE, "temperature": 2.5}, "temperature"),
+    ({**BASE, "temperature": -0.1}, "temperature"),
+    ({**BASE, "top_p": 0}, "top_p"),
+    ({**BASE, "top_p": 1.5}, "top_p"),
+    ({**BASE, "top_k": -2}, "top_k"),
+    ({**BASE, "max_tokens": 0}, "max_tokens"),
+    ({**BASE, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({**BASE, "stop_token_ids": [512]}, "stop_token_ids"),
+    ({**BASE, "prompt": [1, 2, 99999]}, "prompt"),
+    ({**BASE, "prompt": ["a", "b"]}, "prompt"),
+    ({**BASE, "max_tokens": 100}, "max_tokens"),       # 1 + 100 > 64: over the context
+    ({**BASE, "logprobs": 2}, "logprobs"),
+    ({**BASE, "n": 2}, "n"),
+    ({**BASE, "best_of": 3}, "best_of"),
+    ({**BASE, "echo": True}, "echo"),
+    ({**BASE, "suffix": "x"}, "suffix"),
+    ({**BASE, "presence_penalty": 0.5}, "presence_penalty"),
+    ({**BASE, "logit_bias": {"5": 1.0}}, "logit_bias"),
+])
+def test_completion_400s_name_the_parameter(client, body, param):
+    assert_error(client.post("/v1/completions", json=body), 400, param=param)
+
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"functions": [{"name": "f"}]}, "functions"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"logprobs": True}, "logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+])
+def test_chat_400s_name_the_parameter(client, extra, param):
+    assert_error(client.post("/v1/chat/completions", json={**CHAT, **extra}), 400, param=param)
+
+
+def test_context_error_names_the_numbers(client):
+    r = client.post("/v1/completions", json={**BASE, "max_tokens": 100})
+    assert_error(r, 400, code="context_length_exceeded")
+    assert "64" in r.json()["error"]["message"] and "100" in r.json()["error"]["message"]
+
+
+def test_malformed_json_unknown_model_and_route(client):
+    r = client.post("/v1/completions", content=b"{nope", headers={"content-type": "application/json"})
+    assert_error(r, 400)
+    assert_error(client.post("/v1/completions", json={**BASE, "model": "gpt-4"}), 404, "model", "model_not_found")
+    assert_error(client.get("/v1/nothing"), 404)
+
+
+def test_body_over_limit_is_413():
+    c = make_client(max_body_bytes=1000)
+    assert_error(c.post("/v1/completions", json={**BASE, "prompt": "x" * 2000}), 413)
+    assert c.post("/v1/completions", json=BASE).status_code == 200
+    c.__exit__(None, None, None)
+
+
+def test_queue_full_is_503_with_retry_after():
+    c = make_client(FakeEngine(full=True))
+    r = c.post("/v1/completions", json=BASE)
+    assert_error(r, 503, code="queue_full")
+    assert r.headers["retry-after"] == "1"
+    c.__exit__(None, None, None)
+
+
+def test_api_key_guards_v1_and_eplb_but_not_health():
+    c = make_client(api_key="sekret")
+    for method, path in [("get", "/v1/models"), ("post", "/v1/completions"), ("get", "/eplb/state"),
+                         ("post", "/eplb/rebalance"), ("post", "/start_expert_distribution_record"),
+                         ("post", "/dump_expert_distribution_record")]:
+        assert_error(getattr(c, method)(path), 401, code="invalid_api_key")
+        assert_error(getattr(c, method)(path, headers={"Authorization": "Bearer wrong"}), 401)
+    assert c.get("/health").status_code == 200
+    ok = c.post("/v1/completions", json=BASE, headers={"Authorization": "Bearer sekret"})
+    assert ok.status_code == 200
+    c.__exit__(None, None, None)
+
+
+def test_health_is_503_while_loading():
+    import threading
+    gate = threading.Event()
+    runtime = serve.Runtime(engine=FakeEngine(), tokenizer=TOKENIZER, model_name="m", max_seq_len=64, vocab_size=512)
+    app = serve.create_app(lambda: (gate.wait(10), runtime)[1])
+    with TestClient(app) as c:
+        assert c.get("/health").status_code == 503
+        assert_error(c.post("/v1/completions", json=BASE), 503, code="not_ready")
+        gate.set()
+        for _ in range(200):
+            if c.get("/health").status_code == 200:
+                break
+            asyncio.run(asyncio.sleep(0.01))
+        assert c.get("/health").status_code == 200
+
+
+def test_fuzz_openapi_schema_finds_no_5xx(client):
+    import schemathesis
+    from hypothesis import HealthCheck, Phase
+    schema = schemathesis.openapi.from_asgi("/openapi.json", client.app)
+    failures = []
+
+    @settings(max_examples=25, deadline=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(data=st.data())
+    def run(data):
+        for operation in [op.ok() for op in schema.get_all_operations()]:
+            case = data.draw(operation.as_strategy())
+            response = case.call()
+            if response.status_code >= 500 and not (case.path == "/health"):
+                failures.append((case.method, case.path, case.body, response.status_code, response.text[:200]))
+    run()
+    assert not failures, failures[:3]
+    assert json.loads(client.get("/openapi.json").text)["paths"]["/v1/completions"]
