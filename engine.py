@@ -99,8 +99,11 @@ class EngineStats:
 class Engine:
     def __init__(self, model, *, max_batch_size: int, max_seq_len: int, max_queue: int,
                  eos_token_ids: tuple[int, ...] = (), prefill_chunk: int = 256, seed: int = 0,
-                 eplb=None, batch_invariant: bool = False):
+                 eplb=None, batch_invariant: bool = False, peers=None):
         self.model = model
+        # ep.LockstepModel under torchrun: the other ranks follow every step, so idle ticks are
+        # sent to them too (ranks never fall out of step) and they are told to stop at the end.
+        self.peers = peers
         # The batched CPU forward is not bitwise batch-invariant (a GEMM's rounding depends on how
         # many rows it has), so a near-tie can flip a greedy token. batch_invariant decodes each
         # request in its own forward: slower, but no request's numbers depend on another's.
@@ -179,19 +182,33 @@ class Engine:
             return bool(self._waiting or self._calls or self._aborted) or bool(self.running)
 
     @property
+    def crashed(self) -> bool:
+        """The engine thread ended without being stopped (a fatal error, e.g. a lost EP rank)."""
+        return self._thread is not None and not self._thread.is_alive() and not self._stopped
+
+    @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
     # ---------------------------------------------------------------- engine thread
 
     def _loop(self) -> None:
-        while not self._stopped:
-            if not self.has_work():
-                self._wakeup.wait(timeout=0.5)
-                self._wakeup.clear()
-                continue
-            self.step()
+        try:
+            while not self._stopped:
+                if not self.has_work():
+                    self._wakeup.wait(timeout=0.5)
+                    self._wakeup.clear()
+                    if self.peers is not None:
+                        self.peers.idle()
+                    continue
+                self.step()
+        except Exception as error:  # only fatal errors get here (a lost rank): the engine is dead
+            self.last_error = error
+            self._end_all("abort")
+            raise
         self._end_all("abort")
+        if self.peers is not None:
+            self.peers.stop()
 
     def step(self) -> None:
         self._run_calls()
@@ -207,6 +224,8 @@ class Engine:
             except Exception as error:  # noqa: BLE001 - a failed step ends its requests, never the engine
                 self.last_error = error
                 self._end_all("abort")
+                if getattr(error, "fatal", False):  # ...unless a rank is lost: then nothing can run
+                    raise
         self._publish_stats()
 
     def _run_calls(self) -> None:

@@ -39,6 +39,21 @@ def launched_by_torchrun() -> bool:
 
 # ---------------------------------------------------------------- lock-step batches
 
+class RankFailure(RuntimeError):
+    """A collective failed or timed out: some rank died or hangs. Nothing can run any more."""
+    fatal = True
+
+
+def collective(fn, *args, **kwargs):
+    """Run one torch.distributed call; turn any failure (peer gone, timeout) into RankFailure."""
+    try:
+        return fn(*args, **kwargs)
+    except RankFailure:
+        raise
+    except Exception as error:  # gloo/NCCL raise RuntimeError subclasses with the peer's story
+        raise RankFailure(f"expert-parallel peer lost: {error}") from error
+
+
 STEP_IDLE, STEP_FORWARD, STEP_RESET_SLOT, STEP_NEW_CACHE, STEP_MOVE_LAYER, STEP_STOP = range(6)
 
 
@@ -62,18 +77,18 @@ class StepChannel:
         header[0], header[1] = kind, len(parts)
         for i, p in enumerate(parts):
             header[2 + i] = p.numel()
-        dist.broadcast(header, src=0, group=self.group)
+        collective(dist.broadcast, header, src=0, group=self.group)
         for p in parts:
-            dist.broadcast(p.to(self.device, torch.int64).contiguous().view(-1), src=0, group=self.group)
+            collective(dist.broadcast, p.to(self.device, torch.int64).contiguous().view(-1), src=0, group=self.group)
 
     def recv(self) -> tuple[int, list[torch.Tensor]]:
         header = torch.empty(2 + self.MAX_PARTS, dtype=torch.int64, device=self.device)
-        dist.broadcast(header, src=0, group=self.group)
+        collective(dist.broadcast, header, src=0, group=self.group)
         kind, n = int(header[0]), int(header[1])
         parts = []
         for i in range(n):
             buf = torch.empty(int(header[2 + i]), dtype=torch.int64, device=self.device)
-            dist.broadcast(buf, src=0, group=self.group)
+            collective(dist.broadcast, buf, src=0, group=self.group)
             parts.append(buf)
         return kind, parts
 
@@ -151,8 +166,8 @@ class DistributedMover:
                     ops += [dist.P2POp(dist.irecv, b, src_rank, self.group) for b in bufs]
                     inbox.append((t.dst_slot - first, bufs))
             if ops:
-                for req in dist.batch_isend_irecv(ops):
-                    req.wait()
+                for req in collective(dist.batch_isend_irecv, ops):
+                    collective(req.wait)
             staged += inbox
             received += sum(b.numel() * b.element_size() for _, bufs in inbox for b in bufs)
         for local_slot, tensors in staged:
@@ -175,7 +190,7 @@ def slot_fingerprints(weights: list[torch.Tensor], group=None, num_ranks: int = 
     if num_ranks == 1:
         return local
     gathered = [torch.empty_like(local) for _ in range(num_ranks)]
-    dist.all_gather(gathered, local, group=group)
+    collective(dist.all_gather, gathered, local, group=group)
     return torch.cat(gathered)
 
 
@@ -204,7 +219,8 @@ class LockstepModel:
 
     def __init__(self, model, channel: StepChannel, group=None):
         self._model, self._channel, self._group = model, channel, group
-        self.rank_moe_seconds = torch.zeros(dist.get_world_size(group))  # [G] of the last step
+        self.rank_moe_seconds = torch.zeros(dist.get_world_size(group), dtype=torch.float64)  # [G] last step
+        self.rank_moe_seconds_total = torch.zeros_like(self.rank_moe_seconds)             # [G] since start
 
     def __getattr__(self, name):
         return getattr(self._model, name)
@@ -221,6 +237,7 @@ class LockstepModel:
         self._channel.send(STEP_FORWARD, [input_ids, start_pos, slot_ids, torch.tensor([B, S, int(last_only)])])
         logits = self._model.forward(input_ids, start_pos, cache.inner, slot_ids, load=load, last_only=last_only)
         self.rank_moe_seconds = gather_moe_seconds(self._model, self._group)
+        self.rank_moe_seconds_total += self.rank_moe_seconds
         return logits
 
     def idle(self) -> None:
@@ -271,11 +288,12 @@ def move_layer_checked(mover: DistributedMover, model, weights, old_row, new_row
 def gather_moe_seconds(model, group) -> torch.Tensor:
     """[G] seconds each rank spent in its own expert slots during the last step (also a liveness
     check: it needs every rank, so a dead or hung rank turns into a timeout error here)."""
+    device = model.phy2log.device  # NCCL only moves CUDA tensors
     mine = torch.tensor([float(getattr(model, "moe_seconds", 0.0))], dtype=torch.float64)
     model.moe_seconds = 0.0
-    out = [torch.zeros(1, dtype=torch.float64) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(out, mine, group=group)
-    return torch.cat(out)
+    out = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(dist.get_world_size(group))]
+    collective(dist.all_gather, out, mine.to(device), group=group)
+    return torch.cat(out).cpu()
 
 
 # ---------------------------------------------------------------- ranks 1..G-1

@@ -1017,6 +1017,10 @@ class EPLBManager:
         return {**self.counters, "balancedness": float(per_layer.mean()),
                 "balancedness_per_layer": per_layer.tolist(), "steps": self.step_count}
 
+    def state_rank_tokens(self) -> list[int]:
+        """[G] routed (token, k) choices each rank served over the window, summed over layers."""
+        return rank_load(self.recorder.physical_load().cpu(), self.location.num_ranks).sum(0).long().tolist()
+
     def state(self) -> dict:
         """JSON-able snapshot for /eplb/state."""
         loc = self.location

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import threading
 import time
@@ -307,6 +308,7 @@ class Runtime:
     vocab_size: int                  # model vocabulary: prompt ids must be below it
     eplb: Any = None                 # eplb.EPLBManager or None
     record_dir: Path | None = None
+    peers: Any = None                # ep.LockstepModel under torchrun (per-rank MoE seconds)
 
 
 class Metrics:
@@ -346,6 +348,19 @@ class Metrics:
                                   value=eplb["rebalance_seconds_total"])
         yield CounterMetricFamily("dsv4_eplb_bytes_moved", "Expert weight bytes copied",
                                   value=eplb["bytes_moved_total"])
+        ranks = s.get("ranks", {})
+        for key, name, doc, kind in [
+                ("tokens_window", "dsv4_ep_rank_tokens_window", "Routed (token, expert) choices per EP rank "
+                 "over the EPLB window", GaugeMetricFamily),
+                ("moe_seconds_last_step", "dsv4_ep_rank_moe_seconds_last_step",
+                 "Seconds each EP rank spent in its expert slots in the last step", GaugeMetricFamily),
+                ("moe_seconds_total", "dsv4_ep_rank_moe_seconds", "Seconds each EP rank spent in its "
+                 "expert slots", CounterMetricFamily)]:
+            if key in ranks:
+                family = kind(name, doc, labels=["rank"])
+                for rank, value in enumerate(ranks[key]):
+                    family.add_metric([str(rank)], value)
+                yield family
 
 
 # ====================================================================== app
@@ -552,7 +567,8 @@ def create_app(load: Callable[[], Runtime], *, api_key: str | None = None,
         rt = runtime()
         if rt.eplb is None:
             return {"enabled": False}
-        return await asyncio.wrap_future(rt.engine.call(lambda: {"enabled": True, **rt.eplb.state()}))
+        return await asyncio.wrap_future(rt.engine.call(lambda: {"enabled": True, **rt.eplb.state(),
+                                                                 "ranks": rank_stats(rt)}))
 
     @app.post("/eplb/rebalance", dependencies=protected)
     async def eplb_rebalance():
@@ -657,6 +673,18 @@ async def generate(rt: Runtime, metrics: Metrics, prompt_ids: list[int], params:
         metrics.requests.labels(finish or "abort").inc()
 
 
+def rank_stats(rt: Runtime) -> dict:
+    """Per EP rank: routed-token choices over the EPLB window (virtual or real ranks), and, under
+    torchrun, the seconds each rank spent in its own expert slots (last step, and in total)."""
+    stats = {}
+    if rt.eplb is not None:
+        stats["tokens_window"] = rt.eplb.state_rank_tokens()
+    if rt.peers is not None:
+        stats["moe_seconds_last_step"] = rt.peers.rank_moe_seconds.tolist()
+        stats["moe_seconds_total"] = rt.peers.rank_moe_seconds_total.tolist()
+    return stats
+
+
 def engine_snapshot(rt: Runtime) -> dict:
     """Runs on the engine thread (between steps)."""
     s = rt.engine.stats
@@ -664,6 +692,7 @@ def engine_snapshot(rt: Runtime) -> dict:
             "cache_slots_in_use": s.slots_in_use, "cache_slots_total": s.num_slots}
     if rt.eplb is not None:
         snap["eplb"] = rt.eplb.metrics()
+    snap["ranks"] = rank_stats(rt)
     return snap
 
 
@@ -719,6 +748,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e.add_argument("--init-expert-location", metavar="FILE",
                    help="initial placement from a record dump (.pt with logical_count) or a location file")
     e.add_argument("--record-dir", metavar="DIR", help="where /dump_expert_distribution_record writes")
+    e.add_argument("--eplb-canary", action="store_true",
+                   help="after every cross-rank expert move, check that each slot holds its planned expert")
+    e.add_argument("--ep-timeout", type=float, default=20.0,
+                   help="seconds a collective may wait for a peer rank before the server gives up (torchrun)")
     args = p.parse_args(argv)
     check_args(p, args)
     return args
@@ -760,21 +793,34 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     if (num_experts + a.ep_num_redundant_experts) % a.ep_size:
         p.error(f"experts ({num_experts}) + --ep-num-redundant-experts ({a.ep_num_redundant_experts}) "
                 f"must be a multiple of --ep-size ({a.ep_size})")
+    world = int(os.environ.get("WORLD_SIZE", 1)) if "RANK" in os.environ else 1
+    if world > 1 and a.ep_size != world:
+        p.error(f"--ep-size ({a.ep_size}) must equal the number of torchrun processes ({world})")
+    if a.ep_timeout <= 0:
+        p.error(f"--ep-timeout must be > 0, got {a.ep_timeout}")
     if a.record_dir is not None and not a.eplb:
         p.error("--record-dir needs --eplb (expert load is only counted with --eplb)")
 
 
-def build_runtime(args: argparse.Namespace) -> Runtime:
-    """Model + tokenizer + engine (+ EPLB) from the CLI flags. Runs on the load thread."""
+def pick_device(args: argparse.Namespace):
+    import torch
+    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))  # torchrun: one GPU per rank
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    else:
+        device = "cpu"
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+             "auto": torch.bfloat16 if device != "cpu" else torch.float32}[args.dtype]
+    return device, dtype
+
+
+def build_model_for_rank(args: argparse.Namespace, device, dtype, ep_rank: int = 0, ep_size: int = 1):
+    """The model with this rank's expert slots (all of them without torchrun): (model, config)."""
     import torch
     import dsv4_mini
-    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-             "auto": torch.bfloat16 if device == "cuda" else torch.float32}[args.dtype]
-    if args.model_path:
-        config = dsv4_mini.ModelConfig.from_pretrained(args.model_path)
-    else:
-        config = getattr(dsv4_mini.ModelConfig, args.preset)()
+    config = (dsv4_mini.ModelConfig.from_pretrained(args.model_path) if args.model_path
+              else getattr(dsv4_mini.ModelConfig, args.preset)())
     if args.num_layers is not None:
         config = config.truncated(min(args.num_layers, config.num_hidden_layers))
     num_physical = config.n_routed_experts + args.ep_num_redundant_experts
@@ -783,43 +829,108 @@ def build_runtime(args: argparse.Namespace) -> Runtime:
     torch.manual_seed(args.seed)
     if args.model_path:
         model = dsv4_mini.load_model(args.model_path, device=device, dtype=dtype, num_layers=args.num_layers,
-                                     num_physical_experts=num_physical)
+                                     num_physical_experts=num_physical, ep_rank=ep_rank, ep_size=ep_size)
+    else:
+        model = dsv4_mini.build_model(config, seed=args.seed, device=device, dtype=dtype,
+                                      num_physical_experts=num_physical, ep_rank=ep_rank, ep_size=ep_size)
+    return model, config
+
+
+def build_runtime(args: argparse.Namespace) -> Runtime:
+    """Model + tokenizer + engine (+ EPLB) from the CLI flags. Runs on the load thread.
+
+    Under torchrun this is rank 0: it joins the process group, holds only its own P/G expert slots,
+    and hands the engine an `ep.LockstepModel`, so every forward, cache reset and expert move is
+    first announced to the other ranks (which run `worker_main`).
+    """
+    import ep
+    device, dtype = pick_device(args)
+    peers = mover = None
+    if ep.launched_by_torchrun():
+        rank, world, group = ep.init_expert_parallel(torch_device(device), args.ep_timeout)
+        model, config = build_model_for_rank(args, device, dtype, rank, world)
+        model.ep_group = group
+        channel = ep.StepChannel(group, device)
+        peers = ep.LockstepModel(model, channel, group)
+        mover = ep.LockstepMover(model, channel, ep.DistributedMover(rank, world, group), canary=args.eplb_canary)
+    else:
+        model, config = build_model_for_rank(args, device, dtype)
+    if args.model_path:
         tokenizer_file = Path(args.model_path) / "tokenizer.json"
         tokenizer = (TextTokenizer.from_file(tokenizer_file) if tokenizer_file.is_file()
                      else TextTokenizer(builtin_tokenizer(config.vocab_size)))
         name = args.served_model_name or Path(args.model_path).resolve().name
     else:
-        model = dsv4_mini.build_model(config, seed=args.seed, device=device, dtype=dtype,
-                                      num_physical_experts=num_physical)
         tokenizer = TextTokenizer(builtin_tokenizer(config.vocab_size))
         name = args.served_model_name or f"dsv4-{args.preset}"
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model only {config.vocab_size}")
-    eplb_manager = make_eplb(args, model) if args.eplb else None
+    eplb_manager = make_eplb(args, model, mover) if args.eplb else None
     record_dir = None
     if args.record_dir:
         record_dir = Path(args.record_dir).resolve()
         record_dir.mkdir(parents=True, exist_ok=True)
-    engine = Engine(model, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
+    engine = Engine(peers or model, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
                     max_queue=args.max_queue, eos_token_ids=tokenizer.eos_ids, prefill_chunk=args.prefill_chunk,
-                    seed=args.seed, eplb=eplb_manager, batch_invariant=args.batch_invariant)
+                    seed=args.seed, eplb=eplb_manager, batch_invariant=args.batch_invariant, peers=peers)
     return Runtime(engine=engine, tokenizer=tokenizer, model_name=name, max_seq_len=args.max_seq_len,
-                   vocab_size=config.vocab_size, eplb=eplb_manager, record_dir=record_dir)
+                   vocab_size=config.vocab_size, eplb=eplb_manager, record_dir=record_dir, peers=peers)
 
 
-def make_eplb(args: argparse.Namespace, model):
+def torch_device(device: str):
+    import torch
+    return torch.device(device)
+
+
+def worker_main(args: argparse.Namespace) -> int:
+    """Ranks 1..G-1 under torchrun: hold this rank's expert slots and follow rank 0's steps."""
+    import ep
+    # SIGTERM/SIGINT reach every rank when torchrun is stopped: rank 0 drains the requests in flight,
+    # which needs the other ranks' experts, and then tells them to stop. A worker that outlives rank 0
+    # ends by the collective timeout.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    device, dtype = pick_device(args)
+    rank, world, group = ep.init_expert_parallel(torch_device(device), args.ep_timeout)
+    model, _ = build_model_for_rank(args, device, dtype, rank, world)
+    model.ep_group = group
+    log.info("rank %d/%d: experts slots %d..%d, following rank 0", rank, world,
+             rank * model.slots_per_rank, (rank + 1) * model.slots_per_rank - 1)
+    ep.run_worker(model, ep.StepChannel(group, device), ep.DistributedMover(rank, world, group),
+                  canary=args.eplb_canary)
+    return 0
+
+
+def make_eplb(args: argparse.Namespace, model, mover=None):
     import eplb
     config = eplb.EPLBConfig(num_ranks=args.ep_size, rebalance_num_iterations=args.eplb_rebalance_num_iterations,
                              window=args.eplb_window, algorithm=args.eplb_algorithm,
                              layers_per_step=args.eplb_layers_per_step or None,
                              min_balancedness=args.eplb_min_balancedness,
                              init_expert_location=args.init_expert_location)
-    return eplb.EPLBManager(model, config)
+    return eplb.EPLBManager(model, config, mover=mover)
+
+
+def watch_engine(app: FastAPI, poll_s: float = 0.2, grace_s: float = 1.0) -> None:
+    """A dead engine thread (under torchrun: a lost rank) must not leave a server that accepts
+    requests it can never answer. /health reports 503 at once; after a short grace, exit 1."""
+    holder = app.state.holder
+    while True:
+        time.sleep(poll_s)
+        runtime = holder["runtime"]
+        engine = runtime.engine if runtime is not None else None
+        if engine is not None and engine.crashed:
+            log.error("engine died: %s; exiting", engine.last_error)
+            time.sleep(grace_s)
+            logging.shutdown()
+            os._exit(1)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if int(os.environ.get("RANK", 0)) > 0:
+        return worker_main(args)
     import uvicorn
     started = time.monotonic()
 
@@ -852,6 +963,7 @@ def main(argv: list[str] | None = None) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.drain_seconds + 2)
     server = DrainingServer(config)
+    threading.Thread(target=watch_engine, args=(app,), name="watchdog", daemon=True).start()
     server.run()
     if failed:
         print(failed[0], file=sys.stderr)

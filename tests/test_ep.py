@@ -1,0 +1,203 @@
+"""Expert parallelism over torch.distributed (gloo, CPU): real `torchrun --nproc-per-node 2 serve.py`
+servers against a single-process one, a forced cross-rank rebalance with the canary on, and a killed rank.
+
+Plus the mover alone (ep.DistributedMover) in two gloo processes, and its transfer plan as a pure function.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+import ep
+import eplb
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_serve import free_port  # noqa: E402
+
+PROMPTS = ["The experts", "Once upon a time", "What is the capital of France?", "0 1 2 3 4 5",
+           "Mixture-of-experts layers route every token", "café 中文 🙂"]
+FLAGS = ["--preset", "tiny", "--eplb", "--ep-size", "2", "--eplb-rebalance-num-iterations", "100000",
+         "--eplb-window", "100000", "--log-level", "warning", "--max-seq-len", "128"]
+
+
+class Launch:
+    """One server: plain python (1 process) or torchrun (2 processes, gloo)."""
+
+    def __init__(self, torchrun: bool, *flags: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        head = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                 "--master-port", str(free_port()), "serve.py"] if torchrun else [sys.executable, "serve.py"])
+        self.proc = subprocess.Popen(head + [*FLAGS, *flags, "--port", str(self.port)], cwd=ROOT,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.proc.stdout.read()
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise TimeoutError("server did not become ready")
+
+    def complete(self, prompt: str, max_tokens: int = 12) -> list:
+        body = {"model": "dsv4-tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+        r = httpx.post(self.url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    def state(self) -> dict:
+        return httpx.get(self.url + "/eplb/state", timeout=30).json()
+
+    def stop(self) -> int:
+        """SIGTERM to the serving process (rank 0 under torchrun): it drains, stops the other ranks, exits 0."""
+        if self.proc.poll() is None:
+            ranks = rank_children(self.proc.pid)
+            os.kill(ranks[0] if ranks else self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        return self.proc.returncode
+
+
+def rank_children(launcher_pid: int) -> list[int]:
+    """PIDs of the serve.py ranks that torchrun started (its grandchildren through the agent)."""
+    out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout.splitlines()
+    procs = [(int(line.split()[0]), int(line.split()[1]), line) for line in out[1:]]
+    family, frontier = set(), {launcher_pid}
+    while frontier:
+        frontier = {pid for pid, ppid, _ in procs if ppid in frontier} - family
+        family |= frontier
+    ranks = [pid for pid, _, args in procs if pid in family and "serve.py" in args and "torch.distributed.run" not in args]
+    return sorted(ranks, key=lambda pid: int(dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text()
+                                                   .split("\0") if "=" in kv).get("RANK", 0)))
+
+
+@pytest.fixture(scope="module")
+def single_outputs():
+    server = Launch(False)
+    try:
+        yield [server.complete(p) for p in PROMPTS]
+    finally:
+        server.stop()
+
+
+def test_two_ranks_match_single_process_and_survive_cross_rank_rebalance(single_outputs):
+    # R = 0: a rebalance is a pure permutation of experts over slots, so the plan predicts rank load exactly.
+    server = Launch(True, "--eplb-canary")
+    try:
+        first = [server.complete(p) for p in PROMPTS]
+        assert first == single_outputs  # same greedy tokens as one process holding every expert
+
+        before = server.state()
+        assert before["num_ranks"] == 2 and before["num_physical"] == before["num_experts"]
+        done = httpx.post(server.url + "/eplb/rebalance", timeout=60).json()
+        assert done["status"] in ("started", "done"), done
+        after_move = server.state()
+        record = after_move["rebalances"][-1]
+        assert record["slots_changed"] > 0 and record["bytes_moved"] > 0
+        per_rank = before["num_physical"] // 2
+        old, new = torch.tensor(before["phy2log"]), torch.tensor(after_move["phy2log"])
+        old_rank = {(l, e): s // per_rank for l in range(old.shape[0]) for s, e in enumerate(old[l].tolist())}
+        crossed = sum(old_rank[(l, e)] != s // per_rank for l in range(new.shape[0])
+                      for s, e in enumerate(new[l].tolist()))
+        assert crossed > 0, "the plan moved no expert to another rank"
+
+        again = [server.complete(p) for p in PROMPTS]  # the canary ran inside the move; outputs unchanged
+        assert again == first
+
+        # The replay routes the same tokens to the same logical experts: its per-rank load under the new
+        # placement is exactly what the plan predicted from the recorded logical load.
+        replay = server.state()
+        logical = torch.tensor(before["logical_load"])                        # [L, E] of the first pass
+        predicted = eplb.rank_load(eplb.replica_load(logical, new), 2)         # [L, G]
+        measured = torch.tensor(replay["rank_load"]) - torch.tensor(before["rank_load"])
+        assert torch.equal(measured.to(predicted.dtype), predicted)
+        assert len(replay["ranks"]["moe_seconds_total"]) == 2
+        assert server.stop() == 0
+    finally:
+        server.stop()
+
+
+def test_killed_rank_makes_the_server_exit_nonzero():
+    server = Launch(True)
+    try:
+        assert server.complete("hello", max_tokens=2)
+        ranks = rank_children(server.proc.pid)
+        assert len(ranks) == 2, ranks
+        killed_at = time.monotonic()
+        os.kill(ranks[1], signal.SIGKILL)
+        code = server.proc.wait(30)
+        assert code != 0 and time.monotonic() - killed_at < 30
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------------- the mover alone
+
+def test_transfer_plan_prefers_local_copies_and_spreads_senders():
+    old = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])  # 2 ranks x 4 slots; experts 0..3 on both ranks
+    new = torch.tensor([0, 0, 0, 3, 2, 2, 2, 1])
+    plan = ep.plan_layer_transfers(old, new, 2)
+    assert {(t.dst_slot, t.src_slot) for t in plan} == {(1, 0), (2, 0), (4, 6), (5, 6), (7, 5)}
+    old = torch.tensor([0, 1, 2, 3])              # expert 0 held on rank 0 only, needed on rank 1 twice
+    new = torch.tensor([0, 0, 0, 0])
+    assert [(t.dst_slot, t.src_slot) for t in ep.plan_layer_transfers(old, new, 2)] == [(1, 0), (2, 0), (3, 0)]
+    with pytest.raises(ValueError, match="no replica"):
+        ep.plan_layer_transfers(torch.tensor([0, 0]), torch.tensor([1, 1]), 1)
+
+
+MOVER_SCRIPT = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import ep
+rank, G, group = ep.init_expert_parallel(torch.device("cpu"), 30)
+E, P = 6, 8
+per = P // G
+gen = torch.Generator().manual_seed(0)
+experts = [torch.randn(E, 5, 3, generator=gen), torch.randn(E, 3, 4, generator=gen)]
+old = torch.tensor([p % E for p in range(P)])
+rows = [torch.tensor([5, 0, 1, 2, 0, 3, 4, 5]), torch.tensor([1, 1, 5, 1, 2, 3, 4, 0]), torch.randperm(E, generator=gen).repeat(2)[:P]]
+weights = [w[old[rank * per:(rank + 1) * per]].clone() for w in experts]
+mover = ep.DistributedMover(rank, G, group, chunk_size=2)
+for new in rows:
+    expected = ep.expert_fingerprints(ep.slot_fingerprints(weights, group, G), old, E)
+    mover.move_layer(weights, old, new)
+    ep.check_canary(weights, new, expected, group, G)
+    for w, e in zip(weights, experts):
+        assert torch.equal(w, e[new[rank * per:(rank + 1) * per]]), (rank, new)
+    old = new
+# a corrupted slot must trip the canary
+expected = ep.expert_fingerprints(ep.slot_fingerprints(weights, group, G), old, E)
+if rank == 1:
+    weights[0][0].add_(1e-3)
+try:
+    ep.check_canary(weights, old, expected, group, G)
+    raise SystemExit("canary missed a corrupted slot")
+except RuntimeError as error:
+    assert "canary" in str(error)
+print("mover ok", rank)
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_distributed_mover_moves_only_changed_slots_between_two_gloo_ranks(tmp_path):
+    script = tmp_path / "mover.py"
+    script.write_text(MOVER_SCRIPT)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(free_port()), str(script), str(ROOT)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("mover ok") == 2
