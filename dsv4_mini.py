@@ -296,14 +296,16 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Te
     cos/sin broadcast against [..., r/2]. inverse=True rotates back (conjugate)."""
     r = cos.shape[-1] * 2
     pairs = x[..., -r:].float().unflatten(-1, (-1, 2))  # [..., r/2, 2]
-    x0, x1 = pairs[..., 0], pairs[..., 1]
+    x0, x1 = pairs.unbind(-1)
     if inverse:
         sin = -sin
-    rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
-    return torch.cat([x[..., :-r], rotated.to(x.dtype)], dim=-1)
+    # out = (x0 cos - x1 sin, x0 sin + x1 cos); addcmul/mul_ fuse the products into 4 kernels
+    rotated = torch.stack([torch.addcmul(x0 * cos, x1, sin, value=-1), torch.addcmul(x0 * sin, x1, cos)], dim=-1)
+    return torch.cat([x[..., :-r], rotated.flatten(-2).to(x.dtype)], dim=-1)
 
 
-def hc_pre(h: Tensor, fn: Tensor, scale: Tensor, base: Tensor, iters: int, hc_eps: float, norm_eps: float):
+def hc_pre(h: Tensor, fn: Tensor, scale: Tensor, base: Tensor, iters: int, hc_eps: float, norm_eps: float,
+           sinkhorn_fn=None):
     """mHC collapse: streams h [B,S,n,d] -> block input [B,S,d], plus post [B,S,n] and comb [B,S,n,n].
 
     pre/post come from sigmoids, comb from a Sinkhorn projection (softmax start, then alternating
@@ -315,19 +317,34 @@ def hc_pre(h: Tensor, fn: Tensor, scale: Tensor, base: Tensor, iters: int, hc_ep
     pre = torch.sigmoid(mixes[..., :n] * scale[0] + base[:n]) + hc_eps  # [B,S,n]
     post = 2 * torch.sigmoid(mixes[..., n:2 * n] * scale[1] + base[n:2 * n])  # [B,S,n]
     comb = mixes[..., 2 * n:].unflatten(-1, (n, n)) * scale[2] + base[2 * n:].view(n, n)  # [B,S,n,n]
-    comb = comb.softmax(-1).add_(hc_eps)
-    comb.div_(comb.sum(-2, keepdim=True).add_(hc_eps))  # in place: ~120 tiny ops, allocation matters
-    for _ in range(iters - 1):
-        comb.div_(comb.sum(-1, keepdim=True).add_(hc_eps))
-        comb.div_(comb.sum(-2, keepdim=True).add_(hc_eps))
-    x = (pre.unsqueeze(-1) * h.float()).sum(-2)  # [B,S,d]
+    comb = (sinkhorn_fn or sinkhorn)(comb, iters, hc_eps)
+    x = torch.einsum("bsn,bsnd->bsd", pre, h.float())  # [B,S,d] = sum_k pre_k * h_k, one kernel
     return x.to(h.dtype), post, comb
+
+
+def sinkhorn(comb: Tensor, iters: int, eps: float) -> Tensor:
+    """softmax, then `iters` column and iters-1 row normalisations (x / (sum + eps)), like the reference.
+
+    The decode hot spot: 16 calls per token on [B,S,4,4]. Each normalisation is two kernels: a
+    batched matmul with a ones vector gives the sums with eps already added (baddbmm's `input`),
+    then an in-place divide; no temporaries are allocated inside the loop.
+    """
+    shape, n = comb.shape, comb.shape[-1]
+    comb = comb.softmax(-1).add_(eps).reshape(-1, n, n)  # [T,n,n]
+    eps_t = comb.new_full((1, 1, 1), eps)
+    ones_col = comb.new_ones(1, n, 1).expand(comb.shape[0], n, 1)  # [T,n,1]: row sums
+    ones_row = comb.new_ones(1, 1, n).expand(comb.shape[0], 1, n)  # [T,1,n]: column sums
+    comb.div_(torch.baddbmm(eps_t, ones_row, comb))
+    for _ in range(iters - 1):
+        comb.div_(torch.baddbmm(eps_t, comb, ones_col))
+        comb.div_(torch.baddbmm(eps_t, ones_row, comb))
+    return comb.view(shape)
 
 
 def hc_post(x: Tensor, residual: Tensor, post: Tensor, comb: Tensor) -> Tensor:
     """mHC expand: out_k = post_k * x + sum_j comb[j, k] * residual_j (note: comb transposed)."""
     mixed = torch.einsum("bsjk,bsjd->bskd", comb, residual.float())  # [B,S,n,d]
-    return (post.unsqueeze(-1) * x.float().unsqueeze(-2) + mixed).to(residual.dtype)
+    return mixed.addcmul_(post.unsqueeze(-1), x.float().unsqueeze(-2)).to(residual.dtype)
 
 
 def _linear(dim_in: int, dim_out: int, dtype, device) -> nn.Linear:
@@ -344,7 +361,9 @@ class Batch:
     input_ids: Tensor  # [B,S] int64
     positions: Tensor  # [B,S] int64: absolute position of each new token
     start: Tensor  # [B] int64: position of each row's first new token
-    start_list: list  # the same as Python ints (cheap host-side decisions: which windows complete)
+    start_list: list | None  # the same as Python ints (prefill only: which windows complete)
+    seq_bound: int  # static upper bound on start + S over rows: compressed layers look at
+                    # entries [0, seq_bound // m) (masked per row); cache.max_seq_len under a CUDA graph
     slot_ids: Tensor  # [B] int64: cache slot of each row
     rope: dict  # "main" | "compress" -> (cos, sin) [B,S,r/2] at `positions`
     window_idx: Tensor  # [B,W] ring slots of the W positions before `start` (slot = position mod W)
@@ -352,6 +371,9 @@ class Batch:
     window_write: Tensor  # [B,min(S,W)] ring slots the last new tokens go to
     inv_freq: dict  # "main" | "compress" -> [r/2]
     load: Tensor | None  # [L,P] int32 per-step expert counts, or None
+    valid_pairs: Tensor | None  # [B*S*K] int32 1/0: which (token, k) count in `load`. None: all rows
+                                # count (the kernels do it). Set by DecodeGraphs, whose padded rows
+                                # must count nothing without a host-side row count.
     log2phy: Tensor  # [L,E,X] int32 (the model's buffer)
     logcnt: Tensor  # [L,E] int32
     ep_group: object  # torch.distributed group or None
@@ -394,6 +416,8 @@ class Compressor(nn.Module):
         ring = c * m
         kv = F.linear(x.float(), self.wkv.weight.float())  # [B,S,cD] fp32 like the reference
         gate = F.linear(x.float(), self.wgate.weight.float()) + self.ape[batch.positions % m]  # [B,S,cD]
+        if S == 1:
+            return self._decode_step(kv[:, 0], gate[:, 0], batch, kv_state, gate_state, entries, inv_freq)
 
         # Which windows complete in this step: w in [start//m, (start+S)//m) per row.
         first = [s // m for s in batch.start_list]
@@ -434,6 +458,33 @@ class Compressor(nn.Module):
         idx = batch.positions[:, -keep:] % ring  # [B,keep], distinct within a row
         kv_state[batch.slot_ids.unsqueeze(1), idx] = kv[:, -keep:]
         gate_state[batch.slot_ids.unsqueeze(1), idx] = gate[:, -keep:]
+
+    def _decode_step(self, kv: Tensor, gate: Tensor, batch: Batch, kv_state: Tensor, gate_state: Tensor,
+                     entries: Tensor, inv_freq: Tensor) -> None:
+        """One token per row (kv, gate [B,cD]) with fixed shapes and no host syncs (CUDA-graph safe).
+
+        The token goes into the ring first; then the window it belongs to is pooled straight from
+        the ring (for CSA also the previous window, which the ring still holds: ring = 2m), and the
+        entry is stored only where this token completes its window; other rows write back the old
+        value. After cache.reset, never-written ring gates are -inf, i.e. window -1 is empty.
+        """
+        m, c, D = self.ratio, self.coff, self.head_dim
+        ring = c * m
+        pos, slot = batch.positions[:, 0], batch.slot_ids  # [B]
+        kv_state[slot, pos % ring] = kv
+        gate_state[slot, pos % ring] = gate
+        w = pos // m  # [B] window of this token
+        idx = (((w - (c - 1)) * m).unsqueeze(1) + torch.arange(ring, device=pos.device)) % ring  # [B,cm]
+        seq_kv, seq_gate = kv_state[slot.unsqueeze(1), idx], gate_state[slot.unsqueeze(1), idx]  # [B,cm,cD]
+        if self.overlap:  # previous window's first half + this window's second half: 2m slots
+            seq_kv = torch.cat([seq_kv[:, :m, :D], seq_kv[:, m:, D:]], dim=1)  # [B,2m,D]
+            seq_gate = torch.cat([seq_gate[:, :m, :D], seq_gate[:, m:, D:]], dim=1)
+        pooled = (seq_kv * seq_gate.softmax(dim=1)).sum(1)  # [B,D]
+        cos, sin = rope_cos_sin(inv_freq, w * m)  # entry w is roped at its first token
+        pooled = apply_rope(self.norm(pooled), cos, sin).to(entries.dtype)
+        w = w.clamp(max=entries.shape[1] - 1)  # an incomplete last window may lie past the buffer
+        done = ((pos + 1) % m == 0).unsqueeze(1)  # [B,1] this token completes window w
+        entries[slot, w] = torch.where(done, pooled, entries[slot, w])
 
 
 class Indexer(nn.Module):
@@ -524,7 +575,7 @@ class Attention(nn.Module):
             if self.indexer is not None:  # the indexer's keys come from its own (smaller) compressor
                 self.indexer.compressor(x, batch, cache.index_kv_state, cache.index_gate_state,
                                         cache.index_entries, batch.inv_freq["compress"])
-            num_entries = (max(batch.start_list) + S) // self.ratio  # the most any row can see
+            num_entries = batch.seq_bound // self.ratio  # the most any row can see (masked per row)
             if num_entries > 0:
                 entries = cache.entries[batch.slot_ids, :num_entries]  # [B,N,D]
                 if self.indexer is None:  # HCA: every visible entry
@@ -614,12 +665,15 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [T,d], T = B*S row-major (the replica hash's token index)
         logits = F.linear(x.float(), self.gate.weight.float())  # [T,E] fp32
-        maps = (batch.log2phy[layer_idx], batch.logcnt[layer_idx],
-                batch.load[layer_idx] if batch.load is not None else None)
+        load = batch.load[layer_idx] if batch.load is not None else None
+        # the kernel counts all rows, unless some are padding (DecodeGraphs): then we count below
+        maps = (batch.log2phy[layer_idx], batch.logcnt[layer_idx], load if batch.valid_pairs is None else None)
         if self.is_hash:
             weights, ids = kernels.hash_topk(logits, batch.input_ids.reshape(-1), self.gate.tid2eid, self.scale, *maps)
         else:
             weights, ids = kernels.score_topk(logits, self.gate.bias, self.top_k, self.scale, *maps)
+        if load is not None and batch.valid_pairs is not None:  # padded rows add 0: fixed shapes, no sync
+            load.index_add_(0, ids.flatten().long(), batch.valid_pairs)
         e = self.experts
         routed = kernels.moe_experts(x, weights, ids, e.w1, e.w3, e.w2, self.limit, slot_offset=self.slot_offset)
         if batch.ep_group is not None:  # each rank summed its own slots' share
@@ -645,13 +699,16 @@ class Block(nn.Module):
             self.register_parameter(f"hc_{kind}_base", nn.Parameter(torch.zeros((2 + n) * n, device=device)))
             self.register_parameter(f"hc_{kind}_scale", nn.Parameter(torch.ones(3, device=device)))
 
+    # mHC functions; DSV4Model.compile_decode() swaps in torch.compile'd versions (same math)
+    hc_pre, hc_post = staticmethod(hc_pre), staticmethod(hc_post)
+
     def forward(self, h: Tensor, batch: Batch, cache: LayerCache, layer_idx: int) -> Tensor:
-        x, post, comb = hc_pre(h, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base,
-                               self.hc_iters, self.hc_eps, self.norm_eps)
-        h = hc_post(self.attn(self.attn_norm(x), batch, cache), h, post, comb)
-        x, post, comb = hc_pre(h, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base,
-                               self.hc_iters, self.hc_eps, self.norm_eps)
-        return hc_post(self.ffn(self.ffn_norm(x), batch, layer_idx), h, post, comb)
+        x, post, comb = self.hc_pre(h, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base,
+                                    self.hc_iters, self.hc_eps, self.norm_eps)
+        h = self.hc_post(self.attn(self.attn_norm(x), batch, cache), h, post, comb)
+        x, post, comb = self.hc_pre(h, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base,
+                                    self.hc_iters, self.hc_eps, self.norm_eps)
+        return self.hc_post(self.ffn(self.ffn_norm(x), batch, layer_idx), h, post, comb)
 
 
 class DSV4Model(nn.Module):
@@ -705,6 +762,23 @@ class DSV4Model(nn.Module):
     def new_cache(self, num_slots: int, max_seq_len: int) -> KVCache:
         return KVCache(self.config, num_slots, max_seq_len, self.embed.weight.dtype, self.embed.weight.device)
 
+    def compile_decode(self, parts: str = "sinkhorn", **compile_kwargs) -> DSV4Model:
+        """Opt-in: torch.compile the mHC pieces, the part of a decode step made of the most tiny
+        kernels (the Sinkhorn loop alone is ~80 of the ~500 kernels per layer). Same math, fused
+        (C++ on CPU, Triton on CUDA); compiles on first use per shape, so a first call takes
+        seconds. parts: "sinkhorn" (the loop only) or "mhc" (all of hc_pre and hc_post).
+        Everything else stays eager and readable."""
+        import functools
+        for block in self.layers:
+            if parts == "sinkhorn":
+                block.hc_pre = functools.partial(hc_pre, sinkhorn_fn=torch.compile(sinkhorn, dynamic=False, **compile_kwargs))
+            elif parts == "mhc":
+                block.hc_pre = torch.compile(hc_pre, dynamic=False, **compile_kwargs)
+                block.hc_post = torch.compile(hc_post, dynamic=False, **compile_kwargs)
+            else:
+                raise ValueError(f"parts must be 'sinkhorn' or 'mhc', got {parts!r}")
+        return self
+
     @torch.no_grad()
     def forward(self, input_ids: Tensor, start_pos: Tensor | None = None, cache: KVCache | None = None,
                 slot_ids: Tensor | None = None, load: Tensor | None = None, last_only: bool = False) -> Tensor:
@@ -717,9 +791,24 @@ class DSV4Model(nn.Module):
             start_pos = slot_ids = None
         start = torch.zeros(B, dtype=torch.long, device=device) if start_pos is None else start_pos.to(device).long()
         slot_ids = torch.arange(B, device=device) if slot_ids is None else slot_ids.to(device).long()
-        start_list = start.tolist()
+        start_list = start.tolist()  # one host sync per step (free on CPU; DecodeGraphs has none)
         if max(start_list) + S > cache.max_seq_len:
             raise ValueError(f"positions up to {max(start_list) + S} exceed the cache's max_seq_len {cache.max_seq_len}")
+        return self.step(input_ids, start, slot_ids, cache, load, last_only,
+                         seq_bound=max(start_list) + S, start_list=start_list)
+
+    def step(self, input_ids: Tensor, start: Tensor, slot_ids: Tensor, cache: KVCache, load: Tensor | None,
+             last_only: bool, seq_bound: int, start_list: list | None = None,
+             valid_pairs: Tensor | None = None) -> Tensor:
+        """forward() without argument checks or host syncs when S == 1 (what DecodeGraphs captures).
+
+        seq_bound: a Python int >= start + S for every row (compressed layers attend over entries
+        [0, seq_bound // m), masked per row). valid_pairs: see Batch. start_list: prefill only.
+        """
+        B, S = input_ids.shape
+        device = input_ids.device
+        if S > 1 and start_list is None:
+            start_list = start.tolist()  # the prefill compressor decides on the host which windows complete
         positions = start.unsqueeze(1) + torch.arange(S, device=device)  # [B,S]
         inv_freq = {"main": self.inv_freq_main, "compress": self.inv_freq_compress}
         W = self.config.sliding_window
@@ -728,9 +817,11 @@ class DSV4Model(nn.Module):
         t = positions.unsqueeze(-1)  # [B,S,1]
         window_mask = ((key_pos <= t) & (key_pos > t - W) & (key_pos >= 0)).unsqueeze(1)  # [B,1,S,W+S]
         batch = Batch(input_ids=input_ids, positions=positions, start=start, start_list=start_list,
-                      slot_ids=slot_ids, rope={k: rope_cos_sin(f, positions) for k, f in inv_freq.items()},
+                      seq_bound=seq_bound, slot_ids=slot_ids,
+                      rope={k: rope_cos_sin(f, positions) for k, f in inv_freq.items()},
                       window_idx=ring_pos % W, window_mask=window_mask, window_write=positions[:, -min(S, W):] % W,
-                      inv_freq=inv_freq, load=load, log2phy=self.log2phy, logcnt=self.logcnt, ep_group=self.ep_group)
+                      inv_freq=inv_freq, load=load, valid_pairs=valid_pairs, log2phy=self.log2phy,
+                      logcnt=self.logcnt, ep_group=self.ep_group)
 
         h = self.embed(input_ids).unsqueeze(2).repeat(1, 1, self.config.hc_mult, 1)  # [B,S,n,d]: n copies
         for layer_idx, block in enumerate(self.layers):
@@ -880,16 +971,110 @@ class LayerCache:
 
 
 class KVCache:
-    """Per-slot DSV4 attention state for all layers. A slot serves one sequence; reset it before reuse."""
+    """Per-slot DSV4 attention state for all layers. A slot serves one sequence; reset it before reuse.
+
+    Slots 0 .. num_slots-1 are for requests. One more, `scratch_slot` (= num_slots), is where
+    DecodeGraphs' padded batch rows read and write, so they never touch a request's state.
+    """
 
     def __init__(self, config: ModelConfig, num_slots: int, max_seq_len: int, dtype=torch.float32, device=None):
         self.num_slots, self.max_seq_len = num_slots, max_seq_len
-        self.layers = [LayerCache(config, i, num_slots, max_seq_len, dtype, device)
+        self.scratch_slot = num_slots
+        self.layers = [LayerCache(config, i, num_slots + 1, max_seq_len, dtype, device)
                        for i in range(config.num_hidden_layers)]
 
     def reset(self, slot: int) -> None:
         for layer in self.layers:
             layer.reset(slot)
+
+
+# ---------------------------------------------------------------------------------------------------
+# CUDA-graph decode
+# ---------------------------------------------------------------------------------------------------
+
+def batch_buckets(max_batch_size: int) -> list[int]:
+    """1, 2, 4, ... up to and including max_batch_size: the batch sizes DecodeGraphs captures."""
+    sizes = [1 << i for i in range(max(1, max_batch_size).bit_length()) if 1 << i < max_batch_size]
+    return sizes + [max_batch_size]
+
+
+class DecodeGraphs:
+    """Decode steps (one new token per row) replayed from CUDA graphs, one graph per batch bucket.
+
+    Why: a mini decode step is ~1,500 small kernels; launched one by one from Python the GPU waits
+    on the host most of the time. A CUDA graph replays the whole step with one launch. Captured
+    work must have fixed shapes, fixed addresses and no host syncs, hence:
+    * the batch is padded up to a bucket size (batch_buckets); padded rows decode token 0 at
+      position 0 in cache.scratch_slot, never a request's slot, and count nothing in `load`;
+    * inputs are copied into static buffers the graph reads; logits come out in a static buffer;
+    * compressed layers attend over entries [0, max_seq_len // m) with per-row masks (no
+      data-dependent sizes), and the compressors use their one-token path (Compressor._decode_step);
+    * load counts go to a graph-owned [L,P] buffer, added into the caller's `load` after replay.
+    EPLB rewrites the expert maps and expert weights in place (never reallocating them), so graphs
+    captured earlier stay valid across rebalances.
+
+    run(input_ids [B], start_pos [B], slot_ids [B], load [L,P] | None) -> logits [B,V] fp32, a view
+    of the bucket's output buffer (valid until the next run). Graphs are captured lazily, on the
+    first run of each bucket. Not on CUDA: run() is the eager forward, identical results.
+    """
+
+    def __init__(self, model: DSV4Model, cache: KVCache, max_batch_size: int | None = None):
+        self.model, self.cache = model, cache
+        self.max_batch_size = max_batch_size or cache.num_slots
+        self.buckets = batch_buckets(self.max_batch_size)
+        self.device = model.embed.weight.device
+        self.use_graphs = self.device.type == "cuda"
+        self.graphs: dict[int, dict] = {}  # bucket -> {"graph", "inputs", "logits", "load"}
+
+    def bucket(self, batch_size: int) -> int:
+        for size in self.buckets:
+            if size >= batch_size:
+                return size
+        raise ValueError(f"batch of {batch_size} rows exceeds max_batch_size {self.max_batch_size}")
+
+    @torch.no_grad()
+    def run(self, input_ids: Tensor, start_pos: Tensor, slot_ids: Tensor, load: Tensor | None = None) -> Tensor:
+        B = input_ids.shape[0]
+        if not self.use_graphs:
+            return self.model.forward(input_ids.view(B, 1), start_pos, self.cache, slot_ids, load=load, last_only=True)
+        size = self.bucket(B)
+        g = self.graphs.get(size) or self._capture(size)
+        inputs = g["inputs"]  # [3, size] int64: token, position, slot per row
+        inputs[:, B:].copy_(g["padding"][:, B:])
+        inputs[0, :B].copy_(input_ids.view(B), non_blocking=True)
+        inputs[1, :B].copy_(start_pos.view(B), non_blocking=True)
+        inputs[2, :B].copy_(slot_ids.view(B), non_blocking=True)
+        g["graph"].replay()
+        if load is not None:
+            load.add_(g["load"])
+        return g["logits"][:B]
+
+    def _step(self, inputs: Tensor, load: Tensor) -> Tensor:
+        """The captured work: a whole decode step on static buffers."""
+        model, cache = self.model, self.cache
+        input_ids, start, slot_ids = inputs[0].view(-1, 1), inputs[1], inputs[2]
+        K = model.config.num_experts_per_tok
+        valid_pairs = (slot_ids != cache.scratch_slot).to(torch.int32).repeat_interleave(K)  # [B*K]
+        load.zero_()
+        return model.step(input_ids, start, slot_ids, cache, load, last_only=True,
+                          seq_bound=cache.max_seq_len, valid_pairs=valid_pairs)
+
+    def _capture(self, size: int) -> dict:
+        model, dev = self.model, self.device
+        padding = torch.tensor([0, 0, self.cache.scratch_slot], device=dev).view(3, 1).repeat(1, size)
+        inputs = padding.clone()  # all rows padding while warming up and capturing: only scratch is touched
+        load = torch.zeros(model.config.num_hidden_layers, model.num_physical_experts, dtype=torch.int32, device=dev)
+        stream = torch.cuda.Stream(dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(stream):  # warm up off the capture: Triton/compile autotuning, allocator
+            for _ in range(2):
+                self._step(inputs, load)
+        torch.cuda.current_stream(dev).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self._step(inputs, load)
+        self.graphs[size] = g = dict(graph=graph, inputs=inputs, padding=padding, logits=logits, load=load)
+        return g
 
 
 # ---------------------------------------------------------------------------------------------------

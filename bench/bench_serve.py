@@ -97,23 +97,27 @@ def hf_baseline(args, concurrency: int) -> float | None:
     """Output tok/s of transformers `generate` on our weights, one static batch (None if unavailable)."""
     try:
         import torch
-        import transformers
-        import checkpoint
         import dsv4_mini
+        sys.path.insert(0, str(ROOT))
+        sys.path.insert(0, str(ROOT / "bench"))
+        from bench_model import hf_model  # same weights, transformers' names
         config = getattr(dsv4_mini.ModelConfig, args.preset)()
         if args.num_layers:
             config = config.truncated(args.num_layers)
         model = dsv4_mini.build_model(config, seed=0)
-        hf_config = transformers.DeepseekV4Config(**checkpoint.hf_config_kwargs(config))
-        hf = transformers.DeepseekV4ForCausalLM(hf_config)
-        hf.load_state_dict(checkpoint.official_to_hf_state_dict(model.official_state_dict(), config), strict=False)
+        hf = hf_model(model)
         device = "cuda" if args.device == "cuda" else "cpu"
-        hf = hf.to(device).eval()
+        hf = hf.to(device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32).eval()
         del model
         ids = torch.randint(0, config.vocab_size, (concurrency, args.prompt_len), device=device)
+        with torch.no_grad():  # warm-up: CUDA context, kernels, allocator
+            hf.generate(ids[:, :8], attention_mask=torch.ones_like(ids[:, :8]), max_new_tokens=2, do_sample=False)
         t0 = time.perf_counter()
         with torch.no_grad():
-            hf.generate(ids, max_new_tokens=args.output_len, min_new_tokens=args.output_len, do_sample=False)
+            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.output_len,
+                        min_new_tokens=args.output_len, do_sample=False)
+        if device == "cuda":
+            torch.cuda.synchronize()
         return concurrency * args.output_len / (time.perf_counter() - t0)
     except Exception as error:  # noqa: BLE001 - a baseline that cannot run is reported, not fatal
         print(f"hf baseline unavailable: {type(error).__name__}: {error}", file=sys.stderr)

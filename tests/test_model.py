@@ -312,3 +312,66 @@ def test_save_pretrained_then_load_model(tiny, tmp_path):
     assert torch.equal(loaded(ids), tiny(ids))
     two = M.load_model(str(tmp_path), dtype=torch.float32, num_layers=2)
     assert two.config.num_hidden_layers == 2 and two.config.compress_ratios == [0, 4, 0]
+
+
+# ------------------------------------------------------------------------------------------------
+# DecodeGraphs (CUDA graphs on GPU; on CPU its fallback and its static step are checked)
+# ------------------------------------------------------------------------------------------------
+
+def test_batch_buckets():
+    assert M.batch_buckets(1) == [1]
+    assert M.batch_buckets(8) == [1, 2, 4, 8]
+    assert M.batch_buckets(12) == [1, 2, 4, 8, 12]
+
+
+def _prefilled(model, prompt_lens, max_seq_len):
+    """A cache whose slot b holds row b's prompt (lengths differ); -> (cache, ids [B, max_seq_len])."""
+    ids = random_ids(len(prompt_lens), max_seq_len, model.config.vocab_size, seed=11)
+    cache = model.new_cache(len(prompt_lens), max_seq_len)
+    for b, n in enumerate(prompt_lens):
+        model(ids[b:b + 1, :n], torch.tensor([0]), cache, torch.tensor([b]))
+    return cache, ids
+
+
+def test_decode_graphs_cpu_fallback_equals_forward(tiny):
+    cache, ids = _prefilled(tiny, [5, 9, 14], 40)
+    full = tiny(ids)
+    runner = M.DecodeGraphs(tiny, cache, max_batch_size=3)
+    pos = torch.tensor([5, 9, 14])
+    load = torch.zeros(tiny.config.num_hidden_layers, tiny.num_physical_experts, dtype=torch.int32)
+    for _ in range(20):  # crosses CSA (4) and HCA (8) window boundaries
+        logits = runner.run(ids[torch.arange(3), pos], pos, torch.arange(3), load)
+        assert logits.shape == (3, tiny.config.vocab_size)
+        assert (logits - full[torch.arange(3), pos]).abs().max() <= TOL
+        pos += 1
+    assert load.sum(1).tolist() == [3 * 20 * tiny.config.num_experts_per_tok] * tiny.config.num_hidden_layers
+
+
+def test_static_decode_step_with_padded_rows_equals_forward_and_counts_only_real_rows(tiny):
+    """What DecodeGraphs captures, run eagerly on CPU: padded bucket, scratch slot, entries over
+    the whole cache (seq_bound = max_seq_len), counting masked by valid_pairs."""
+    cache, ids = _prefilled(tiny, [6, 11], 40)
+    full = tiny(ids)
+    runner = M.DecodeGraphs(tiny, cache, max_batch_size=4)
+    state = [t.clone() for layer in cache.layers for t in vars(layer).values() if t is not None]
+    K, L = tiny.config.num_experts_per_tok, tiny.config.num_hidden_layers
+    load = torch.zeros(L, tiny.num_physical_experts, dtype=torch.int32)
+    pos = torch.tensor([6, 11])
+    for _ in range(18):
+        inputs = torch.tensor([[0, 0, cache.scratch_slot]] * 4).T.contiguous()  # 2 real rows + 2 padded
+        inputs[:, :2] = torch.stack([ids[torch.arange(2), pos], pos, torch.arange(2)])
+        logits = runner._step(inputs, load)
+        assert (logits[:2] - full[torch.arange(2), pos]).abs().max() <= TOL
+        assert load.sum(1).tolist() == [2 * K] * L  # padded rows count nothing
+        pos += 1
+    # padded rows wrote only the scratch slot
+    after = [t for layer in cache.layers for t in vars(layer).values() if t is not None]
+    for before, now in zip(state, after):
+        assert torch.equal(before[2:cache.scratch_slot], now[2:cache.scratch_slot])
+    assert any(not torch.equal(b[cache.scratch_slot], a[cache.scratch_slot]) for b, a in zip(state, after))
+
+
+def test_sinkhorn_is_nearly_doubly_stochastic():
+    comb = M.sinkhorn(torch.randn(3, 5, 4, 4, generator=torch.Generator().manual_seed(0)), 20, 1e-6)
+    assert comb.shape == (3, 5, 4, 4)
+    assert (comb.sum(-1) - 1).abs().max() < 1e-3 and (comb.sum(-2) - 1).abs().max() < 1e-5
