@@ -27,6 +27,7 @@ import json
 import math
 import os
 import re
+import time
 import zlib
 from dataclasses import asdict, dataclass, field, fields
 
@@ -377,6 +378,7 @@ class Batch:
     log2phy: Tensor  # [L,E,X] int32 (the model's buffer)
     logcnt: Tensor  # [L,E] int32
     ep_group: object  # torch.distributed group or None
+    moe_timer: "MoETimer | None" = None  # expert parallelism: time spent in this rank's routed experts
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -651,6 +653,37 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_local_slots, dim, inter, dtype=dtype, device=device))
 
 
+class MoETimer:
+    """Seconds spent in this rank's own routed experts: the number that shows a straggler rank
+    under expert parallelism. CPU: wall clock. CUDA: events, summed when `take()` is called."""
+
+    def __init__(self):
+        self.seconds, self.events, self._t0 = 0.0, [], 0.0
+
+    def start(self, device: torch.device) -> None:
+        if device.type == "cuda":
+            self.events.append(torch.cuda.Event(enable_timing=True))
+            self.events[-1].record()
+        else:
+            self._t0 = time.perf_counter()
+
+    def stop(self, device: torch.device) -> None:
+        if device.type == "cuda":
+            self.events.append(torch.cuda.Event(enable_timing=True))
+            self.events[-1].record()
+        else:
+            self.seconds += time.perf_counter() - self._t0
+
+    def take(self) -> float:
+        """Seconds since the last take (waits for the timed GPU work to finish)."""
+        if self.events:
+            self.events[-1].synchronize()
+            self.seconds += sum(a.elapsed_time(b) for a, b in zip(self.events[::2], self.events[1::2])) / 1e3
+            self.events.clear()
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
 class MoE(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, num_local_slots: int, slot_offset: int, dtype, device):
         super().__init__()
@@ -675,7 +708,11 @@ class MoE(nn.Module):
         if load is not None and batch.valid_pairs is not None:  # padded rows add 0: fixed shapes, no sync
             load.index_add_(0, ids.flatten().long(), batch.valid_pairs)
         e = self.experts
+        if batch.moe_timer is not None:
+            batch.moe_timer.start(x.device)
         routed = kernels.moe_experts(x, weights, ids, e.w1, e.w3, e.w2, self.limit, slot_offset=self.slot_offset)
+        if batch.moe_timer is not None:
+            batch.moe_timer.stop(x.device)
         if batch.ep_group is not None:  # each rank summed its own slots' share
             torch.distributed.all_reduce(routed, group=batch.ep_group)
         return (routed + self.shared_experts(x).float()).to(x.dtype).view(shape)
@@ -724,6 +761,7 @@ class DSV4Model(nn.Module):
         self.config, self.num_physical_experts, self.ep_rank, self.ep_size = c, P, ep_rank, ep_size
         self.slots_per_rank = P // ep_size
         self.ep_group = None
+        self.moe_timer: MoETimer | None = None  # set under expert parallelism (per-rank MoE seconds)
         self.embed = nn.Embedding(c.vocab_size, c.hidden_size, dtype=dtype, device=device)
         self.layers = nn.ModuleList(Block(c, i, self.slots_per_rank, ep_rank * self.slots_per_rank, dtype, device)
                                     for i in range(L))
@@ -821,7 +859,7 @@ class DSV4Model(nn.Module):
                       rope={k: rope_cos_sin(f, positions) for k, f in inv_freq.items()},
                       window_idx=ring_pos % W, window_mask=window_mask, window_write=positions[:, -min(S, W):] % W,
                       inv_freq=inv_freq, load=load, valid_pairs=valid_pairs, log2phy=self.log2phy,
-                      logcnt=self.logcnt, ep_group=self.ep_group)
+                      logcnt=self.logcnt, ep_group=self.ep_group, moe_timer=self.moe_timer)
 
         h = self.embed(input_ids).unsqueeze(2).repeat(1, 1, self.config.hc_mult, 1)  # [B,S,n,d]: n copies
         for layer_idx, block in enumerate(self.layers):
@@ -1015,8 +1053,14 @@ class DecodeGraphs:
 
     run(input_ids [B], start_pos [B], slot_ids [B], load [L,P] | None) -> logits [B,V] fp32, a view
     of the bucket's output buffer (valid until the next run). Graphs are captured lazily, on the
-    first run of each bucket. Not on CUDA: run() is the eager forward, identical results.
+    first run of each bucket.
+
+    Not on CUDA, the same padded step runs eagerly, with at least CPU_MIN_ROWS rows: CPU BLAS
+    rounds a 1-row and a 2-3-row product differently from a product of 4 or more rows, so with
+    fewer rows a request's greedy tokens could depend on how many others share its decode step.
     """
+
+    CPU_MIN_ROWS = 4
 
     def __init__(self, model: DSV4Model, cache: KVCache, max_batch_size: int | None = None):
         self.model, self.cache = model, cache
@@ -1035,16 +1079,21 @@ class DecodeGraphs:
     @torch.no_grad()
     def run(self, input_ids: Tensor, start_pos: Tensor, slot_ids: Tensor, load: Tensor | None = None) -> Tensor:
         B = input_ids.shape[0]
-        if not self.use_graphs:
-            return self.model.forward(input_ids.view(B, 1), start_pos, self.cache, slot_ids, load=load, last_only=True)
         size = self.bucket(B)
-        g = self.graphs.get(size) or self._capture(size)
+        if self.use_graphs:
+            g = self.graphs.get(size) or self._capture(size)
+        else:
+            size = max(size, self.CPU_MIN_ROWS)
+            g = dict(inputs=self._padding(size), padding=self._padding(size), load=self._load_buffer())
         inputs = g["inputs"]  # [3, size] int64: token, position, slot per row
         inputs[:, B:].copy_(g["padding"][:, B:])
         inputs[0, :B].copy_(input_ids.view(B), non_blocking=True)
         inputs[1, :B].copy_(start_pos.view(B), non_blocking=True)
         inputs[2, :B].copy_(slot_ids.view(B), non_blocking=True)
-        g["graph"].replay()
+        if self.use_graphs:
+            g["graph"].replay()
+        else:
+            g["logits"] = self._step(inputs, g["load"])
         if load is not None:
             load.add_(g["load"])
         return g["logits"][:B]
@@ -1059,11 +1108,20 @@ class DecodeGraphs:
         return model.step(input_ids, start, slot_ids, cache, load, last_only=True,
                           seq_bound=cache.max_seq_len, valid_pairs=valid_pairs)
 
+    def _padding(self, size: int) -> Tensor:
+        """[3, size]: every row decodes token 0 at position 0 in the scratch slot."""
+        return torch.tensor([0, 0, self.cache.scratch_slot], device=self.device).view(3, 1).repeat(1, size)
+
+    def _load_buffer(self) -> Tensor:
+        model = self.model
+        return torch.zeros(model.config.num_hidden_layers, model.num_physical_experts, dtype=torch.int32,
+                           device=self.device)
+
     def _capture(self, size: int) -> dict:
         model, dev = self.model, self.device
-        padding = torch.tensor([0, 0, self.cache.scratch_slot], device=dev).view(3, 1).repeat(1, size)
+        padding = self._padding(size)
         inputs = padding.clone()  # all rows padding while warming up and capturing: only scratch is touched
-        load = torch.zeros(model.config.num_hidden_layers, model.num_physical_experts, dtype=torch.int32, device=dev)
+        load = self._load_buffer()
         stream = torch.cuda.Stream(dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(stream):  # warm up off the capture: Triton/compile autotuning, allocator

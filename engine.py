@@ -99,21 +99,23 @@ class EngineStats:
 class Engine:
     def __init__(self, model, *, max_batch_size: int, max_seq_len: int, max_queue: int,
                  eos_token_ids: tuple[int, ...] = (), prefill_chunk: int = 256, seed: int = 0,
-                 eplb=None, batch_invariant: bool = False, peers=None):
+                 eplb=None, peers=None, decode_graphs: bool = False):
         self.model = model
         # ep.LockstepModel under torchrun: the other ranks follow every step, so idle ticks are
         # sent to them too (ranks never fall out of step) and they are told to stop at the end.
         self.peers = peers
-        # The batched CPU forward is not bitwise batch-invariant (a GEMM's rounding depends on how
-        # many rows it has), so a near-tie can flip a greedy token. batch_invariant decodes each
-        # request in its own forward: slower, but no request's numbers depend on another's.
-        self.batch_invariant = batch_invariant
         self.max_seq_len = max_seq_len
         self.max_queue = max_queue
         self.eos_token_ids = frozenset(eos_token_ids)
         self.prefill_chunk = prefill_chunk
         self.eplb = eplb                      # eplb.EPLBManager or None
         self.cache = model.new_cache(max_batch_size, max_seq_len)
+        # Decode through dsv4_mini.DecodeGraphs: CUDA graphs on GPU; on CPU a padded eager step whose
+        # rounding does not depend on the batch. Not under torchrun: every rank must see each forward.
+        self.decoder = None
+        if decode_graphs:
+            from dsv4_mini import DecodeGraphs
+            self.decoder = DecodeGraphs(model, self.cache, max_batch_size)
         self.device = next(model.parameters()).device
         self.free_slots = list(range(max_batch_size - 1, -1, -1))   # pop() hands out slot 0 first
         self.running: list[Sequence] = []                            # engine thread only
@@ -261,14 +263,17 @@ class Engine:
 
     def _decode(self, load) -> None:
         batch = [s for s in self.running if not s.prefilling]
-        for rows in ([[s] for s in batch] if self.batch_invariant else [batch] if batch else []):
-            self._decode_rows(rows, load)
+        if batch:
+            self._decode_rows(batch, load)
 
     def _decode_rows(self, batch: list[Sequence], load) -> None:
         input_ids = torch.tensor([[s.output_ids[-1]] for s in batch], device=self.device)
         start_pos = torch.tensor([s.num_tokens - 1 for s in batch], device=self.device)
         slot_ids = torch.tensor([s.slot for s in batch], device=self.device)
-        logits = self.model.forward(input_ids, start_pos, self.cache, slot_ids, load=load, last_only=True)
+        if self.decoder is not None:
+            logits = self.decoder.run(input_ids.view(-1), start_pos, slot_ids, load)
+        else:
+            logits = self.model.forward(input_ids, start_pos, self.cache, slot_ids, load=load, last_only=True)
         for seq, row in zip(batch, logits):
             self._append_token(seq, row)
 

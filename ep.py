@@ -289,8 +289,7 @@ def gather_moe_seconds(model, group) -> torch.Tensor:
     """[G] seconds each rank spent in its own expert slots during the last step (also a liveness
     check: it needs every rank, so a dead or hung rank turns into a timeout error here)."""
     device = model.phy2log.device  # NCCL only moves CUDA tensors
-    mine = torch.tensor([float(getattr(model, "moe_seconds", 0.0))], dtype=torch.float64)
-    model.moe_seconds = 0.0
+    mine = torch.tensor([model.moe_timer.take() if model.moe_timer is not None else 0.0], dtype=torch.float64)
     out = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(dist.get_world_size(group))]
     collective(dist.all_gather, out, mine.to(device), group=group)
     return torch.cat(out).cpu()

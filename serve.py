@@ -726,9 +726,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--max-seq-len", type=int, default=1024, help="prompt + completion tokens per request")
     s.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503")
     s.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill forward")
-    s.add_argument("--batch-invariant", action="store_true",
-                   help="decode each request in its own forward so greedy outputs cannot depend on the "
-                        "rest of the batch (the batched CPU forward is not bitwise batch-invariant); slower")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     s.add_argument("--drain-seconds", type=float, default=6.0,
                    help="on SIGTERM, let in-flight requests finish this long, then end them")
@@ -843,13 +840,14 @@ def build_runtime(args: argparse.Namespace) -> Runtime:
     and hands the engine an `ep.LockstepModel`, so every forward, cache reset and expert move is
     first announced to the other ranks (which run `worker_main`).
     """
+    import dsv4_mini
     import ep
     device, dtype = pick_device(args)
     peers = mover = None
     if ep.launched_by_torchrun():
         rank, world, group = ep.init_expert_parallel(torch_device(device), args.ep_timeout)
         model, config = build_model_for_rank(args, device, dtype, rank, world)
-        model.ep_group = group
+        model.ep_group, model.moe_timer = group, dsv4_mini.MoETimer()
         channel = ep.StepChannel(group, device)
         peers = ep.LockstepModel(model, channel, group)
         mover = ep.LockstepMover(model, channel, ep.DistributedMover(rank, world, group), canary=args.eplb_canary)
@@ -872,7 +870,8 @@ def build_runtime(args: argparse.Namespace) -> Runtime:
         record_dir.mkdir(parents=True, exist_ok=True)
     engine = Engine(peers or model, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
                     max_queue=args.max_queue, eos_token_ids=tokenizer.eos_ids, prefill_chunk=args.prefill_chunk,
-                    seed=args.seed, eplb=eplb_manager, batch_invariant=args.batch_invariant, peers=peers)
+                    seed=args.seed, eplb=eplb_manager, peers=peers,
+                    decode_graphs=peers is None)
     return Runtime(engine=engine, tokenizer=tokenizer, model_name=name, max_seq_len=args.max_seq_len,
                    vocab_size=config.vocab_size, eplb=eplb_manager, record_dir=record_dir, peers=peers)
 
@@ -884,6 +883,7 @@ def torch_device(device: str):
 
 def worker_main(args: argparse.Namespace) -> int:
     """Ranks 1..G-1 under torchrun: hold this rank's expert slots and follow rank 0's steps."""
+    import dsv4_mini
     import ep
     # SIGTERM/SIGINT reach every rank when torchrun is stopped: rank 0 drains the requests in flight,
     # which needs the other ranks' experts, and then tells them to stop. A worker that outlives rank 0
@@ -893,7 +893,7 @@ def worker_main(args: argparse.Namespace) -> int:
     device, dtype = pick_device(args)
     rank, world, group = ep.init_expert_parallel(torch_device(device), args.ep_timeout)
     model, _ = build_model_for_rank(args, device, dtype, rank, world)
-    model.ep_group = group
+    model.ep_group, model.moe_timer = group, dsv4_mini.MoETimer()
     log.info("rank %d/%d: experts slots %d..%d, following rank 0", rank, world,
              rank * model.slots_per_rank, (rank + 1) * model.slots_per_rank - 1)
     ep.run_worker(model, ep.StepChannel(group, device), ep.DistributedMover(rank, world, group),

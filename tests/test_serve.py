@@ -56,7 +56,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server():
-    s = Server("--api-key", KEY, "--max-seq-len", "128", "--batch-invariant")
+    s = Server("--api-key", KEY, "--max-seq-len", "128")
     yield s
     s.stop()
 
@@ -163,7 +163,7 @@ def test_disconnect_mid_stream_frees_the_slot(server):
 def test_rebalance_under_load_keeps_outputs(server, flags):
     prompts = PROMPTS[:32]
     reference = run_streams(server.url, prompts, 12)
-    eplb = Server("--api-key", KEY, "--max-seq-len", "128", "--batch-invariant", "--eplb", "--ep-size", "4",
+    eplb = Server("--api-key", KEY, "--max-seq-len", "128", "--eplb", "--ep-size", "4",
                   "--ep-num-redundant-experts", "4", "--eplb-rebalance-num-iterations", "4",
                   "--eplb-window", "4", *flags)
     try:
