@@ -274,6 +274,7 @@ class Engine:
             logits = self.decoder.run(input_ids.view(-1), start_pos, slot_ids, load)
         else:
             logits = self.model.forward(input_ids, start_pos, self.cache, slot_ids, load=load, last_only=True)
+        logits = logits.float().cpu()  # one device->host copy per step, not one sync per request
         for seq, row in zip(batch, logits):
             self._append_token(seq, row)
 

@@ -64,7 +64,7 @@ def make_prompt(rng: random.Random, n_words: int) -> str:
 
 
 async def one_request(http, url, model, prompt, args, seed) -> dict:
-    body = {"model": model, "prompt": prompt, "max_tokens": args.output_len, "temperature": 0.8, "seed": seed,
+    body = {"model": model, "prompt": prompt, "max_tokens": args.output_len, "temperature": args.temperature, "seed": seed,
             "ignore_eos": True, "stream": True}
     t0 = time.perf_counter()
     stamps = []
@@ -95,11 +95,11 @@ async def sweep_point(url, model, concurrency, args) -> dict:
 
 def hf_baseline(args, concurrency: int) -> float | None:
     """Output tok/s of transformers `generate` on our weights, one static batch (None if unavailable)."""
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "bench"))
     try:
         import torch
         import dsv4_mini
-        sys.path.insert(0, str(ROOT))
-        sys.path.insert(0, str(ROOT / "bench"))
         from bench_model import hf_model  # same weights, transformers' names
         config = getattr(dsv4_mini.ModelConfig, args.preset)()
         if args.num_layers:
@@ -136,6 +136,7 @@ def main() -> None:
     p.add_argument("--ep-size", type=int, default=4)
     p.add_argument("--redundant", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, like the HF baseline")
     p.add_argument("--hf-baseline", action="store_true", help="also time transformers generate (static batch)")
     args = p.parse_args()
 
