@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One device-machine call: the GPU benchmarks in BENCHMARKS.md, logs under $OUT.
+# Wheels for what the GPU image lacks (fastapi, uvicorn, transformers 5.24...) travel in .whl/.
+set -u
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+for part in "$@"; do
+  case $part in
+    kernels) timeout 150 python3 bench/bench_kernels.py > $OUT/kernels.log 2>&1; tail -22 $OUT/kernels.log ;;
+    eplb)    timeout 120 python3 bench/bench_eplb.py > $OUT/eplb.log 2>&1; tail -30 $OUT/eplb.log ;;
+    serve)   timeout 330 python3 bench/bench_serve.py --device cuda --preset mini --concurrency 1 16 64 \
+               --output-len 64 --hf-baseline > $OUT/serve.log 2>&1; tail -12 $OUT/serve.log ;;
+    decode)  timeout 200 python3 bench/bench_decode_gpu.py --batch 1 8 64 --steps 50 > $OUT/decode.log 2>&1; tail -15 $OUT/decode.log ;;
+  esac
+done
