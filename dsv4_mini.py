@@ -990,12 +990,13 @@ class LayerCache:
         self.index_entries = self.index_kv_state = self.index_gate_state = None
         if m:
             c = 2 if m == 4 else 1
-            self.entries = torch.zeros(num_slots, max_seq_len // m, D, dtype=dtype, device=device)
+            # at least one row: the one-token path writes (back) some entry even before any is complete
+            self.entries = torch.zeros(num_slots, max(1, max_seq_len // m), D, dtype=dtype, device=device)
             self.kv_state = torch.zeros(num_slots, c * m, c * D, device=device)
             self.gate_state = torch.full((num_slots, c * m, c * D), -math.inf, device=device)
         if m == 4:
             Di = config.index_head_dim
-            self.index_entries = torch.zeros(num_slots, max_seq_len // m, Di, dtype=dtype, device=device)
+            self.index_entries = torch.zeros(num_slots, max(1, max_seq_len // m), Di, dtype=dtype, device=device)
             self.index_kv_state = torch.zeros(num_slots, 2 * m, 2 * Di, device=device)
             self.index_gate_state = torch.full((num_slots, 2 * m, 2 * Di), -math.inf, device=device)
 
@@ -1069,6 +1070,12 @@ class DecodeGraphs:
         self.device = model.embed.weight.device
         self.use_graphs = self.device.type == "cuda"
         self.graphs: dict[int, dict] = {}  # bucket -> {"graph", "inputs", "logits", "load"}
+
+    def capture_all(self) -> None:
+        """Capture every bucket now (server start), so no request waits for a capture. CUDA only."""
+        for size in self.buckets:
+            if self.use_graphs and size not in self.graphs:
+                self._capture(size)
 
     def bucket(self, batch_size: int) -> int:
         for size in self.buckets:

@@ -99,8 +99,11 @@ class EngineStats:
 class Engine:
     def __init__(self, model, *, max_batch_size: int, max_seq_len: int, max_queue: int,
                  eos_token_ids: tuple[int, ...] = (), prefill_chunk: int = 256, seed: int = 0,
-                 eplb=None, peers=None, decode_graphs: bool = False):
+                 eplb=None, peers=None, decode_graphs: bool = False, num_token_ids: int | None = None):
         self.model = model
+        # Ids >= num_token_ids are embedding rows the tokenizer never produces (the model's vocab is
+        # padded past it): they are never sampled, so every generated token has text.
+        self.num_token_ids = num_token_ids
         # ep.LockstepModel under torchrun: the other ranks follow every step, so idle ticks are
         # sent to them too (ranks never fall out of step) and they are told to stop at the end.
         self.peers = peers
@@ -116,6 +119,7 @@ class Engine:
         if decode_graphs:
             from dsv4_mini import DecodeGraphs
             self.decoder = DecodeGraphs(model, self.cache, max_batch_size)
+            self.decoder.capture_all()
         self.device = next(model.parameters()).device
         self.free_slots = list(range(max_batch_size - 1, -1, -1))   # pop() hands out slot 0 first
         self.running: list[Sequence] = []                            # engine thread only
@@ -292,6 +296,8 @@ class Engine:
             self._append_token(seq, logits[0])
 
     def _append_token(self, seq: Sequence, logits_row: torch.Tensor) -> None:
+        if self.num_token_ids is not None:
+            logits_row = logits_row[:self.num_token_ids]
         token = sample_next(logits_row, seq.params, seq.generator)
         seq.output_ids.append(token)
         reason = None

@@ -871,7 +871,7 @@ def build_runtime(args: argparse.Namespace) -> Runtime:
     engine = Engine(peers or model, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
                     max_queue=args.max_queue, eos_token_ids=tokenizer.eos_ids, prefill_chunk=args.prefill_chunk,
                     seed=args.seed, eplb=eplb_manager, peers=peers,
-                    decode_graphs=peers is None)
+                    decode_graphs=peers is None, num_token_ids=tokenizer.vocab_size)
     return Runtime(engine=engine, tokenizer=tokenizer, model_name=name, max_seq_len=args.max_seq_len,
                    vocab_size=config.vocab_size, eplb=eplb_manager, record_dir=record_dir, peers=peers)
 

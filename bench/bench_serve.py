@@ -146,6 +146,7 @@ def main() -> None:
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
         meta[f"ready_seconds_eplb_{'on' if eplb else 'off'}"] = ready_s
         try:
+            asyncio.run(sweep_point(url, model, 2, argparse.Namespace(**{**vars(args), "output_len": 4})))  # warm-up
             for c in args.concurrency:
                 row = asyncio.run(sweep_point(url, model, c, args))
                 row["eplb"] = eplb
