@@ -99,7 +99,8 @@ class EngineStats:
 class Engine:
     def __init__(self, model, *, max_batch_size: int, max_seq_len: int, max_queue: int,
                  eos_token_ids: tuple[int, ...] = (), prefill_chunk: int = 256, seed: int = 0,
-                 eplb=None, peers=None, decode_graphs: bool = False, num_token_ids: int | None = None):
+                 eplb=None, peers=None, decode_graphs: bool = False, num_token_ids: int | None = None,
+                 prefill_tail: int = 0):
         self.model = model
         # Ids >= num_token_ids are embedding rows the tokenizer never produces (the model's vocab is
         # padded past it): they are never sampled, so every generated token has text.
@@ -111,6 +112,7 @@ class Engine:
         self.max_queue = max_queue
         self.eos_token_ids = frozenset(eos_token_ids)
         self.prefill_chunk = prefill_chunk
+        self.prefill_tail = prefill_tail  # last prompt tokens fed through the batched one-token step
         self.eplb = eplb                      # eplb.EPLBManager or None
         self.cache = model.new_cache(max_batch_size, max_seq_len)
         # Decode through dsv4_mini.DecodeGraphs: CUDA graphs on GPU; on CPU a padded eager step whose
@@ -266,27 +268,40 @@ class Engine:
             self.running.append(seq)
 
     def _decode(self, load) -> None:
-        batch = [s for s in self.running if not s.prefilling]
-        if batch:
-            self._decode_rows(batch, load)
-
-    def _decode_rows(self, batch: list[Sequence], load) -> None:
-        input_ids = torch.tensor([[s.output_ids[-1]] for s in batch], device=self.device)
-        start_pos = torch.tensor([s.num_tokens - 1 for s in batch], device=self.device)
+        """One batched one-token step. A request still prefilling joins it with its next prompt token
+        once at most `prefill_tail` prompt tokens are left: under CUDA graphs a graphed row costs far
+        less than an eager prefill forward (kernel launches, not math, dominate small steps)."""
+        batch = [s for s in self.running if not s.prefilling or
+                 len(s.prompt_ids) - s.num_prefilled <= self.prefill_tail]
+        if not batch:
+            return
+        # [B] the token each row feeds and its position: next prompt token, or the last output token
+        tokens = [s.prompt_ids[s.num_prefilled] if s.prefilling else s.output_ids[-1] for s in batch]
+        positions = [s.num_prefilled if s.prefilling else s.num_tokens - 1 for s in batch]
+        input_ids = torch.tensor(tokens, device=self.device)
+        start_pos = torch.tensor(positions, device=self.device)
         slot_ids = torch.tensor([s.slot for s in batch], device=self.device)
         if self.decoder is not None:
-            logits = self.decoder.run(input_ids.view(-1), start_pos, slot_ids, load)
+            logits = self.decoder.run(input_ids, start_pos, slot_ids, load)
         else:
-            logits = self.model.forward(input_ids, start_pos, self.cache, slot_ids, load=load, last_only=True)
+            logits = self.model.forward(input_ids.view(-1, 1), start_pos, self.cache, slot_ids, load=load,
+                                        last_only=True)
         logits = logits.float().cpu()  # one device->host copy per step, not one sync per request
         for seq, row in zip(batch, logits):
+            if seq.prefilling:
+                seq.num_prefilled += 1
+                if seq.prefilling:
+                    continue  # a prompt token: its logits predict nothing we need
             self._append_token(seq, row)
 
     def _prefill_one_chunk(self, load) -> None:
-        seq = next((s for s in self.running if s.prefilling), None)
+        """One eager forward over the next chunk of the oldest long prompt (down to `prefill_tail`
+        tokens left, which then go through the batched one-token steps)."""
+        seq = next((s for s in self.running if len(s.prompt_ids) - s.num_prefilled > self.prefill_tail), None)
         if seq is None:
             return
-        chunk = seq.prompt_ids[seq.num_prefilled: seq.num_prefilled + self.prefill_chunk]
+        end = min(seq.num_prefilled + self.prefill_chunk, len(seq.prompt_ids) - self.prefill_tail)
+        chunk = seq.prompt_ids[seq.num_prefilled:end]
         input_ids = torch.tensor([chunk], device=self.device)
         start_pos = torch.tensor([seq.num_prefilled], device=self.device)
         slot_ids = torch.tensor([seq.slot], device=self.device)

@@ -726,6 +726,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--max-seq-len", type=int, default=1024, help="prompt + completion tokens per request")
     s.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503")
     s.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill forward")
+    s.add_argument("--prefill-tail", type=int, default=-1,
+                   help="the last N prompt tokens of a request go through the batched one-token (CUDA-graph) "
+                        "step instead of an eager prefill forward; -1 = auto (64 on CUDA, 0 on CPU)")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     s.add_argument("--drain-seconds", type=float, default=6.0,
                    help="on SIGTERM, let in-flight requests finish this long, then end them")
@@ -871,7 +874,9 @@ def build_runtime(args: argparse.Namespace) -> Runtime:
     engine = Engine(peers or model, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
                     max_queue=args.max_queue, eos_token_ids=tokenizer.eos_ids, prefill_chunk=args.prefill_chunk,
                     seed=args.seed, eplb=eplb_manager, peers=peers,
-                    decode_graphs=peers is None, num_token_ids=tokenizer.vocab_size)
+                    decode_graphs=peers is None, num_token_ids=tokenizer.vocab_size,
+                    prefill_tail=args.prefill_tail if args.prefill_tail >= 0 else
+                    (64 if device != "cpu" and peers is None else 0))
     return Runtime(engine=engine, tokenizer=tokenizer, model_name=name, max_seq_len=args.max_seq_len,
                    vocab_size=config.vocab_size, eplb=eplb_manager, record_dir=record_dir, peers=peers)
 

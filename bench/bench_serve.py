@@ -64,17 +64,28 @@ def make_prompt(rng: random.Random, n_words: int) -> str:
 
 
 async def one_request(http, url, model, prompt, args, seed) -> dict:
-    body = {"model": model, "prompt": prompt, "max_tokens": args.output_len, "temperature": args.temperature, "seed": seed,
-            "ignore_eos": True, "stream": True}
+    """One streaming completion. Counts the tokens the server says it generated (usage) and fails
+    loudly on any finish other than "length": an aborted stream must never count as throughput."""
+    body = {"model": model, "prompt": prompt, "max_tokens": args.output_len, "temperature": args.temperature,
+            "seed": seed, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
-    stamps = []
+    stamps, finish, usage = [], None, None
     async with http.stream("POST", url + "/v1/completions", json=body, timeout=None) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                stamps.append(time.perf_counter())
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                usage = event["usage"]
+            for choice in event.get("choices", []):
+                finish = choice.get("finish_reason") or finish
+                if choice.get("text"):
+                    stamps.append(time.perf_counter())
+    if finish != "length" or not usage or usage["completion_tokens"] != args.output_len:
+        raise RuntimeError(f"request ended with finish_reason={finish!r}, usage={usage}")
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    return {"ttft": stamps[0] - t0, "gaps": gaps, "tokens": args.output_len}
+    return {"ttft": stamps[0] - t0 if stamps else float("nan"), "gaps": gaps, "tokens": usage["completion_tokens"]}
 
 
 async def sweep_point(url, model, concurrency, args) -> dict:
