@@ -35,13 +35,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args, eplb: bool) -> tuple[subprocess.Popen, str, float]:
+def start_server(args, eplb: str) -> tuple[subprocess.Popen, str, float]:
+    """eplb: "off"; "record" (count load on every step, never move: P = E, one rank, so the only
+    difference from "off" is the counting); "on" (EP ranks, redundant slots, rebalance every 50 steps)."""
     port = free_port()
     flags = ["--preset", args.preset, "--device", args.device, "--port", str(port), "--log-level", "warning",
              "--max-batch-size", str(max(args.concurrency)), "--max-seq-len", str(args.prompt_len + args.output_len + 8)]
     if args.num_layers:
         flags += ["--num-layers", str(args.num_layers)]
-    if eplb:
+    if eplb == "record":
+        flags += ["--eplb", "--eplb-rebalance-num-iterations", str(10**9)]
+    elif eplb == "on":
         flags += ["--eplb", "--ep-size", str(args.ep_size), "--ep-num-redundant-experts", str(args.redundant),
                   "--eplb-rebalance-num-iterations", "50", "--eplb-window", "50"]
     started = time.monotonic()
@@ -148,20 +152,21 @@ def main() -> None:
     p.add_argument("--redundant", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, like the HF baseline")
+    p.add_argument("--eplb-modes", nargs="+", default=["off", "record", "on"], choices=["off", "record", "on"])
     p.add_argument("--hf-baseline", action="store_true", help="also time transformers generate (static batch)")
     args = p.parse_args()
 
     rows, meta = [], {"args": vars(args)}
-    for eplb in (False, True):
+    for eplb in args.eplb_modes:
         proc, url, ready_s = start_server(args, eplb)
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-        meta[f"ready_seconds_eplb_{'on' if eplb else 'off'}"] = ready_s
+        meta[f"ready_seconds_eplb_{eplb}"] = ready_s
         try:
             asyncio.run(sweep_point(url, model, 2, argparse.Namespace(**{**vars(args), "output_len": 4})))  # warm-up
             for c in args.concurrency:
                 row = asyncio.run(sweep_point(url, model, c, args))
                 row["eplb"] = eplb
-                if eplb:
+                if eplb != "off":
                     row["balancedness"] = httpx.get(url + "/eplb/state").json().get("balancedness")
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -170,14 +175,14 @@ def main() -> None:
             proc.wait(30)
     if args.hf_baseline:
         for row in rows:
-            if not row["eplb"]:
+            if row["eplb"] == "off":
                 row["hf_generate_tok_s"] = hf_baseline(args, row["concurrency"])
 
-    header = f"{'eplb':>4} {'conc':>4} {'out tok/s':>10} {'ttft p50':>9} {'ttft p99':>9} {'tpot p50':>9} {'tpot p99':>9} {'bal':>5} {'hf tok/s':>9}"
+    header = f"{'eplb':>6} {'conc':>4} {'out tok/s':>10} {'ttft p50':>9} {'ttft p99':>9} {'tpot p50':>9} {'tpot p99':>9} {'bal':>5} {'hf tok/s':>9}"
     print("\n" + header)
     for r in rows:
         hf = r.get("hf_generate_tok_s")
-        print(f"{'on' if r['eplb'] else 'off':>4} {r['concurrency']:>4} {r['output_tok_s']:>10.1f} "
+        print(f"{r['eplb']:>6} {r['concurrency']:>4} {r['output_tok_s']:>10.1f} "
               f"{r['ttft_p50'] * 1e3:>7.0f}ms {r['ttft_p99'] * 1e3:>7.0f}ms {r['tpot_p50'] * 1e3:>7.1f}ms "
               f"{r['tpot_p99'] * 1e3:>7.1f}ms {r.get('balancedness') or float('nan'):>5.2f} "
               f"{hf if hf is not None else float('nan'):>9.1f}")
