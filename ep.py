@@ -247,6 +247,7 @@ class LockstepModel:
 
     def stop(self) -> None:
         self._channel.send(STEP_STOP, [])
+        shutdown(self._group)
 
 
 class LockstepCache:
@@ -285,6 +286,13 @@ def move_layer_checked(mover: DistributedMover, model, weights, old_row, new_row
     return received
 
 
+def shutdown(group) -> None:
+    """Leave together: a barrier first, so no rank tears down its connections while a peer still
+    talks to it (gloo aborts the process then), and then the process group itself."""
+    collective(dist.barrier, group=group)
+    dist.destroy_process_group()
+
+
 def gather_moe_seconds(model, group) -> torch.Tensor:
     """[G] seconds each rank spent in its own expert slots during the last step (also a liveness
     check: it needs every rank, so a dead or hung rank turns into a timeout error here)."""
@@ -306,6 +314,7 @@ def run_worker(model, channel: StepChannel, mover: DistributedMover, canary: boo
     while True:
         kind, parts = channel.recv()
         if kind == STEP_STOP:
+            shutdown(mover.group)
             return
         if kind == STEP_NEW_CACHE:
             num_slots, max_seq_len = parts[0].tolist()

@@ -198,7 +198,7 @@ try:
 except RuntimeError as error:
     assert "canary" in str(error)
 print("mover ok", rank)
-torch.distributed.destroy_process_group()
+ep.shutdown(group)
 """
 
 
