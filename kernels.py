@@ -145,14 +145,13 @@ def _tiled_matmul(xs, w):
     CPU BLAS picks different kernels (and so different rounding) by row count. With fixed tiles a
     row's result is bitwise independent of which other rows share the call. EPLB relies on that:
     moving an expert to another slot changes which tokens share a slot, never the output.
+    (One F.linear per tile: a batched matmul over a broadcast weight would copy the weight.)
     """
     n = xs.shape[0]
     pad = (-n) % MATMUL_TILE_ROWS
     if pad:
         xs = torch.cat([xs, xs.new_zeros(pad, xs.shape[1])])
-    tiles = xs.view(-1, MATMUL_TILE_ROWS, xs.shape[1])  # [c, M, a]
-    out = torch.bmm(tiles, w.T.unsqueeze(0).expand(tiles.shape[0], -1, -1))  # [c, M, b]
-    return out.view(-1, w.shape[0])[:n]
+    return torch.cat([F.linear(tile, w) for tile in xs.split(MATMUL_TILE_ROWS)])[:n]
 
 
 def moe_experts_torch(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0):

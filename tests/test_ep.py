@@ -19,7 +19,7 @@ import eplb
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_serve import free_port  # noqa: E402
+from test_serve import free_port, wait_healthy  # noqa: E402
 
 PROMPTS = ["The experts", "Once upon a time", "What is the capital of France?", "0 1 2 3 4 5",
            "Mixture-of-experts layers route every token", "café 中文 🙂"]
@@ -38,17 +38,11 @@ class Launch:
         self.proc = subprocess.Popen(head + [*FLAGS, *flags, "--port", str(self.port)], cwd=ROOT,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      start_new_session=True)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.proc.stdout.read()
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise TimeoutError("server did not become ready")
+        try:
+            wait_healthy(self.proc, self.url, timeout_s=90)
+        except TimeoutError:
+            self.stop()
+            raise
 
     def complete(self, prompt: str, max_tokens: int = 12) -> list:
         body = {"model": "dsv4-tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}

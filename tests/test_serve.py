@@ -24,6 +24,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float = 60) -> None:
+    """Until GET /health answers 200; fails with the server's output if it exits first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError("server did not become ready")
+
+
 class Server:
     def __init__(self, *flags: str):
         self.port = free_port()
@@ -31,16 +45,7 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "serve.py", "--preset", "tiny", "--port", str(self.port), "--log-level", "warning",
              *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.proc.stdout.read()
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError("server did not become ready")
+        wait_healthy(self.proc, self.url)
 
     def metric(self, name: str, headers=None) -> float:
         for line in httpx.get(self.url + "/metrics", headers=headers).text.splitlines():
