@@ -67,10 +67,14 @@ class Sequence:
         return len(self.prompt_ids) + len(self.output_ids)
 
 
+GREEDY_BELOW = 1e-5  # temperatures under this sample greedily
+
+
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token from one row of fp32 logits [V]: greedy at temperature 0, else top-k → top-p →
-    multinomial with the request's own generator (so a seeded request replays exactly)."""
-    if params.temperature == 0:
+    """One token from one row of fp32 logits [V]: greedy at temperature 0 (and below 1e-5, where
+    logits / T would overflow), else top-k → top-p → multinomial with the request's own generator
+    (so a seeded request replays exactly)."""
+    if params.temperature < GREEDY_BELOW:
         return int(logits.argmax())
     logits = logits.float().cpu() / params.temperature
     if 0 < params.top_k < logits.numel():
@@ -93,7 +97,6 @@ class EngineStats:
     waiting: int = 0
     slots_in_use: int = 0
     num_slots: int = 0
-    steps: int = 0
 
 
 class Engine:
@@ -142,7 +145,11 @@ class Engine:
     # ---------------------------------------------------------------- called from other threads
 
     def submit(self, seq: Sequence) -> Sequence:
-        """Queue a request. Raises QueueFull when the queue is full or the engine is draining."""
+        """Queue a request. Raises QueueFull when the queue is full, the engine is draining or dead."""
+        if not seq.prompt_ids:
+            raise ValueError("a request needs at least one prompt token")
+        if self.crashed:
+            raise QueueFull
         with self._lock:
             if self._draining or len(self._waiting) >= self.max_queue:
                 raise QueueFull
@@ -160,6 +167,9 @@ class Engine:
     def call(self, fn: Callable[[], object]) -> concurrent.futures.Future:
         """Run fn on the engine thread between two steps; the future holds its result or error."""
         future: concurrent.futures.Future = concurrent.futures.Future()
+        if self.crashed or self._stopped:
+            future.set_exception(RuntimeError(f"the engine is not running ({self.last_error or 'stopped'})"))
+            return future
         with self._lock:
             self._calls.append((fn, future))
         self._wakeup.set()
@@ -213,10 +223,19 @@ class Engine:
         except Exception as error:  # only fatal errors get here (a lost rank): the engine is dead
             self.last_error = error
             self._end_all("abort")
+            self._fail_calls()
             raise
         self._end_all("abort")
+        self._fail_calls()
         if self.peers is not None:
             self.peers.stop()
+
+    def _fail_calls(self) -> None:
+        """Calls queued when the loop ends get an error, not an endless wait."""
+        with self._lock:
+            calls, self._calls = list(self._calls), collections.deque()
+        for _, future in calls:
+            future.set_exception(RuntimeError("the engine stopped before running this call"))
 
     def step(self) -> None:
         self._run_calls()
@@ -232,7 +251,10 @@ class Engine:
             except Exception as error:  # noqa: BLE001 - a failed step ends its requests, never the engine
                 self.last_error = error
                 self._end_all("abort")
-                if getattr(error, "fatal", False):  # ...unless a rank is lost: then nothing can run
+                if self.eplb is not None:
+                    self.eplb.load.zero_()  # a half-counted step must not leak into the next one
+                # ...unless a rank is lost, or other ranks may already be inside this step's collectives
+                if getattr(error, "fatal", False) or self.peers is not None:
                     raise
         self._publish_stats()
 
@@ -244,6 +266,8 @@ class Engine:
                 future.set_result(fn())
             except Exception as error:  # noqa: BLE001 - the caller sees the error, the engine goes on
                 future.set_exception(error)
+                if getattr(error, "fatal", False):  # ...unless it was a lost rank (e.g. mid-rebalance)
+                    raise
 
     def _drop_aborted(self) -> None:
         with self._lock:
@@ -294,6 +318,19 @@ class Engine:
                     continue  # a prompt token: its logits predict nothing we need
             self._append_token(seq, row)
 
+    def _append_token(self, seq: Sequence, logits_row: torch.Tensor) -> None:
+        """Sample and deliver one token; a failure here ends this request only."""
+        try:
+            self._sample_and_deliver(seq, logits_row)
+        except Exception as error:  # noqa: BLE001
+            self.last_error = error
+            if seq in self.running:
+                self._finish(seq, "abort", notify=False)
+                try:
+                    seq.on_token(None, "abort")
+                except Exception:  # noqa: BLE001 - the callback itself may be what failed
+                    pass
+
     def _prefill_one_chunk(self, load) -> None:
         """One eager forward over the next chunk of the oldest long prompt (down to `prefill_tail`
         tokens left, which then go through the batched one-token steps)."""
@@ -310,7 +347,7 @@ class Engine:
         if not seq.prefilling:
             self._append_token(seq, logits[0])
 
-    def _append_token(self, seq: Sequence, logits_row: torch.Tensor) -> None:
+    def _sample_and_deliver(self, seq: Sequence, logits_row: torch.Tensor) -> None:
         if self.num_token_ids is not None:
             logits_row = logits_row[:self.num_token_ids]
         token = sample_next(logits_row, seq.params, seq.generator)
@@ -345,5 +382,4 @@ class Engine:
         with self._lock:
             waiting = len(self._waiting)
         self.stats = EngineStats(running=len(self.running), waiting=waiting,
-                                 slots_in_use=len(self.running), num_slots=self.cache.num_slots,
-                                 steps=self.stats.steps + 1)
+                                 slots_in_use=len(self.running), num_slots=self.cache.num_slots)

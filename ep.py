@@ -17,6 +17,7 @@ process:
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -25,12 +26,22 @@ import torch
 import torch.distributed as dist
 
 
-def init_expert_parallel(device: torch.device, timeout_s: float = 20.0):
-    """Join the torchrun job. Returns (rank, world_size, group). Backend follows the device."""
+STARTUP_TIMEOUT_S = 1800.0  # loading a big checkpoint can take long on one node; serving steps cannot
+
+
+def init_expert_parallel(device: torch.device) -> tuple[int, int]:
+    """Join the torchrun job (backend follows the device). Returns (rank, world_size)."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    return dist.get_rank(), dist.get_world_size(), dist.group.WORLD
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=STARTUP_TIMEOUT_S))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def serving_group(timeout_s: float):
+    """Call on every rank once its model is built: wait for all (startup timeout), then the group the
+    steps run on, whose short timeout turns a dead or hung peer into an error instead of a hang."""
+    dist.barrier()
+    return dist.new_group(timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def launched_by_torchrun() -> bool:
@@ -60,9 +71,9 @@ STEP_IDLE, STEP_FORWARD, STEP_RESET_SLOT, STEP_NEW_CACHE, STEP_MOVE_LAYER, STEP_
 class StepChannel:
     """Rank 0 → all ranks: what the next step is. Two broadcasts: a fixed header, then the payload.
 
-    header = [kind, n_payload_tensors, len_0, ..., len_7]; payloads are int64 vectors (a forward's
-    input_ids, positions, slot ids, shapes; a rebalance's new phy2log rows), so every rank can
-    rebuild exactly what rank 0 runs.
+    header = [kind, n_parts, len_0, ..., len_7]; the payload is the parts (int64 vectors: a forward's
+    input_ids, positions, slot ids, shapes; a layer move's new phy2log row) concatenated, so every
+    rank can rebuild exactly what rank 0 runs.
     """
 
     MAX_PARTS = 8
@@ -78,19 +89,20 @@ class StepChannel:
         for i, p in enumerate(parts):
             header[2 + i] = p.numel()
         collective(dist.broadcast, header, src=0, group=self.group)
-        for p in parts:
-            collective(dist.broadcast, p.to(self.device, torch.int64).contiguous().view(-1), src=0, group=self.group)
+        if parts:
+            payload = torch.cat([p.to(self.device, torch.int64).reshape(-1) for p in parts])
+            collective(dist.broadcast, payload, src=0, group=self.group)
 
     def recv(self) -> tuple[int, list[torch.Tensor]]:
         header = torch.empty(2 + self.MAX_PARTS, dtype=torch.int64, device=self.device)
         collective(dist.broadcast, header, src=0, group=self.group)
         kind, n = int(header[0]), int(header[1])
-        parts = []
-        for i in range(n):
-            buf = torch.empty(int(header[2 + i]), dtype=torch.int64, device=self.device)
-            collective(dist.broadcast, buf, src=0, group=self.group)
-            parts.append(buf)
-        return kind, parts
+        if n == 0:
+            return kind, []
+        lengths = header[2:2 + n].tolist()
+        payload = torch.empty(sum(lengths), dtype=torch.int64, device=self.device)
+        collective(dist.broadcast, payload, src=0, group=self.group)
+        return kind, list(payload.split(lengths))
 
 
 # ---------------------------------------------------------------- cross-rank expert moves
@@ -139,10 +151,10 @@ class DistributedMover:
 
     def __init__(self, rank: int, num_ranks: int, group=None, chunk_size: int = 32):
         self.rank, self.num_ranks, self.group, self.chunk_size = rank, num_ranks, group, chunk_size
-        self.bytes_sent = 0
 
     def move_layer(self, weights: list[torch.Tensor], old_row: torch.Tensor, new_row: torch.Tensor) -> int:
-        """Apply the slot changes of one layer in place. Returns the bytes this rank received."""
+        """Apply the slot changes of one layer in place. Returns the bytes written into this rank's
+        slots (local copies and received)."""
         per_rank = old_row.numel() // self.num_ranks
         first = self.rank * per_rank
         mine = lambda slot: first <= slot < first + per_rank  # noqa: E731
@@ -173,7 +185,8 @@ class DistributedMover:
         for local_slot, tensors in staged:
             for w, t in zip(weights, tensors):
                 w[local_slot].copy_(t)
-        return received
+        slot_bytes = sum(w[0].numel() * w[0].element_size() for w in weights)
+        return slot_bytes * len(staged)
 
 
 def slot_fingerprints(weights: list[torch.Tensor], group=None, num_ranks: int = 1) -> torch.Tensor:
@@ -207,8 +220,8 @@ def check_canary(weights, new_row, expected_expert_fp, group=None, num_ranks=1) 
     got = slot_fingerprints(weights, group, num_ranks)
     want = expected_expert_fp[new_row.to(expected_expert_fp.device)]
     bad = (got != want).nonzero().flatten().tolist()
-    if bad:
-        raise RuntimeError(f"EPLB canary failed: slots {bad[:16]} do not hold their planned experts")
+    if bad:  # fatal: the ranks' weights and maps no longer agree
+        raise RankFailure(f"EPLB canary failed: slots {bad[:16]} do not hold their planned experts")
 
 
 # ---------------------------------------------------------------- rank 0 side: the engine's model
@@ -235,8 +248,9 @@ class LockstepModel:
     def forward(self, input_ids, start_pos, cache, slot_ids, load=None, last_only=False):
         B, S = input_ids.shape
         self._channel.send(STEP_FORWARD, [input_ids, start_pos, slot_ids, torch.tensor([B, S, int(last_only)])])
-        logits = self._model.forward(input_ids, start_pos, cache.inner, slot_ids, load=load, last_only=last_only)
-        self.rank_moe_seconds = gather_moe_seconds(self._model, self._group)
+        with fatal_after_broadcast():
+            logits = self._model.forward(input_ids, start_pos, cache.inner, slot_ids, load=load, last_only=last_only)
+            self.rank_moe_seconds = gather_moe_seconds(self._model, self._group)
         self.rank_moe_seconds_total += self.rank_moe_seconds
         return logits
 
@@ -259,7 +273,8 @@ class LockstepCache:
 
     def reset(self, slot: int) -> None:
         self._channel.send(STEP_RESET_SLOT, [torch.tensor([slot])])
-        self.inner.reset(slot)
+        with fatal_after_broadcast():
+            self.inner.reset(slot)
 
 
 class LockstepMover:
@@ -270,20 +285,36 @@ class LockstepMover:
 
     def move_layer(self, weights, old_row, new_row, layer: int) -> int:
         self.channel.send(STEP_MOVE_LAYER, [torch.tensor([layer]), new_row])
-        return move_layer_checked(self.mover, self.model, weights, old_row, new_row, self.canary)
+        with fatal_after_broadcast():
+            return move_layer_checked(self.mover, self.model, weights, old_row, new_row, self.canary)
+
+
+@contextlib.contextmanager
+def fatal_after_broadcast():
+    """Once rank 0 has announced a step, the other ranks are inside it: any error on rank 0 from
+    here on leaves them waiting in a collective, so it must end the server, not just the request."""
+    try:
+        yield
+    except RankFailure:
+        raise
+    except Exception as error:
+        raise RankFailure(f"rank 0 failed inside a lock-step operation: {error!r}") from error
 
 
 def move_layer_checked(mover: DistributedMover, model, weights, old_row, new_row, canary: bool) -> int:
     """The same on every rank: move one layer's slots; with `canary`, prove every slot now holds
-    its planned expert (fingerprints gathered from all ranks before and after)."""
+    its planned expert (fingerprints gathered from all ranks before and after). Returns the bytes
+    written into slots on all ranks together."""
     expected = None
     if canary:
         before = slot_fingerprints(weights, mover.group, mover.num_ranks)
         expected = expert_fingerprints(before, old_row, model.config.n_routed_experts)
-    received = mover.move_layer(weights, old_row, new_row)
+    written = torch.tensor([mover.move_layer(weights, old_row, new_row)], dtype=torch.int64,
+                           device=weights[0].device)
     if canary:
         check_canary(weights, new_row, expected, mover.group, mover.num_ranks)
-    return received
+    collective(dist.all_reduce, written, group=mover.group)
+    return int(written)
 
 
 def shutdown(group) -> None:

@@ -268,6 +268,12 @@ def reject_unsupported(req: BaseModel) -> None:
 def sampling_params(req: SamplingFields, prompt_len: int, max_seq_len: int, vocab_size: int,
                     default_max_tokens: int | None) -> tuple[SamplingParams, list[str]]:
     """Range checks → SamplingParams + stop strings. Every failure is a 400 naming the field."""
+    if prompt_len == 0:
+        raise APIError(400, "the prompt is empty: it must hold at least one token", "prompt")
+    if prompt_len >= max_seq_len:
+        raise APIError(400, f"This model's maximum context length is {max_seq_len} tokens. However, the "
+                            f"prompt alone has {prompt_len} tokens, leaving no room for a completion.",
+                       "messages" if default_max_tokens is None else "prompt", "context_length_exceeded")
     if not 0.0 <= req.temperature <= 2.0:
         raise APIError(400, f"temperature must be in [0, 2], got {req.temperature}", "temperature")
     if not 0.0 < req.top_p <= 1.0:
@@ -699,6 +705,7 @@ def engine_snapshot(rt: Runtime) -> dict:
 # ====================================================================== CLI
 
 PRESETS = ("mini", "tiny", "flash")
+MAX_EPLB_WINDOW = 100_000
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -796,6 +803,8 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     world = int(os.environ.get("WORLD_SIZE", 1)) if "RANK" in os.environ else 1
     if world > 1 and a.ep_size != world:
         p.error(f"--ep-size ({a.ep_size}) must equal the number of torchrun processes ({world})")
+    if a.eplb_window > MAX_EPLB_WINDOW:
+        p.error(f"--eplb-window must be <= {MAX_EPLB_WINDOW} steps (the ring is preallocated), got {a.eplb_window}")
     if a.ep_timeout <= 0:
         p.error(f"--ep-timeout must be > 0, got {a.ep_timeout}")
     if a.record_dir is not None and not a.eplb:
@@ -843,13 +852,15 @@ def build_runtime(args: argparse.Namespace) -> Runtime:
     and hands the engine an `ep.LockstepModel`, so every forward, cache reset and expert move is
     first announced to the other ranks (which run `worker_main`).
     """
+    import torch
     import dsv4_mini
     import ep
     device, dtype = pick_device(args)
     peers = mover = None
     if ep.launched_by_torchrun():
-        rank, world, group = ep.init_expert_parallel(torch_device(device), args.ep_timeout)
+        rank, world = ep.init_expert_parallel(torch.device(device))
         model, config = build_model_for_rank(args, device, dtype, rank, world)
+        group = ep.serving_group(args.ep_timeout)
         model.ep_group, model.moe_timer = group, dsv4_mini.MoETimer()
         channel = ep.StepChannel(group, device)
         peers = ep.LockstepModel(model, channel, group)
@@ -881,13 +892,9 @@ def build_runtime(args: argparse.Namespace) -> Runtime:
                    vocab_size=config.vocab_size, eplb=eplb_manager, record_dir=record_dir, peers=peers)
 
 
-def torch_device(device: str):
-    import torch
-    return torch.device(device)
-
-
 def worker_main(args: argparse.Namespace) -> int:
     """Ranks 1..G-1 under torchrun: hold this rank's expert slots and follow rank 0's steps."""
+    import torch
     import dsv4_mini
     import ep
     # SIGTERM/SIGINT reach every rank when torchrun is stopped: rank 0 drains the requests in flight,
@@ -896,8 +903,9 @@ def worker_main(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     device, dtype = pick_device(args)
-    rank, world, group = ep.init_expert_parallel(torch_device(device), args.ep_timeout)
+    rank, world = ep.init_expert_parallel(torch.device(device))
     model, _ = build_model_for_rank(args, device, dtype, rank, world)
+    group = ep.serving_group(args.ep_timeout)
     model.ep_group, model.moe_timer = group, dsv4_mini.MoETimer()
     log.info("rank %d/%d: experts slots %d..%d, following rank 0", rank, world,
              rank * model.slots_per_rank, (rank + 1) * model.slots_per_rank - 1)

@@ -39,3 +39,34 @@ def test_padded_vocab_rows_are_never_sampled(model):
     engine = Engine(model, max_batch_size=2, max_seq_len=64, max_queue=4, num_token_ids=7, decode_graphs=True)
     outputs = run_all(engine, [[1, 2, 3], [4, 5]], 10)
     assert all(0 <= t < 7 for out in outputs for t in out)
+
+
+def test_one_bad_request_never_ends_its_neighbours(model):
+    engine = Engine(model, max_batch_size=4, max_seq_len=64, max_queue=8, decode_graphs=True)
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    tiny_t = SamplingParams(max_tokens=6, temperature=1e-30, ignore_eos=True)  # logits / T would overflow
+
+    def explode(token, reason):
+        raise RuntimeError("client callback failed")
+
+    ok = engine.submit(Sequence([1, 2, 3], greedy, on_token=lambda t, r: None))
+    cold = engine.submit(Sequence([1, 2, 3], tiny_t, on_token=lambda t, r: None))
+    bad = engine.submit(Sequence([4, 5], greedy, on_token=explode))
+    for _ in range(50):
+        if not engine.has_work():
+            break
+        engine.step()
+    assert ok.finish_reason == "length" and cold.finish_reason == "length" and bad.finish_reason == "abort"
+    assert cold.output_ids == ok.output_ids  # below 1e-5 the temperature is greedy
+    assert engine.free_slots and len(engine.free_slots) == 4
+    with pytest.raises(ValueError, match="at least one prompt token"):
+        engine.submit(Sequence([], greedy, on_token=lambda t, r: None))
+
+
+def test_calls_after_stop_fail_instead_of_waiting(model):
+    engine = Engine(model, max_batch_size=1, max_seq_len=32, max_queue=1)
+    engine.start()
+    assert engine.call(lambda: 42).result(timeout=10) == 42
+    engine.stop()
+    with pytest.raises(RuntimeError, match="not running"):
+        engine.call(lambda: 1).result(timeout=1)
