@@ -99,7 +99,7 @@ _OFFICIAL_TO_HF_LAYER = dict(_LAYER_NAMES)
 _LAYER_RE = re.compile(r"layers\.(\d+)\.(.+)")
 _EXPERT_RE = re.compile(r"ffn\.experts\.(\d+)\.(w[123])\.(weight|scale)")
 # Tensors kept fp32 whatever dtype the caller asks for (the reference holds them in fp32).
-_FP32_RE = re.compile(r"(^|\.)(hc_\w+|attn_sink|ape|gate\.bias)$")
+_FP32_RE = re.compile(r"(^|\.)(hc_\w+|attn_sink|ape|gate\.bias|\w*norm\.weight)$")
 
 
 def layer_of(name: str) -> int | None:

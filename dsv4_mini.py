@@ -300,7 +300,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Te
     x0, x1 = pairs.unbind(-1)
     if inverse:
         sin = -sin
-    # out = (x0 cos - x1 sin, x0 sin + x1 cos); addcmul/mul_ fuse the products into 4 kernels
+    # out = (x0 cos - x1 sin, x0 sin + x1 cos); addcmul fuses a product and a sum
     rotated = torch.stack([torch.addcmul(x0 * cos, x1, sin, value=-1), torch.addcmul(x0 * sin, x1, cos)], dim=-1)
     return torch.cat([x[..., :-r], rotated.flatten(-2).to(x.dtype)], dim=-1)
 
@@ -328,7 +328,7 @@ def sinkhorn(comb: Tensor, iters: int, eps: float) -> Tensor:
 
     The decode hot spot: 16 calls per token on [B,S,4,4]. Each normalisation is two kernels: a
     batched matmul with a ones vector gives the sums with eps already added (baddbmm's `input`),
-    then an in-place divide; no temporaries are allocated inside the loop.
+    then an in-place divide.
     """
     shape, n = comb.shape, comb.shape[-1]
     comb = comb.softmax(-1).add_(eps).reshape(-1, n, n)  # [T,n,n]
@@ -484,8 +484,8 @@ class Compressor(nn.Module):
         pooled = (seq_kv * seq_gate.softmax(dim=1)).sum(1)  # [B,D]
         cos, sin = rope_cos_sin(inv_freq, w * m)  # entry w is roped at its first token
         pooled = apply_rope(self.norm(pooled), cos, sin).to(entries.dtype)
+        done = (((pos + 1) % m == 0) & (w < entries.shape[1])).unsqueeze(1)  # [B,1] completes window w
         w = w.clamp(max=entries.shape[1] - 1)  # an incomplete last window may lie past the buffer
-        done = ((pos + 1) % m == 0).unsqueeze(1)  # [B,1] this token completes window w
         entries[slot, w] = torch.where(done, pooled, entries[slot, w])
 
 
@@ -802,7 +802,7 @@ class DSV4Model(nn.Module):
 
     def compile_decode(self, parts: str = "sinkhorn", **compile_kwargs) -> DSV4Model:
         """Opt-in: torch.compile the mHC pieces, the part of a decode step made of the most tiny
-        kernels (the Sinkhorn loop alone is ~80 of the ~500 kernels per layer). Same math, fused
+        kernels (the Sinkhorn loop alone is ~80 kernels of every hc_pre call). Same math, fused
         (C++ on CPU, Triton on CUDA); compiles on first use per shape, so a first call takes
         seconds. parts: "sinkhorn" (the loop only) or "mhc" (all of hc_pre and hc_post).
         Everything else stays eager and readable."""
@@ -1040,7 +1040,7 @@ def batch_buckets(max_batch_size: int) -> list[int]:
 class DecodeGraphs:
     """Decode steps (one new token per row) replayed from CUDA graphs, one graph per batch bucket.
 
-    Why: a mini decode step is ~1,500 small kernels; launched one by one from Python the GPU waits
+    Why: a mini decode step is ~4,000 small kernels (measured on an H200); launched one by one from Python the GPU waits
     on the host most of the time. A CUDA graph replays the whole step with one launch. Captured
     work must have fixed shapes, fixed addresses and no host syncs, hence:
     * the batch is padded up to a bucket size (batch_buckets); padded rows decode token 0 at
@@ -1069,8 +1069,13 @@ class DecodeGraphs:
         self.buckets = batch_buckets(self.max_batch_size)
         self.device = model.embed.weight.device
         self.use_graphs = self.device.type == "cuda"
+        if self.use_graphs and (model.ep_group is not None or model.moe_timer is not None):
+            raise ValueError("DecodeGraphs cannot capture collectives or timing events: not under expert parallelism")
+        if self.use_graphs and os.environ.get("DSV4_KERNELS") == "torch":
+            raise ValueError("DecodeGraphs needs the Triton kernels on CUDA (the torch twins sync the host)")
         self.graphs: dict[int, dict] = {}  # bucket -> {"graph", "inputs", "logits", "load"}
 
+    @torch.no_grad()
     def capture_all(self) -> None:
         """Capture every bucket now (server start), so no request waits for a capture. CUDA only."""
         for size in self.buckets:
@@ -1124,6 +1129,7 @@ class DecodeGraphs:
         return torch.zeros(model.config.num_hidden_layers, model.num_physical_experts, dtype=torch.int32,
                            device=self.device)
 
+    @torch.no_grad()
     def _capture(self, size: int) -> dict:
         model, dev = self.model, self.device
         padding = self._padding(size)

@@ -3,17 +3,18 @@
 `torchrun --nproc-per-node G serve.py --eplb --ep-size G` starts G processes. Rank 0 owns HTTP,
 tokenizer, scheduler and sampling; every rank runs the same forward on the same batch, computes only
 its own P/G expert slots (`kernels.moe_experts(..., slot_offset)`) and the partial MoE outputs are
-summed with all-reduce inside the model. This file holds the three pieces that need more than one
-process:
+summed with all-reduce inside the model. This file holds what needs more than one process:
 
-1. `init_expert_parallel`  – the process group (gloo on CPU, NCCL on CUDA) with a bounded timeout,
-                              so a dead or hung rank turns into an error, never a silent hang.
-2. `StepChannel`            – rank 0 broadcasts each step's work (or an idle/stop marker); the other
-                              ranks follow, so every rank runs the same number of steps and collectives.
-3. `DistributedMover`       – applies one layer of a rebalance plan: only changed slots move; a slot
-                              whose expert already sits on the same rank is copied locally, others are
-                              received (batch_isend_irecv, bounded chunks) from a rank that held the
-                              expert in the old placement, senders spread over all holders.
+1. `init_expert_parallel`, `serving_group` – the process group (gloo on CPU, NCCL on CUDA): a long
+     timeout while ranks load, then a group with a short one, so a dead or hung rank turns into an
+     error (`RankFailure`), never a silent hang.
+2. `StepChannel` – rank 0 broadcasts each step's work (forward, cache reset, layer move, idle, stop);
+     `LockstepModel` / `LockstepCache` / `LockstepMover` are rank 0's side, `run_worker` the others',
+     so every rank runs the same steps and collectives in the same order.
+3. `DistributedMover` – applies one layer of a rebalance plan: only changed slots move; a slot whose
+     expert already sits on the same rank is copied locally, others are received (batch_isend_irecv,
+     bounded chunks) from a rank that held the expert in the old placement, senders spread over all
+     holders. `move_layer_checked` adds the canary (`slot_fingerprints` before and after).
 """
 from __future__ import annotations
 

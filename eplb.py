@@ -15,7 +15,7 @@ Pieces, top to bottom:
 3. ExpertLocation           phy2log / log2phy / logcnt, wrapping the model's buffers in place
 4. record files             sglang formats: {"logical_count": [S,L,E]} or {"physical_to_logical_map"}
 5. ExpertLoadRecorder       per-step [L,P] buffer for model.forward(load=...), ring window, dumps
-6. LocalMover, Rebalancer   in-place weight moves (ep.DistributedMover plugs in for real ranks)
+6. LocalMover, Rebalancer   in-place weight moves (ep.LockstepMover plugs in for real ranks)
 7. EPLBManager              the engine hook: record → plan → move → measure, plus state for HTTP
 8. CLI                      `python eplb.py plan RECORD ...`, `python eplb.py demo`
 """
@@ -732,7 +732,7 @@ def copy_schedule(old_row: list[int], new_row: list[int], num_ranks: int) -> lis
 class LocalMover:
     """Moves one layer's slots inside this process (all G virtual ranks hold their slots here).
 
-    The mover interface, shared with ep.DistributedMover (real ranks over torch.distributed):
+    The mover interface, shared with ep.LockstepMover (real ranks over torch.distributed):
         move_layer(weights: list[Tensor [P_local, ...]], old_row [P], new_row [P], layer) -> int bytes moved
     `weights` are the layer's slot-stacked tensors (w1, w3, w2 and any scales), changed in place.
     """
@@ -878,8 +878,9 @@ class EPLBManager:
 
     model: a dsv4_mini.DSV4Model (buffers phy2log / log2phy / logcnt, expert_weights(layer)).
     Hand `manager.load` to model.forward(load=...), then call `manager.after_step()`.
-    With real EP ranks every rank runs the same batch and routing, so every rank records the same
-    counts and plans the same placement; pass ep.DistributedMover as `mover` to move across ranks.
+    Under torchrun only rank 0 has a manager: it records (every rank routes the same batch, so its
+    counts are everyone's), plans, and moves through `ep.LockstepMover`, which announces each layer
+    move so the other ranks apply the same rows (`ep.run_worker`).
     The period (rebalance_num_iterations) counts from the end of the previous move, so the
     "measured after" window always completes before the next plan.
     """

@@ -487,7 +487,7 @@ def _moe_align(ids, slot_offset: int, P_local: int, BLOCK_M: int):
     sorted_pairs holds flat pair indices t*K + k grouped by slot (N = T*K marks padding; the
     order inside a slot is unspecified); block_slot[b] is the slot of rows b*BLOCK_M.. (or -1:
     block unused). num_blocks is the upper bound cdiv(N, BLOCK_M) + min(N, P_local), so nothing
-    here waits on the device. Three launches (count, scan, scatter), no torch ops but allocations.
+    here waits on the device. Two launches (count + scan, scatter), no torch ops but allocations.
     """
     N = ids.numel()
     dev = ids.device
@@ -736,7 +736,7 @@ def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0,
 
     config: optional dict like _moe_config's result, to override block sizes (benchmarks);
     its "scan" key (default: from _moe_config) picks the decode path.
-    Host work: output + scratch allocations and 3 launches (decode) or 6 (prefill); no sync.
+    Host work: output + scratch allocations and 3 launches (decode) or 5 (prefill: scan, scatter, up, down, sum); no sync.
     """
     T, D = x.shape
     K = ids.shape[1]

@@ -749,7 +749,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e.add_argument("--eplb-window", type=int, default=100, help="recent steps whose load a rebalance uses")
     e.add_argument("--eplb-min-balancedness", type=float, default=1.0,
                    help="skip a due rebalance while balancedness is at least this (1.0 = always rebalance)")
-    e.add_argument("--eplb-algorithm", choices=("global", "hierarchical"), default="global")
+    e.add_argument("--eplb-algorithm", choices=("global", "hierarchical"), default="global",
+                   help="hierarchical: balance experts over --eplb-num-nodes first, replicate only inside a node")
+    e.add_argument("--eplb-num-nodes", type=int, default=1,
+                   help="nodes the --ep-size ranks span (hierarchical needs > 1 and a divisor of --ep-size)")
     e.add_argument("--eplb-layers-per-step", type=int, default=0,
                    help="layers moved per forward step (0 = all layers at once)")
     e.add_argument("--init-expert-location", metavar="FILE",
@@ -803,6 +806,9 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     world = int(os.environ.get("WORLD_SIZE", 1)) if "RANK" in os.environ else 1
     if world > 1 and a.ep_size != world:
         p.error(f"--ep-size ({a.ep_size}) must equal the number of torchrun processes ({world})")
+    if a.eplb_algorithm == "hierarchical" and not (a.eplb_num_nodes > 1 and a.ep_size % a.eplb_num_nodes == 0):
+        p.error(f"--eplb-algorithm hierarchical needs --eplb-num-nodes > 1 dividing --ep-size ({a.ep_size}), "
+                f"got {a.eplb_num_nodes}")
     if a.eplb_window > MAX_EPLB_WINDOW:
         p.error(f"--eplb-window must be <= {MAX_EPLB_WINDOW} steps (the ring is preallocated), got {a.eplb_window}")
     if a.ep_timeout <= 0:
@@ -918,6 +924,7 @@ def make_eplb(args: argparse.Namespace, model, mover=None):
     import eplb
     config = eplb.EPLBConfig(num_ranks=args.ep_size, rebalance_num_iterations=args.eplb_rebalance_num_iterations,
                              window=args.eplb_window, algorithm=args.eplb_algorithm,
+                             num_nodes=args.eplb_num_nodes,
                              layers_per_step=args.eplb_layers_per_step or None,
                              min_balancedness=args.eplb_min_balancedness,
                              init_expert_location=args.init_expert_location)

@@ -150,10 +150,10 @@ def test_release_format_sharded_reads_back_the_dequantised_reference_exactly(tmp
     got = C.read_checkpoint(str(tmp_path), progress=False)
     assert_same(got, ref)
     assert got["layers.0.ffn.gate.tid2eid"].dtype == torch.int32
-    # dtype: everything goes to bf16 except the fp32 group and tid2eid
+    # dtype: everything goes to bf16 except the fp32 group (the model holds these in fp32) and tid2eid
     got16 = C.read_checkpoint(str(tmp_path), dtype=torch.bfloat16, progress=False)
     for k, t in got16.items():
-        fp32 = k.split(".")[-1].startswith("hc_") or k.endswith(("attn_sink", ".ape", "gate.bias"))
+        fp32 = k.split(".")[-1].startswith("hc_") or k.endswith(("attn_sink", ".ape", "gate.bias", "norm.weight"))
         want = torch.int32 if k.endswith("tid2eid") else torch.float32 if fp32 else torch.bfloat16
         assert t.dtype == want, k
         assert torch.equal(t, ref[k].to(want)), k

@@ -324,10 +324,11 @@ def test_batch_buckets():
     assert M.batch_buckets(12) == [1, 2, 4, 8, 12]
 
 
-def _prefilled(model, prompt_lens, max_seq_len):
-    """A cache whose slot b holds row b's prompt (lengths differ); -> (cache, ids [B, max_seq_len])."""
+def _prefilled(model, prompt_lens, max_seq_len, idle_slots=0):
+    """A cache whose slot b holds row b's prompt (lengths differ), plus `idle_slots` slots nobody
+    uses; -> (cache, ids [B, max_seq_len])."""
     ids = random_ids(len(prompt_lens), max_seq_len, model.config.vocab_size, seed=11)
-    cache = model.new_cache(len(prompt_lens), max_seq_len)
+    cache = model.new_cache(len(prompt_lens) + idle_slots, max_seq_len)
     for b, n in enumerate(prompt_lens):
         model(ids[b:b + 1, :n], torch.tensor([0]), cache, torch.tensor([b]))
     return cache, ids
@@ -350,7 +351,7 @@ def test_decode_graphs_cpu_fallback_equals_forward(tiny):
 def test_static_decode_step_with_padded_rows_equals_forward_and_counts_only_real_rows(tiny):
     """What DecodeGraphs captures, run eagerly on CPU: padded bucket, scratch slot, entries over
     the whole cache (seq_bound = max_seq_len), counting masked by valid_pairs."""
-    cache, ids = _prefilled(tiny, [6, 11], 40)
+    cache, ids = _prefilled(tiny, [6, 11], 40, idle_slots=1)  # slot 2: nobody's
     full = tiny(ids)
     runner = M.DecodeGraphs(tiny, cache, max_batch_size=4)
     state = [t.clone() for layer in cache.layers for t in vars(layer).values() if t is not None]
@@ -364,10 +365,11 @@ def test_static_decode_step_with_padded_rows_equals_forward_and_counts_only_real
         assert (logits[:2] - full[torch.arange(2), pos]).abs().max() <= TOL
         assert load.sum(1).tolist() == [2 * K] * L  # padded rows count nothing
         pos += 1
-    # padded rows wrote only the scratch slot
+    # padded rows wrote only the scratch slot: the idle slot 2 is untouched
     after = [t for layer in cache.layers for t in vars(layer).values() if t is not None]
+    assert cache.scratch_slot == 3
     for before, now in zip(state, after):
-        assert torch.equal(before[2:cache.scratch_slot], now[2:cache.scratch_slot])
+        assert torch.equal(before[2], now[2])
     assert any(not torch.equal(b[cache.scratch_slot], a[cache.scratch_slot]) for b, a in zip(state, after))
 
 

@@ -224,7 +224,8 @@ def test_sigterm_drains_and_queue_full_is_503():
 
 
 def test_bad_flags_fail_with_one_line():
-    for flags in (["--ep-size", "3"], ["--max-batch-size", "0"], ["--eplb-min-balancedness", "2"]):
+    for flags in (["--ep-size", "3"], ["--max-batch-size", "0"], ["--eplb-min-balancedness", "2"],
+                  ["--eplb", "--ep-size", "4", "--eplb-algorithm", "hierarchical"], ["--eplb-window", "1000001"]):
         out = subprocess.run([sys.executable, "serve.py", "--preset", "tiny", *flags], cwd=ROOT,
                              capture_output=True, text=True, timeout=60)
         assert out.returncode != 0 and "Traceback" not in out.stderr
