@@ -166,7 +166,6 @@ class DistributedMover:
             if mine(t.dst_slot) and mine(t.src_slot):
                 staged.append((t.dst_slot - first, [w[t.src_slot - first].clone() for w in weights]))
         remote = [t for t in transfers if t.src_slot // per_rank != t.dst_slot // per_rank]
-        received = 0
         for start in range(0, len(remote), self.chunk_size):  # bounded batches: big ones hang NCCL
             ops, inbox = [], []
             for t in remote[start:start + self.chunk_size]:
@@ -182,7 +181,6 @@ class DistributedMover:
                 for req in collective(dist.batch_isend_irecv, ops):
                     collective(req.wait)
             staged += inbox
-            received += sum(b.numel() * b.element_size() for _, bufs in inbox for b in bufs)
         for local_slot, tensors in staged:
             for w, t in zip(weights, tensors):
                 w[local_slot].copy_(t)
