@@ -1,7 +1,9 @@
 """Routing and expert kernels for dsv4-mini: each Triton kernel has a plain-torch twin.
 
 The torch twins are the readable definition of the semantics and the CPU production path; the
-Triton kernels are the CUDA path and must match them (ids exactly, floats to fp32 rounding).
+Triton kernels are the CUDA path and must match them (ids exactly, floats to fp32 rounding; on a
+GPU, score_topk may pick differently where two experts' scores tie to within GPU exp/log rounding:
+1 row in 262 144 in bench_kernels.py).
 Public functions dispatch: Triton for CUDA tensors, torch otherwise; env `DSV4_KERNELS=torch|triton`
 forces one (Triton on CPU tensors needs `TRITON_INTERPRET=1` set before triton is imported).
 

@@ -208,9 +208,18 @@ def test_each_moe_call_gets_its_own_layer_and_counts_every_token(monkeypatch, nu
         tid2eid = model.layers[i].ffn.gate.tid2eid
         hist = torch.bincount(tid2eid[ids.flatten()].flatten().long(), minlength=cfg.n_routed_experts)
         assert logical[i].tolist() == hist.tolist()
-    if num_physical > cfg.n_routed_experts:  # replicas share their expert's traffic
-        replicated = model.phy2log[0] < num_physical - cfg.n_routed_experts
-        assert (load[:, cfg.n_routed_experts:] > 0).any() and replicated.any()
+    if num_physical > cfg.n_routed_experts:  # replicas split their expert's traffic, nothing else changes
+        plain = build_model(cfg, seed=0)
+        plain_load = torch.zeros(L, cfg.n_routed_experts, dtype=torch.int32)
+        plain_cache = plain.new_cache(2, 32)
+        plain(ids[:, :12], torch.zeros(2, dtype=torch.long), plain_cache, torch.arange(2), load=plain_load)
+        plain(ids[:, 12:], torch.full((2,), 12), plain_cache, torch.arange(2), load=plain_load)
+        assert torch.equal(logical, plain_load.long())  # same logical choices in every layer
+        E = cfg.n_routed_experts
+        busy = [(i, e) for i in range(L) for e in range(num_physical - E) if logical[i, e] >= 8]
+        assert busy  # an expert chosen >= 8 times with 2 replicas: both replicas got some
+        for i, e in busy:
+            assert load[i, e] > 0 and load[i, E + e] > 0, (i, e, load[i, e], load[i, E + e])
 
 
 def test_replicated_experts_do_not_change_outputs():

@@ -194,7 +194,18 @@ def test_record_dump_goes_to_record_dir_and_reloads(tmp_path):
     finally:
         s.stop()
     again = Server("--eplb", "--ep-size", "2", "--init-expert-location", str(path))
-    again.stop()
+    try:  # the restarted server starts from the placement planned on the dumped load
+        import dsv4_mini
+        import eplb
+        config = dsv4_mini.ModelConfig.tiny()
+        want = eplb.initial_location(str(path), config.num_hidden_layers, config.n_routed_experts,
+                                     config.n_routed_experts, 2)
+        state = httpx.get(again.url + "/eplb/state").json()
+        assert state["phy2log"] == want.phy2log.tolist()
+        assert state["phy2log"] != eplb.ExpertLocation.trivial(config.num_hidden_layers, config.n_routed_experts,
+                                                               config.n_routed_experts, 2).phy2log.tolist()
+    finally:
+        again.stop()
     assert again.proc.returncode == 0
 
 
