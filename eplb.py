@@ -430,7 +430,6 @@ class ExpertLocation:
     num_physical = property(lambda self: self.phy2log.shape[1])
     num_experts = property(lambda self: self.logcnt.shape[1])
     width = property(lambda self: self.log2phy.shape[2])
-    slots_per_rank = property(lambda self: self.num_physical // self.num_ranks)
 
     @classmethod
     def from_phy2log(cls, phy2log: torch.Tensor, num_experts: int, num_ranks: int,
@@ -489,10 +488,6 @@ class ExpertLocation:
     def rank_load(self, logical_load: torch.Tensor) -> torch.Tensor:
         """Predicted [L, G] rank load for logical_load [L, E] (even split over replicas)."""
         return rank_load(replica_load(logical_load, self.phy2log), self.num_ranks)
-
-    def to_record(self) -> dict:
-        """sglang's JSON placement: {"physical_to_logical_map": [[...], ...]}."""
-        return {"physical_to_logical_map": self.phy2log.cpu().tolist()}
 
 
 # =============================================================================================
@@ -740,7 +735,6 @@ class LocalMover:
     def __init__(self, num_ranks: int = 1):
         self.num_ranks = num_ranks
         self.spare: dict[tuple, torch.Tensor] = {}  # one slot's worth per tensor shape / dtype / device
-        self.cross_rank_bytes = 0  # bytes that would cross ranks if the virtual ranks were real
 
     def move_layer(self, weights: list[torch.Tensor], old_row: torch.Tensor, new_row: torch.Tensor,
                    layer: int | None = None) -> int:
@@ -748,7 +742,6 @@ class LocalMover:
         if len(old) != weights[0].shape[0]:
             raise ValueError(f"LocalMover needs all {len(old)} slots in this process, got {weights[0].shape[0]}")
         schedule = copy_schedule(old, new, self.num_ranks)
-        per_rank = len(old) // self.num_ranks
         slot_bytes = sum(w[0].numel() * w[0].element_size() for w in weights)
         for w in weights:
             key = (tuple(w.shape[1:]), w.dtype, w.device)
@@ -757,9 +750,7 @@ class LocalMover:
                 spare = self.spare[key] = torch.empty_like(w[0])
             for dst, src in schedule:
                 (spare if dst < 0 else w[dst]).copy_(spare if src < 0 else w[src])
-        moved = [(d, s) for d, s in schedule if d >= 0]
-        self.cross_rank_bytes += slot_bytes * sum(s >= 0 and s // per_rank != d // per_rank for d, s in moved)
-        return slot_bytes * len(moved)
+        return slot_bytes * sum(dst >= 0 for dst, _ in schedule)  # the spare's copies are not moves
 
 
 @dataclass
@@ -1027,6 +1018,7 @@ class EPLBManager:
         loc = self.location
         logical = self.recorder.logical_load().cpu()
         physical = self.recorder.physical_load().cpu()
+        ranks = rank_load(physical, loc.num_ranks)  # [L, G]
         config = asdict(self.config)
         config.update(num_groups=self.num_groups, num_nodes=self.num_nodes, window=self.window)
         return {
@@ -1034,8 +1026,8 @@ class EPLBManager:
             "num_layers": loc.num_layers, "num_experts": loc.num_experts, "num_physical": loc.num_physical,
             "num_ranks": loc.num_ranks, "step": self.step_count, "window_steps": min(self.recorder.steps, self.window),
             "phy2log": loc.phy2log.cpu().tolist(), "logcnt": loc.logcnt.cpu().tolist(),
-            "logical_load": logical.tolist(), "rank_load": rank_load(physical, loc.num_ranks).long().tolist(),
-            "balancedness_per_layer": balancedness(rank_load(physical, loc.num_ranks)).tolist(),
+            "logical_load": logical.tolist(), "rank_load": ranks.long().tolist(),
+            "balancedness_per_layer": balancedness(ranks).tolist(),
             "balancedness_history": [list(x) for x in self.history],
             "rebalance_in_progress": {"layers_left": len(self.rebalancer.pending)} if self.rebalancer.busy else None,
             "rebalances": [asdict(r) for r in self.records],
