@@ -210,7 +210,7 @@ class SamplingFields(StrictModel):
     stream_options: StreamOptions | None = None
     stop_token_ids: list[int] | None = Field(None, description="extension (vLLM)")
     ignore_eos: bool = Field(False, description="extension (vLLM)")
-    user: str | None = Field(None, description="accepted for compatibility; only logged")
+    user: str | None = Field(None, description="accepted for OpenAI compatibility; not used")
     # Known OpenAI fields this server does not implement: accepted only at their no-op value,
     # anything else is a 400 that names the field.
     n: int | None = 1
