@@ -32,6 +32,7 @@ os.environ.pop("DSV4_KERNELS", None)  # the bench calls each twin by name
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
+import eplb  # noqa: E402
 import kernels  # noqa: E402
 
 DEV = "cuda"
@@ -84,17 +85,12 @@ def measure_ceilings():
 def replicated_maps(E, extra4, extra2):
     """log2phy [E, 4], logcnt [E], P: experts 0..extra4-1 on 4 slots, the next extra2 on 2
     (P = E + 3 * extra4 + extra2)."""
-    counts = torch.ones(E, dtype=torch.int32)
+    counts = torch.ones(E, dtype=torch.long)
     counts[:extra4] = 4
     counts[extra4:extra4 + extra2] = 2
-    log2phy = torch.full((E, 4), -1, dtype=torch.int32)
-    log2phy[:, 0] = torch.arange(E)
-    nxt = E
-    for e in range(E):
-        for r in range(1, int(counts[e])):
-            log2phy[e, r] = nxt
-            nxt += 1
-    return log2phy.to(DEV), counts.to(DEV), nxt
+    phy2log = torch.cat([torch.arange(E), torch.arange(E).repeat_interleave(counts - 1)])
+    loc = eplb.ExpertLocation.from_phy2log(phy2log[None], E, num_ranks=1, width=4)
+    return loc.log2phy[0].to(DEV), loc.logcnt[0].to(DEV), phy2log.numel()
 
 
 def routing_rows(copy_gbs, results):

@@ -7,6 +7,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # conftest.py sets it too, before any modu
 import pytest
 import torch
 
+import eplb
 import kernels
 
 M32 = 0xFFFFFFFF
@@ -23,15 +24,15 @@ def make_maps(E, max_count, gen):
     """log2phy [E, X] int32 (-1 padded), logcnt [E] int32, P: replicas spread over fresh slots."""
     counts = torch.randint(1, max_count + 1, (E,), generator=gen)
     counts[0] = max_count  # at least one expert at the full count
-    X = max_count
-    log2phy = torch.full((E, X), -1, dtype=torch.int32)
-    log2phy[:, 0] = torch.arange(E)
-    nxt = E
-    for e in range(E):
-        for r in range(1, int(counts[e])):
-            log2phy[e, r] = nxt
-            nxt += 1
-    return log2phy, counts.to(torch.int32), nxt
+    return maps_from_counts(counts, max_count)
+
+
+def maps_from_counts(counts, width):
+    """Slots 0..E-1 hold experts 0..E-1, then each expert's extra replicas: (log2phy, logcnt, P)."""
+    E = counts.numel()
+    phy2log = torch.cat([torch.arange(E), torch.arange(E).repeat_interleave(counts - 1)])
+    loc = eplb.ExpertLocation.from_phy2log(phy2log[None], E, num_ranks=1, width=width)
+    return loc.log2phy[0], loc.logcnt[0], phy2log.numel()
 
 
 def py_replica(t, k, c):
