@@ -267,8 +267,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32, device=device))  # fp32 like the reference
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps) * self.weight).to(x.dtype)
+        # x * rsqrt(mean(x^2) + eps) * weight in fp32: one fused kernel on CUDA instead of six
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight, self.eps).to(x.dtype)
 
 
 def rope_inv_freq(rope_dim: int, base: float, yarn: dict | None) -> Tensor:
@@ -287,22 +287,22 @@ def rope_inv_freq(rope_dim: int, base: float, yarn: dict | None) -> Tensor:
     return freqs
 
 
-def rope_cos_sin(inv_freq: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+def rope_cis(inv_freq: Tensor, positions: Tensor) -> Tensor:
+    """cos + i sin of every pair's angle: complex [..., r/2] (computed once per step, shared by all layers)."""
     angles = positions.float().unsqueeze(-1) * inv_freq  # [..., r/2]
-    return angles.cos(), angles.sin()
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
+def apply_rope(x: Tensor, cis: Tensor, inverse: bool = False) -> Tensor:
     """Interleaved RoPE on the LAST r dims of x [..., D]; pairs (2i, 2i+1) rotate by angle i.
-    cos/sin broadcast against [..., r/2]. inverse=True rotates back (conjugate)."""
-    r = cos.shape[-1] * 2
-    pairs = x[..., -r:].float().unflatten(-1, (-1, 2))  # [..., r/2, 2]
-    x0, x1 = pairs.unbind(-1)
-    if inverse:
-        sin = -sin
-    # out = (x0 cos - x1 sin, x0 sin + x1 cos); addcmul fuses a product and a sum
-    rotated = torch.stack([torch.addcmul(x0 * cos, x1, sin, value=-1), torch.addcmul(x0 * sin, x1, cos)], dim=-1)
-    return torch.cat([x[..., :-r], rotated.flatten(-2).to(x.dtype)], dim=-1)
+    cis (rope_cis) broadcasts against [..., r/2]. inverse=True rotates back (conjugate)."""
+    r = cis.shape[-1] * 2
+    # a pair (x0, x1) is the complex number x0 + i x1; rotating it by angle a multiplies by cos a + i sin a
+    pairs = torch.view_as_complex(x[..., -r:].float().unflatten(-1, (-1, 2)))  # [..., r/2] complex
+    rotated = torch.view_as_real(pairs * (cis.conj() if inverse else cis)).flatten(-2)  # [..., r]
+    out = x.clone()
+    out[..., -r:] = rotated  # (cast back to x's dtype by the copy)
+    return out
 
 
 def hc_pre(h: Tensor, fn: Tensor, scale: Tensor, base: Tensor, iters: int, hc_eps: float, norm_eps: float,
@@ -311,8 +311,17 @@ def hc_pre(h: Tensor, fn: Tensor, scale: Tensor, base: Tensor, iters: int, hc_ep
 
     pre/post come from sigmoids, comb from a Sinkhorn projection (softmax start, then alternating
     column/row normalisation) onto (nearly) doubly-stochastic matrices. All fp32.
+    Where kernels._use_triton(h) (CUDA): the GEMM, then one fused kernel (kernels.hc_pre_triton).
+    The torch code below is the reference and the CPU path; a custom sinkhorn_fn, or tracing by
+    torch.compile (compile_decode), takes it too.
     """
     n = h.shape[-2]
+    if sinkhorn_fn is None and not torch.compiler.is_compiling() and kernels._use_triton(h):
+        lead, d = h.shape[:-2], h.shape[-1]
+        mixes = F.linear(h.flatten(-2).float(), fn)  # [B,S,(2+n)n]; the kernel applies the RMS factor
+        x, post, comb = kernels.hc_pre_triton(h.reshape(-1, n, d), mixes.reshape(-1, mixes.shape[-1]),
+                                              scale, base, iters, hc_eps, norm_eps)
+        return x.view(*lead, d), post.view(*lead, n), comb.view(*lead, n, n)
     flat = h.flatten(-2).float()  # [B,S,n*d]
     mixes = F.linear(flat, fn) * torch.rsqrt(flat.square().mean(-1, keepdim=True) + norm_eps)  # [B,S,(2+n)n]
     pre = torch.sigmoid(mixes[..., :n] * scale[0] + base[:n]) + hc_eps  # [B,S,n]
@@ -343,7 +352,14 @@ def sinkhorn(comb: Tensor, iters: int, eps: float) -> Tensor:
 
 
 def hc_post(x: Tensor, residual: Tensor, post: Tensor, comb: Tensor) -> Tensor:
-    """mHC expand: out_k = post_k * x + sum_j comb[j, k] * residual_j (note: comb transposed)."""
+    """mHC expand: out_k = post_k * x + sum_j comb[j, k] * residual_j (note: comb transposed).
+    Where kernels._use_triton(residual) (CUDA, not under torch.compile): one fused kernel
+    (kernels.hc_post_triton); the torch code is the reference and the CPU path."""
+    if not torch.compiler.is_compiling() and kernels._use_triton(residual):
+        n, d = residual.shape[-2:]
+        out = kernels.hc_post_triton(x.reshape(-1, d), residual.reshape(-1, n, d), post.reshape(-1, n),
+                                     comb.reshape(-1, n, n))
+        return out.view(residual.shape)
     mixed = torch.einsum("bsjk,bsjd->bskd", comb, residual.float())  # [B,S,n,d]
     return mixed.addcmul_(post.unsqueeze(-1), x.float().unsqueeze(-2)).to(residual.dtype)
 
@@ -366,7 +382,7 @@ class Batch:
     seq_bound: int  # static upper bound on start + S over rows: compressed layers look at
                     # entries [0, seq_bound // m) (masked per row); cache.max_seq_len under a CUDA graph
     slot_ids: Tensor  # [B] int64: cache slot of each row
-    rope: dict  # "main" | "compress" -> (cos, sin) [B,S,r/2] at `positions`
+    rope: dict  # "main" | "compress" -> complex cos + i sin [B,S,r/2] at `positions` (rope_cis)
     window_idx: Tensor  # [B,W] ring slots of the W positions before `start` (slot = position mod W)
     window_mask: Tensor  # [B,1,S,W+S] query t sees key p (ring, then this step) iff t-W < p <= t, p >= 0
     window_write: Tensor  # [B,min(S,W)] ring slots the last new tokens go to
@@ -449,8 +465,7 @@ class Compressor(nn.Module):
                 pool_kv, pool_gate = seq_kv, seq_gate  # [B,num_new,m,D]
             pooled = (pool_kv * pool_gate.softmax(dim=2)).sum(2)  # [B,num_new,D]
             window = torch.tensor(first, device=x.device).unsqueeze(1) + torch.arange(num_new, device=x.device)
-            cos, sin = rope_cos_sin(inv_freq, window * m)  # entry w is roped at its first token
-            pooled = apply_rope(self.norm(pooled), cos, sin)
+            pooled = apply_rope(self.norm(pooled), rope_cis(inv_freq, window * m))  # entry w: at its first token
             valid = torch.arange(num_new, device=x.device) < torch.tensor(counts, device=x.device).unsqueeze(1)
             rows = batch.slot_ids.unsqueeze(1).expand(-1, num_new)
             entries[rows[valid], window[valid]] = pooled[valid].to(entries.dtype)
@@ -482,8 +497,7 @@ class Compressor(nn.Module):
             seq_kv = torch.cat([seq_kv[:, :m, :D], seq_kv[:, m:, D:]], dim=1)  # [B,2m,D]
             seq_gate = torch.cat([seq_gate[:, :m, :D], seq_gate[:, m:, D:]], dim=1)
         pooled = (seq_kv * seq_gate.softmax(dim=1)).sum(1)  # [B,D]
-        cos, sin = rope_cos_sin(inv_freq, w * m)  # entry w is roped at its first token
-        pooled = apply_rope(self.norm(pooled), cos, sin).to(entries.dtype)
+        pooled = apply_rope(self.norm(pooled), rope_cis(inv_freq, w * m)).to(entries.dtype)  # at its first token
         done = (((pos + 1) % m == 0) & (w < entries.shape[1])).unsqueeze(1)  # [B,1] completes window w
         w = w.clamp(max=entries.shape[1] - 1)  # an incomplete last window may lie past the buffer
         entries[slot, w] = torch.where(done, pooled, entries[slot, w])
@@ -509,8 +523,7 @@ class Indexer(nn.Module):
         The caller has already folded x into this indexer's compressor (cache.index_entries)."""
         B, S, _ = x.shape
         keys = cache.index_entries[batch.slot_ids, :num_entries].float()  # [B,N,Di]
-        cos, sin = batch.rope["compress"]
-        q = apply_rope(self.wq_b(qr).view(B, S, self.n_heads, self.head_dim), cos.unsqueeze(2), sin.unsqueeze(2))
+        q = apply_rope(self.wq_b(qr).view(B, S, self.n_heads, self.head_dim), batch.rope["compress"].unsqueeze(2))
         weights = self.weights_proj(x).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)  # [B,S,Hi]
         scores = torch.einsum("bshd,bnd->bshn", q.float(), keys).relu()  # [B,S,Hi,N]
         scores = (scores * weights.unsqueeze(-1)).sum(2)  # [B,S,N]
@@ -556,13 +569,13 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, batch: Batch, cache: LayerCache) -> Tensor:
         B, S, _ = x.shape
         H, D = self.n_heads, self.head_dim
-        cos, sin = batch.rope[self.rope_kind]  # [B,S,r/2]
+        cis = batch.rope[self.rope_kind]  # [B,S,r/2] complex
 
         qr = self.q_norm(self.wq_a(x))  # [B,S,q_lora]; the indexer reuses it
         q = self.wq_b(qr).view(B, S, H, D)
         q = q * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + self.eps).to(q.dtype)  # weightless
-        q = apply_rope(q, cos.unsqueeze(2), sin.unsqueeze(2))  # [B,S,H,D]
-        kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)  # [B,S,D]: the one K=V head
+        q = apply_rope(q, cis.unsqueeze(2))  # [B,S,H,D]
+        kv = apply_rope(self.kv_norm(self.wkv(x)), cis)  # [B,S,D]: the one K=V head
 
         # Sliding window: the W positions before this step (from the ring) + this step's tokens.
         slots = batch.slot_ids.unsqueeze(1)
@@ -600,7 +613,7 @@ class Attention(nn.Module):
         if len(values) > 1:
             eq = "bhsn,bnd->bshd" if values[1].dim() == 3 else "bhsk,bskd->bshd"
             o = o + torch.einsum(eq, parts[1], values[1].float())
-        o = apply_rope(o, cos.unsqueeze(2), sin.unsqueeze(2), inverse=True).to(x.dtype)  # [B,S,H,D]
+        o = apply_rope(o, cis.unsqueeze(2), inverse=True).to(x.dtype)  # [B,S,H,D]
 
         g = self.o_groups
         wo_a = self.wo_a.weight.view(g, -1, H * D // g)  # [g, o_lora, H*D/g]
@@ -856,7 +869,7 @@ class DSV4Model(nn.Module):
         window_mask = ((key_pos <= t) & (key_pos > t - W) & (key_pos >= 0)).unsqueeze(1)  # [B,1,S,W+S]
         batch = Batch(input_ids=input_ids, positions=positions, start=start, start_list=start_list,
                       seq_bound=seq_bound, slot_ids=slot_ids,
-                      rope={k: rope_cos_sin(f, positions) for k, f in inv_freq.items()},
+                      rope={k: rope_cis(f, positions) for k, f in inv_freq.items()},
                       window_idx=ring_pos % W, window_mask=window_mask, window_write=positions[:, -min(S, W):] % W,
                       inv_freq=inv_freq, load=load, valid_pairs=valid_pairs, log2phy=self.log2phy,
                       logcnt=self.logcnt, ep_group=self.ep_group, moe_timer=self.moe_timer)
@@ -1152,9 +1165,11 @@ class DecodeGraphs:
 # Build, load, generate
 # ---------------------------------------------------------------------------------------------------
 
-def _generator(seed: int, name: str) -> torch.Generator:
-    """One generator per tensor name: init is the same whatever P, ep_rank or device."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+def _generator(seed: int, name: str, device=None) -> torch.Generator:
+    """One generator per tensor name: init is the same whatever P, ep_rank or device. `device`: where
+    the generator draws (CPU by default; a CUDA one gives other numbers from the same seed)."""
+    g = torch.Generator() if device is None else torch.Generator(device=device)
+    return g.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
 
 
 def _zipf_bias(config: ModelConfig, seed: int, layer: int) -> Tensor:
@@ -1174,37 +1189,152 @@ def _zipf_bias(config: ModelConfig, seed: int, layer: int) -> Tensor:
 def random_official_state_dict(config: ModelConfig, seed: int = 0) -> dict[str, Tensor]:
     """Deterministic random weights under official names (per-expert keys), generated on CPU.
 
+    Every expert, all in memory at once, in fp32: fine for small presets. build_model draws the
+    same bits tensor by tensor (and only this rank's experts) instead.
+
     Linear weights N(0, 1/fan_in); embeddings N(0, 1); norm weights 1 + 0.1 N; sinks N(0, 0.5);
     hc fn N(0, 1/(n d)), hc base 0.5 N, hc scale 1 + 0.3 N (modest, so the mixing is not uniform);
     ape 0.5 N; tid2eid rows are distinct random experts per token; score-layer bias: see _zipf_bias.
     """
-    shapes = _official_shapes(config)
-    out = {}
-    for name, (shape, dtype) in shapes.items():
-        g = _generator(seed, name)
-        if name.endswith("tid2eid"):
-            E, K = config.n_routed_experts, config.num_experts_per_tok
-            out[name] = torch.rand(shape[0], E, generator=g).argsort(-1)[:, :K].to(torch.int32)
-        elif name.endswith("gate.bias"):
-            out[name] = _zipf_bias(config, seed, int(name.split(".")[1])) + 0.05 * torch.randn(shape, generator=g)
-        elif name.endswith("norm.weight"):
-            out[name] = 1 + 0.1 * torch.randn(shape, generator=g)
-        elif name.endswith("attn_sink"):
-            out[name] = 0.5 * torch.randn(shape, generator=g)
-        elif name.endswith("_fn"):
-            out[name] = torch.randn(shape, generator=g) / math.sqrt(shape[1])
-        elif name.endswith("_base"):
-            out[name] = 0.5 * torch.randn(shape, generator=g)
-        elif name.endswith("_scale"):
-            out[name] = 1 + 0.3 * torch.randn(shape, generator=g)
-        elif name.endswith("ape"):
-            out[name] = 0.5 * torch.randn(shape, generator=g)
-        elif name == "embed.weight":
-            out[name] = torch.randn(shape, generator=g)
-        else:  # linear [out, in]
-            out[name] = torch.randn(shape, generator=g) / math.sqrt(shape[-1])
-        out[name] = out[name].to(dtype)
-    return out
+    return {name: _random_tensor(config, seed, name, shape).to(dtype)
+            for name, (shape, dtype) in _official_shapes(config).items()}
+
+
+def _gaussian_law(name: str, shape: tuple) -> tuple[float, float, float]:
+    """(mean, mul, div) of a Gaussian-initialised tensor: mean + mul * N(0, 1) / div. Every tensor
+    but tid2eid and gate.bias (see _is_gaussian); laws in random_official_state_dict's docstring."""
+    if name.endswith("norm.weight"):
+        return 1.0, 0.1, 1.0
+    if name.endswith("attn_sink"):
+        return 0.0, 0.5, 1.0
+    if name.endswith("_fn"):
+        return 0.0, 1.0, math.sqrt(shape[1])
+    if name.endswith("_base"):
+        return 0.0, 0.5, 1.0
+    if name.endswith("_scale"):
+        return 1.0, 0.3, 1.0
+    if name.endswith("ape"):
+        return 0.0, 0.5, 1.0
+    if name == "embed.weight":
+        return 0.0, 1.0, 1.0
+    return 0.0, 1.0, math.sqrt(shape[-1])  # linear [out, in]: N(0, 1/fan_in)
+
+
+def _is_gaussian(name: str) -> bool:
+    return not name.endswith(("tid2eid", "gate.bias"))
+
+
+def _apply_law(x: Tensor, mean: float, mul: float, div: float) -> Tensor:
+    """mean + mul * x / div on a fresh fp32 N(0, 1) draw x, in place, with the CPU init's float ops
+    (x / div, or mean + mul * x: same bits as the out-of-place expressions it always used)."""
+    if div != 1.0:
+        return x.div_(div)
+    if mul != 1.0:
+        x.mul_(mul)
+    return x.add_(mean) if mean else x
+
+
+def _special_tensor(config: ModelConfig, seed: int, name: str, shape: tuple) -> Tensor:
+    """tid2eid (int32, distinct random experts per token) or gate.bias (fp32, see _zipf_bias): CPU always."""
+    g = _generator(seed, name)
+    if name.endswith("tid2eid"):
+        E, K = config.n_routed_experts, config.num_experts_per_tok
+        return torch.rand(shape[0], E, generator=g).argsort(-1)[:, :K].to(torch.int32)
+    return _zipf_bias(config, seed, int(name.split(".")[1])) + 0.05 * torch.randn(shape, generator=g)
+
+
+def _random_tensor(config: ModelConfig, seed: int, name: str, shape: tuple) -> Tensor:
+    """One tensor of the CPU init, from its own generator: fp32 (tid2eid int32)."""
+    if not _is_gaussian(name):
+        return _special_tensor(config, seed, name, shape)
+    return _apply_law(torch.randn(shape, generator=_generator(seed, name)), *_gaussian_law(name, shape))
+
+
+# Gaussian tensors at least this big are drawn on the GPU by build_model(init_device="cuda"); smaller
+# ones (norms, sinks, hc base / scale) keep the CPU init there too.
+_DEVICE_INIT_MIN_NUMEL = 1 << 16
+
+
+def _init_jobs(model: DSV4Model) -> dict[int | None, list[tuple[str, tuple, list[Tensor]]]]:
+    """layer (None: tensors outside the layers) -> [(official name, shape, target views)]. Routed
+    experts: only those this rank's slots hold, one job per expert, copied into each slot holding it."""
+    units: dict[int | None, list] = {None: []}
+    for name, t in model.state_dict().items():
+        layer = int(name.split(".")[1]) if name.startswith("layers.") else None
+        m = _STACKED_RE.fullmatch(name)
+        if m is None:
+            jobs = [(name, tuple(t.shape), [t])]
+        else:
+            jobs = [(f"layers.{layer}.ffn.experts.{expert}.{m.group(2)}.weight", tuple(t.shape[1:]),
+                     [t[slot] for slot in slots]) for expert, slots in model._local_slots_of(layer).items()]
+        units.setdefault(layer, []).extend(jobs)
+    return units
+
+
+def _fill_on_cpu(config: ModelConfig, seed: int, jobs: list, pool, ahead: int) -> None:
+    """The exact CPU init of `jobs`: pool threads draw (the serial part: one generator per tensor, so
+    the bits do not depend on the threads), this thread scales and copies in, `ahead` draws in flight."""
+    from collections import deque
+
+    def draw(name: str, shape: tuple) -> Tensor:
+        if not _is_gaussian(name):
+            return _special_tensor(config, seed, name, shape)
+        return torch.randn(shape, generator=_generator(seed, name))
+
+    def finish(job, future) -> None:
+        name, shape, targets = job
+        x = future.result()
+        if _is_gaussian(name):
+            x = _apply_law(x, *_gaussian_law(name, shape))
+        for target in targets:
+            target.copy_(x)
+
+    pending = deque()
+    for job in jobs:
+        pending.append((job, pool.submit(draw, job[0], job[1])))
+        if len(pending) >= ahead:
+            finish(*pending.popleft())
+    while pending:
+        finish(*pending.popleft())
+
+
+def _fill_on_device(device: torch.device, seed: int, name: str, shape: tuple, targets: list[Tensor]) -> None:
+    """One Gaussian tensor drawn on `device` by a generator seeded like the CPU one, straight into the
+    target dtype (into the first target when it lives there), copied into the other targets."""
+    mean, mul, div = _gaussian_law(name, shape)
+    first = targets[0]
+    x = first if first.device == device else torch.empty(shape, dtype=first.dtype, device=device)
+    x.normal_(mean, mul / div, generator=_generator(seed, name, device))
+    for target in targets:
+        if target is not x:
+            target.copy_(x)
+
+
+@torch.no_grad()
+def _init_random_weights(model: DSV4Model, seed: int, fast_device: torch.device | None = None,
+                         progress: bool | None = None) -> None:
+    """Fill every parameter and buffer with the random init, layer by layer (see build_model).
+    fast_device: draw the big Gaussian tensors there (None: the exact CPU init for all)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from tqdm import tqdm
+    units = _init_jobs(model)
+    if progress is None:
+        progress = sum(t.numel() for t in model.state_dict().values()) > 1e9
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = max(1, min(16, cores - 1))
+    rank = f" (rank {model.ep_rank}/{model.ep_size})" if model.ep_size > 1 else ""
+    with ThreadPoolExecutor(workers, thread_name_prefix="init") as pool, \
+            tqdm(total=len(model.layers), desc=f"random init{rank}", unit="layer", disable=not progress) as bar:
+        for layer in [None, *range(len(model.layers))]:
+            on_cpu = []
+            for name, shape, targets in units.get(layer, []):
+                if fast_device is not None and _is_gaussian(name) and math.prod(shape) >= _DEVICE_INIT_MIN_NUMEL:
+                    _fill_on_device(fast_device, seed, name, shape, targets)
+                else:
+                    on_cpu.append((name, shape, targets))
+            _fill_on_cpu(model.config, seed, on_cpu, pool, ahead=2 * workers)
+            if layer is not None:
+                bar.update()
 
 
 def _official_shapes(config: ModelConfig) -> dict[str, tuple]:
@@ -1231,10 +1361,33 @@ def _empty_model(config, device, dtype, num_physical_experts, ep_rank, ep_size) 
 
 
 def build_model(config: ModelConfig, seed: int = 0, device="cpu", dtype=torch.float32,
-                num_physical_experts: int | None = None, ep_rank: int = 0, ep_size: int = 1) -> DSV4Model:
-    """Random-init model; identical weights for the same seed on every machine and placement."""
+                num_physical_experts: int | None = None, ep_rank: int = 0, ep_size: int = 1,
+                init_device=None, progress: bool | None = None) -> DSV4Model:
+    """Random-init model; identical weights for the same seed on every machine and placement.
+
+    Every tensor has its own generator, seeded from `seed` and its official name, so the weights do
+    not depend on P, ep_rank, ep_size or device: a rank draws only the experts its own slots hold
+    (each once, copied into every local slot holding it), and tensors are drawn and copied in layer by
+    layer, so host memory stays at a few tensors beyond the model itself.
+
+    init_device: None or a CPU device (default): the exact CPU init, fp32 draws cast to `dtype`; the
+    same bits as `load_official_state_dict(random_official_state_dict(config, seed))`, on any machine.
+    A CUDA device (or "cuda"): opt-in fast path for big random models (released widths): every
+    Gaussian tensor of at least _DEVICE_INIT_MIN_NUMEL (64 Ki) elements -- all linear, embedding and
+    expert weights -- is drawn there by a CUDA generator seeded the same way per name, straight in
+    `dtype` (no fp32 host round trip). These weights DIFFER from the CPU init for the same seed (a
+    different RNG); they are deterministic for a given seed and GPU type (CUDA's Philox stream depends
+    on the launch grid, i.e. on the GPU model) and still placement-independent. tid2eid, gate.bias and
+    the small tensors (norms, sinks, hc base / scale) stay on the CPU path: the same as the CPU init.
+    progress: a tqdm bar over layers; None = only when this model holds > 1 G parameters.
+    """
     model = _empty_model(config, device, dtype, num_physical_experts, ep_rank, ep_size)
-    model.load_official_state_dict(random_official_state_dict(config, seed))
+    fast = None
+    if init_device is not None and torch.device(init_device).type == "cuda":
+        fast = torch.device(init_device)
+        if fast.index is None:
+            fast = torch.device("cuda", torch.cuda.current_device())
+    _init_random_weights(model, seed, fast, progress)
     return model
 
 

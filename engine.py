@@ -12,6 +12,11 @@ The model is only ever called from the engine thread. One `Engine.step()`:
 Work that must not overlap a forward (EPLB state, rebalance, record control) is handed in with
 `Engine.call(fn)` and runs between steps. The engine knows nothing about text: stop strings are
 matched by the server, which aborts the request when one hits.
+
+Tokens reach their callbacks one step late, on purpose: step n's tokens are sampled at the end of
+step n (its requests' state, finish reasons and freed slots are final then), but handed to the
+callbacks in step n+1 right after its forward is launched, so on a GPU the host work of delivering
+them (text, streaming) runs while the GPU computes the next step instead of between steps.
 """
 from __future__ import annotations
 
@@ -57,6 +62,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     generator: torch.Generator | None = None
+    callback_failed: bool = False
 
     @property
     def prefilling(self) -> bool:
@@ -134,6 +140,7 @@ class Engine:
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._aborted: set[int] = set()
         self._calls: collections.deque = collections.deque()
+        self._outbox: list[tuple[Sequence, int | None, str | None]] = []   # engine thread: see module doc
         self._ids = itertools.count()
         self._seed_stream = torch.Generator().manual_seed(seed)    # seeds for unseeded requests
         self._draining = False
@@ -197,7 +204,7 @@ class Engine:
 
     def has_work(self) -> bool:
         with self._lock:
-            return bool(self._waiting or self._calls or self._aborted) or bool(self.running)
+            return bool(self._waiting or self._calls or self._aborted) or bool(self.running or self._outbox)
 
     @property
     def crashed(self) -> bool:
@@ -256,6 +263,8 @@ class Engine:
                 # ...unless a rank is lost, or other ranks may already be inside this step's collectives
                 if getattr(error, "fatal", False) or self.peers is not None:
                     raise
+        if not self.running:  # no next forward to overlap the last deliveries with
+            self._deliver()
         self._publish_stats()
 
     def _run_calls(self) -> None:
@@ -310,26 +319,38 @@ class Engine:
         else:
             logits = self.model.forward(input_ids.view(-1, 1), start_pos, self.cache, slot_ids, load=load,
                                         last_only=True)
-        logits = logits.float().cpu()  # one device->host copy per step, not one sync per request
-        for seq, row in zip(batch, logits):
+        self._deliver()  # the previous step's tokens, while the GPU runs this one
+        wants = []  # rows whose logits give a new token: decoders, and prompts that fed their last token
+        for i, seq in enumerate(batch):
             if seq.prefilling:
                 seq.num_prefilled += 1
                 if seq.prefilling:
                     continue  # a prompt token: its logits predict nothing we need
-            self._append_token(seq, row)
+            wants.append(i)
+        if wants:
+            for i, token in zip(wants, self._sample_rows([batch[i] for i in wants], logits[wants])):
+                self._accept(batch[i], token)
 
-    def _append_token(self, seq: Sequence, logits_row: torch.Tensor) -> None:
-        """Sample and deliver one token; a failure here ends this request only."""
-        try:
-            self._sample_and_deliver(seq, logits_row)
-        except Exception as error:  # noqa: BLE001
-            self.last_error = error
-            if seq in self.running:
-                self._finish(seq, "abort", notify=False)
+    def _sample_rows(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int | BaseException]:
+        """One token per row of device logits [B, V]: greedy rows by one argmax on the device (one small
+        device->host copy for the whole batch), sampled rows on the host with their own generator.
+        A row whose sampling fails gets its exception instead of a token (that request ends alone)."""
+        if not seqs:
+            return []
+        if self.num_token_ids is not None:
+            logits = logits[:, :self.num_token_ids]
+        greedy = [s.params.temperature < GREEDY_BELOW for s in seqs]
+        # .cpu() waits for the GPU with the GIL released (the event loop streams meanwhile); then tolist
+        out: list[int | BaseException] = logits.argmax(-1).cpu().tolist() if any(greedy) else [0] * len(seqs)
+        sampled = [i for i, g in enumerate(greedy) if not g]
+        if sampled:
+            host_logits = logits[sampled].float().cpu()
+            for i, row in zip(sampled, host_logits):
                 try:
-                    seq.on_token(None, "abort")
-                except Exception:  # noqa: BLE001 - the callback itself may be what failed
-                    pass
+                    out[i] = sample_next(row, seqs[i].params, seqs[i].generator)
+                except Exception as error:  # noqa: BLE001 - ends this request only
+                    out[i] = error
+        return out
 
     def _prefill_one_chunk(self, load) -> None:
         """One eager forward over the next chunk of the oldest long prompt (down to `prefill_tail`
@@ -343,23 +364,45 @@ class Engine:
         start_pos = torch.tensor([seq.num_prefilled], device=self.device)
         slot_ids = torch.tensor([seq.slot], device=self.device)
         logits = self.model.forward(input_ids, start_pos, self.cache, slot_ids, load=load, last_only=True)
+        self._deliver()
         seq.num_prefilled += len(chunk)
         if not seq.prefilling:
-            self._append_token(seq, logits[0])
+            self._accept(seq, self._sample_rows([seq], logits)[0])
 
-    def _sample_and_deliver(self, seq: Sequence, logits_row: torch.Tensor) -> None:
-        if self.num_token_ids is not None:
-            logits_row = logits_row[:self.num_token_ids]
-        token = sample_next(logits_row, seq.params, seq.generator)
+    def _accept(self, seq: Sequence, token: int | BaseException) -> None:
+        """Record one sampled token and queue it for delivery; the request's finish is decided here
+        (so its slot is free for the next step), its callbacks run in `_deliver`."""
+        if isinstance(token, BaseException):  # its sampling failed: end this request only
+            self.last_error = token
+            self._finish(seq, "abort", notify=False)
+            self._outbox.append((seq, None, "abort"))
+            return
         seq.output_ids.append(token)
         reason = None
         if (token in self.eos_token_ids and not seq.params.ignore_eos) or token in seq.params.stop_token_ids:
             reason = "stop"
         elif len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_seq_len:
             reason = "length"
-        seq.on_token(token, reason)
         if reason is not None:
             self._finish(seq, reason, notify=False)
+        self._outbox.append((seq, token, reason))
+
+    def _deliver(self) -> None:
+        """Run the queued callbacks in order. A callback that fails ends its own request only."""
+        outbox, self._outbox = self._outbox, []
+        for seq, token, reason in outbox:
+            if seq.callback_failed:
+                continue
+            try:
+                seq.on_token(token, reason)
+            except Exception as error:  # noqa: BLE001
+                self.last_error, seq.callback_failed = error, True
+                if seq in self.running:
+                    self._finish(seq, "abort", notify=False)
+                    try:
+                        seq.on_token(None, "abort")
+                    except Exception:  # noqa: BLE001 - the callback itself is what failed
+                        pass
 
     def _finish(self, seq: Sequence, reason: str, notify: bool = True) -> None:
         seq.finish_reason = reason
@@ -369,6 +412,7 @@ class Engine:
             seq.on_token(None, reason)
 
     def _end_all(self, reason: str) -> None:
+        self._deliver()  # tokens already sampled go out before the end of their streams
         for seq in list(self.running):
             self._finish(seq, reason)
         with self._lock:

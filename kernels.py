@@ -25,6 +25,7 @@ __all__ = [
     "replica_index", "hash_topk", "score_topk", "moe_experts",
     "hash_topk_torch", "hash_topk_triton", "score_topk_torch", "score_topk_triton",
     "moe_experts_torch", "moe_experts_triton",
+    "hc_pre_triton", "hc_post_triton",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -798,6 +799,158 @@ def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0,
     SUM_N = min(1024, _next_pow2(D))
     _moe_sum_kernel[(T, -(-D // SUM_N))](
         y, ids, out, D, K, slot_offset, slot_offset + P_local, BLOCK_N=SUM_N, num_warps=4)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# mHC (manifold-constrained hyper-connections): Triton
+# ---------------------------------------------------------------------------------------------
+# The torch twins are dsv4_mini.hc_pre (with dsv4_mini.sinkhorn) and dsv4_mini.hc_post: the
+# model's readable definition and the CPU path. Called twice per layer on [T, n, n] mixing
+# matrices, they are ~100 (hc_pre, ~80 of them the Sinkhorn loop) and ~5 (hc_post) tiny kernels
+# each; here hc_pre is the caller's cuBLAS GEMM plus one kernel and hc_post is one kernel.
+# n (streams, hc_mult) is padded to NP = next power of two; the padding is masked to 0.
+if triton is not None:
+
+    @triton.jit
+    def _hc_pre_kernel(h_ptr, mixes_ptr, scale_ptr, base_ptr, x_ptr, post_ptr, comb_ptr,
+                       n, D, iters, hc_eps, norm_eps,
+                       NP: tl.constexpr, BLOCK_D: tl.constexpr):
+        # one program per token: the row's RMS factor needs all n*d values before anything else
+        t = tl.program_id(0).to(tl.int64)
+        s = tl.arange(0, NP)  # [NP] stream index (rows of comb: j, columns: k)
+        s_ok = s < n
+        ss_ok = s_ok[:, None] & s_ok[None, :]  # [NP, NP]
+        cols = tl.arange(0, BLOCK_D)  # [BD]
+        h_row = h_ptr + t * n * D + s.to(tl.int64)[:, None] * D  # [NP, 1] stream starts
+        # pass 1: sum of squares of the whole row in fp32 (torch: h.float().square().mean())
+        sq = tl.zeros([NP, BLOCK_D], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d_ok = d0 + cols < D
+            v = tl.load(h_row + d0 + cols[None, :], mask=s_ok[:, None] & d_ok[None, :],
+                        other=0.0).to(tl.float32)
+            sq += v * v
+        rs = tl.rsqrt(tl.sum(tl.sum(sq, axis=1), axis=0) / (n * D) + norm_eps)
+        # mixes [(2+n)*n] = pre [n] | post [n] | comb [n, n]; m * rs * scale + base like torch
+        m_row = mixes_ptr + t * (2 + n) * n
+        cc = s[:, None] * n + s[None, :]  # [NP, NP] offset of comb[j, k]
+        m_pre = tl.load(m_row + s, mask=s_ok, other=0.0)
+        m_post = tl.load(m_row + n + s, mask=s_ok, other=0.0)
+        m_comb = tl.load(m_row + 2 * n + cc, mask=ss_ok, other=0.0)
+        b_pre = tl.load(base_ptr + s, mask=s_ok, other=0.0)
+        b_post = tl.load(base_ptr + n + s, mask=s_ok, other=0.0)
+        b_comb = tl.load(base_ptr + 2 * n + cc, mask=ss_ok, other=0.0)
+        # scale has exactly 3 entries (checked by the wrapper): scalar loads
+        pre = tl.sigmoid(m_pre * rs * tl.load(scale_ptr) + b_pre) + hc_eps  # [NP]
+        post = 2.0 * tl.sigmoid(m_post * rs * tl.load(scale_ptr + 1) + b_post)  # [NP]
+        comb = m_comb * rs * tl.load(scale_ptr + 2) + b_comb  # [NP, NP]
+        # Sinkhorn (dsv4_mini.sinkhorn) in registers: softmax over k, + eps, then columns once
+        # and (rows, columns) iters-1 times, each x / (sum + eps). Padded rows/columns are 0 from
+        # here on, so every sum sees only the n x n block.
+        comb = tl.where(s_ok[None, :], comb, float("-inf"))
+        e = tl.exp(comb - tl.max(comb, axis=1)[:, None])
+        comb = e / tl.sum(e, axis=1)[:, None]
+        comb = tl.where(ss_ok, comb + hc_eps, 0.0)
+        comb = comb / (tl.sum(comb, axis=0)[None, :] + hc_eps)
+        for _ in range(iters - 1):
+            comb = comb / (tl.sum(comb, axis=1)[:, None] + hc_eps)
+            comb = comb / (tl.sum(comb, axis=0)[None, :] + hc_eps)
+        tl.store(post_ptr + t * n + s, post, mask=s_ok)
+        tl.store(comb_ptr + t * n * n + cc, comb, mask=ss_ok)
+        # pass 2: x = sum_k pre_k * h_k (fp32; the row is L1/L2-hot from pass 1)
+        pre = tl.where(s_ok, pre, 0.0)
+        for d0 in range(0, D, BLOCK_D):
+            d_ok = d0 + cols < D
+            v = tl.load(h_row + d0 + cols[None, :], mask=s_ok[:, None] & d_ok[None, :],
+                        other=0.0).to(tl.float32)
+            xs = tl.sum(v * pre[:, None], axis=0)  # [BD]
+            tl.store(x_ptr + t * D + d0 + cols, xs.to(x_ptr.dtype.element_ty), mask=d_ok)
+
+    @triton.jit
+    def _hc_post_kernel(x_ptr, res_ptr, post_ptr, comb_ptr, out_ptr, n, D,
+                        NP: tl.constexpr, BLOCK_D: tl.constexpr):
+        # program = (token, d chunk): every output stream k of that chunk at once, so each
+        # residual stream j is read once
+        t = tl.program_id(0).to(tl.int64)
+        k = tl.arange(0, NP)  # [NP] output streams
+        k_ok = k < n
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BD]
+        d_ok = cols < D
+        acc = tl.zeros([NP, BLOCK_D], dtype=tl.float32)
+        for j in range(n):  # out_k += comb[j, k] * residual_j: row j of comb, used transposed
+            c_j = tl.load(comb_ptr + (t * n + j) * n + k, mask=k_ok, other=0.0)  # [NP]
+            r_j = tl.load(res_ptr + (t * n + j) * D + cols, mask=d_ok, other=0.0).to(tl.float32)
+            acc += c_j[:, None] * r_j[None, :]
+        # then + post_k * x, like torch's einsum(...).addcmul_(post, x)
+        xv = tl.load(x_ptr + t * D + cols, mask=d_ok, other=0.0).to(tl.float32)  # [BD]
+        p = tl.load(post_ptr + t * n + k, mask=k_ok, other=0.0)  # [NP]
+        acc += p[:, None] * xv[None, :]
+        out_ptrs = out_ptr + (t * n + k.to(tl.int64))[:, None] * D + cols[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=k_ok[:, None] & d_ok[None, :])
+
+
+HC_PRE_TILE = 2048  # elements of an [NP, BLOCK_D] tile in _hc_pre_kernel (d=4096, n=4: 8 chunks)
+HC_POST_BLOCK_D = 256  # d chunk per _hc_post program: d=4096 -> 16 programs per token (decode);
+                       # not tuned on a GPU yet
+
+
+def _f32c(t):
+    """fp32 and contiguous, without a copy when it already is."""
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
+
+
+def hc_pre_triton(h, mixes, scale, base, iters, hc_eps, norm_eps, *, block_d=None):
+    """Fused mHC collapse after the caller's GEMM (Triton twin of dsv4_mini.hc_pre, flattened).
+
+    h [T, n, d] (bf16/fp16/fp32), mixes [T, (2+n)*n] fp32 = F.linear(h.flatten(-2).float(), fn)
+    (not yet scaled by the RMS factor), scale [3] fp32, base [(2+n)*n] fp32
+    -> (x [T, d] h.dtype, post [T, n] fp32, comb [T, n, n] fp32). One launch, no sync.
+    block_d: override the d chunk (tests: several chunks at a small d).
+    """
+    T, n, d = h.shape
+    if mixes.shape != (T, (2 + n) * n) or base.numel() != (2 + n) * n or scale.numel() != 3:
+        raise ValueError(f"hc_pre_triton: h {tuple(h.shape)} needs mixes [T, {(2 + n) * n}], "
+                         f"base [{(2 + n) * n}], scale [3]; got {tuple(mixes.shape)}, "
+                         f"{tuple(base.shape)}, {tuple(scale.shape)}")
+    dev = h.device
+    x = torch.empty((T, d), dtype=h.dtype, device=dev)  # [T, d]
+    post = torch.empty((T, n), dtype=torch.float32, device=dev)  # [T, n]
+    comb = torch.empty((T, n, n), dtype=torch.float32, device=dev)  # [T, n, n]
+    if T == 0 or d == 0:
+        return x, post, comb
+    if not h.is_contiguous():
+        h = h.contiguous()
+    NP = _next_pow2(n)
+    BLOCK_D = block_d or max(16, min(_next_pow2(d), HC_PRE_TILE // NP))
+    _hc_pre_kernel[(T,)](
+        h, _f32c(mixes), _f32c(scale), _f32c(base), x, post, comb,
+        n, d, int(iters), float(hc_eps), float(norm_eps), NP=NP, BLOCK_D=BLOCK_D, num_warps=4)
+    return x, post, comb
+
+
+def hc_post_triton(x, residual, post, comb, *, block_d=None):
+    """Fused mHC expand (Triton twin of dsv4_mini.hc_post, flattened).
+
+    x [T, d], residual [T, n, d], post [T, n] fp32, comb [T, n, n] fp32
+    -> out [T, n, d] residual.dtype: out[t, k] = post[t, k] * x[t] + sum_j comb[t, j, k] * residual[t, j]
+    (fp32 math). One launch, no sync. block_d: override the d chunk (tests).
+    """
+    T, n, d = residual.shape
+    if x.shape != (T, d) or post.shape != (T, n) or comb.shape != (T, n, n):
+        raise ValueError(f"hc_post_triton: residual {tuple(residual.shape)} needs x [T, d], post "
+                         f"[T, n], comb [T, n, n]; got {tuple(x.shape)}, {tuple(post.shape)}, "
+                         f"{tuple(comb.shape)}")
+    out = torch.empty((T, n, d), dtype=residual.dtype, device=residual.device)  # [T, n, d]
+    if T == 0 or d == 0:
+        return out
+    if not residual.is_contiguous():
+        residual = residual.contiguous()
+    if not x.is_contiguous():
+        x = x.contiguous()
+    BLOCK_D = block_d or max(16, min(_next_pow2(d), HC_POST_BLOCK_D))
+    _hc_post_kernel[(T, -(-d // BLOCK_D))](
+        x, residual, _f32c(post), _f32c(comb), out, n, d,
+        NP=_next_pow2(n), BLOCK_D=BLOCK_D, num_warps=4)
     return out
 
 

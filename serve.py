@@ -725,6 +725,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="weight dtype; auto = float32 on CPU (exact, batch-stable greedy), bfloat16 on CUDA")
     m.add_argument("--seed", type=int, default=0, help="seed for built-in weights and for unseeded requests")
+    m.add_argument("--init-device", choices=("cpu", "model"), default="cpu",
+                   help="where the built-in random weights are drawn: cpu = the exact, machine-independent "
+                        "init; model = on the model's device (fast for released widths, e.g. --preset flash: "
+                        "on CUDA the weights differ from the cpu init, deterministic per GPU type)")
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless told otherwise)")
     s.add_argument("--port", type=int, default=8000)
@@ -815,6 +819,8 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error(f"--ep-timeout must be > 0, got {a.ep_timeout}")
     if a.record_dir is not None and not a.eplb:
         p.error("--record-dir needs --eplb (expert load is only counted with --eplb)")
+    if a.init_device != "cpu" and a.model_path is not None:
+        p.error("--init-device only applies to the built-in random weights, not to --model-path")
 
 
 def pick_device(args: argparse.Namespace):
@@ -847,7 +853,8 @@ def build_model_for_rank(args: argparse.Namespace, device, dtype, ep_rank: int =
                                      num_physical_experts=num_physical, ep_rank=ep_rank, ep_size=ep_size)
     else:
         model = dsv4_mini.build_model(config, seed=args.seed, device=device, dtype=dtype,
-                                      num_physical_experts=num_physical, ep_rank=ep_rank, ep_size=ep_size)
+                                      num_physical_experts=num_physical, ep_rank=ep_rank, ep_size=ep_size,
+                                      init_device=device if args.init_device == "model" else None)
     return model, config
 
 

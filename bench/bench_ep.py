@@ -5,6 +5,8 @@
     python bench/bench_ep.py --device cuda --gpus 2 --preset flash --num-layers 4 --redundant 2
     python bench/bench_ep.py --device cpu --gpus 2 --preset tiny          # smoke run (gloo)
 
+(--preset flash draws the random weights on each rank's GPU, its own slots only: --init-device model.)
+
 One server (`torchrun --nproc-per-node G serve.py --eplb --ep-size G`), one fixed-concurrency streaming
 workload (the mini model's router has a Zipf-like expert popularity, and hash layers follow token
 frequency, so the load is skewed). Phase "before": trivial placement. Then one forced rebalance
@@ -18,7 +20,6 @@ Writes $OUT/bench_ep.json when OUT is set.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import signal
@@ -44,6 +45,7 @@ def start(args) -> tuple[subprocess.Popen, str]:
            "--max-seq-len", str(args.prompt_len + args.output_len + 16)]
     if args.num_layers:
         cmd += ["--num-layers", str(args.num_layers)]
+    cmd += ["--init-device", args.init_device]  # each rank draws its own slots' experts
     proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
@@ -61,7 +63,7 @@ def start(args) -> tuple[subprocess.Popen, str]:
 
 def phase(url: str, model: str, args) -> dict:
     before = httpx.get(url + "/eplb/state", timeout=60).json()
-    row = asyncio.run(sweep_point(url, model, args.concurrency, args))
+    row = sweep_point(url, model, args.concurrency, args)
     after = httpx.get(url + "/eplb/state", timeout=60).json()
     moe = [b - a for a, b in zip(before["ranks"]["moe_seconds_total"], after["ranks"]["moe_seconds_total"])]
     tokens = [b - a for a, b in zip(before["ranks"]["tokens_window"], after["ranks"]["tokens_window"])]
@@ -86,12 +88,25 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--init-device", choices=("cpu", "model"), default=None,
+                   help="serve.py --init-device: where the random weights are drawn (default: model for "
+                        "--preset flash, cpu otherwise)")
+    p.add_argument("--warmup-output-len", type=int, default=0,
+                   help="output tokens per request of the warm-up run (at the full --concurrency); 0 = "
+                        "min(--output-len, --concurrency + 8): under torchrun every prompt is its own prefill "
+                        "step, so the decode batch only reaches C if the first requests outlast C admissions")
     args = p.parse_args()
+    if args.init_device is None:
+        args.init_device = "model" if args.preset == "flash" else "cpu"
 
     proc, url = start(args)
     try:
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-        asyncio.run(sweep_point(url, model, min(4, args.concurrency), args))  # warm-up (kernels, allocator)
+        # warm-up at the phase's full concurrency, one request per client: the batch shapes "before"
+        # meets (first-use Triton compiles, allocator growth) are paid here, not in the measured phase
+        warm_len = args.warmup_output_len or min(args.output_len, args.concurrency + 8)
+        warm = argparse.Namespace(**{**vars(args), "requests_per_client": 1, "output_len": warm_len})
+        sweep_point(url, model, args.concurrency, warm)
         result = {"args": vars(args), "before": phase(url, model, args)}
         print("before", json.dumps(result["before"]), flush=True)
         move = httpx.post(url + "/eplb/rebalance", timeout=600).json()

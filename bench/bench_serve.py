@@ -7,6 +7,8 @@ For each EPLB setting and concurrency C: C clients each send `requests_per_clien
 completions (fixed seed, ignore_eos, fixed prompt/output lengths). Reports output tok/s, TTFT and
 per-output-token latency p50/p99, and the server's EPLB balancedness. The baseline is transformers
 `generate` on the same weights as one static batch of C prompts (where the HF model is available).
+`--preset flash` draws the random weights on the GPU (`--init-device model`, the default there), in the
+server and for the baseline alike.
 Prints a table; writes JSON to $OUT/bench_serve.json when OUT is set.
 """
 from __future__ import annotations
@@ -43,6 +45,7 @@ def start_server(args, eplb: str) -> tuple[subprocess.Popen, str, float]:
              "--max-batch-size", str(max(args.concurrency)), "--max-seq-len", str(args.prompt_len + args.output_len + 8)]
     if args.num_layers:
         flags += ["--num-layers", str(args.num_layers)]
+    flags += ["--init-device", args.init_device]
     if eplb == "record":
         flags += ["--eplb", "--eplb-rebalance-num-iterations", str(10**9)]
     elif eplb == "on":
@@ -89,27 +92,64 @@ async def one_request(http, url, model, prompt, args, seed) -> dict:
     if finish != "length" or not usage or usage["completion_tokens"] != args.output_len:
         raise RuntimeError(f"request ended with finish_reason={finish!r}, usage={usage}")
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    return {"ttft": stamps[0] - t0 if stamps else float("nan"), "gaps": gaps, "tokens": usage["completion_tokens"]}
+    return {"ttft": stamps[0] - t0 if stamps else float("nan"), "gaps": gaps, "tokens": usage["completion_tokens"],
+            "end": time.time()}
 
 
-async def sweep_point(url, model, concurrency, args) -> dict:
-    rng = random.Random(args.seed + concurrency)
-    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency + 4)) as http:
+def _prompt(args, concurrency: int, client: int, request: int) -> str:
+    """The same prompt for (client, request) however the clients are spread over processes."""
+    return make_prompt(random.Random(f"{args.seed}/{concurrency}/{client}/{request}"), args.prompt_len // 2)
+
+
+async def _clients(url, model, clients: list[int], concurrency: int, args, start_at: float | None) -> list[dict]:
+    """Run these clients (each sends requests_per_client requests in turn) on one event loop."""
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=len(clients) + 4)) as http:
+        if start_at is not None:  # processes start together at an agreed wall-clock time
+            await asyncio.sleep(max(0.0, start_at - time.time()))
+
         async def client(c):
-            return [await one_request(http, url, model, make_prompt(rng, args.prompt_len // 2), args,
+            return [await one_request(http, url, model, _prompt(args, concurrency, c, i), args,
                                       args.seed + 1000 * c + i) for i in range(args.requests_per_client)]
-        t0 = time.perf_counter()
-        results = [r for rs in await asyncio.gather(*[client(c) for c in range(concurrency)]) for r in rs]
-        wall = time.perf_counter() - t0
+        return [r for rs in await asyncio.gather(*[client(c) for c in clients]) for r in rs]
+
+
+def _clients_in_process(url, model, clients, concurrency, args, start_at):
+    return asyncio.run(_clients(url, model, clients, concurrency, args, start_at))
+
+
+def sweep_point(url, model, concurrency, args) -> dict:
+    """`concurrency` streaming clients against the server, spread over `args.client_procs` processes
+    (a single Python client process parsing ~10k SSE events/s would itself be the bottleneck)."""
+    procs = max(1, min(getattr(args, "client_procs", 1), concurrency))
+    shares = [list(range(p, concurrency, procs)) for p in range(procs)]
+    if procs == 1:
+        start = time.time()
+        results = _clients_in_process(url, model, shares[0], concurrency, args, None)
+    else:
+        import concurrent.futures
+        import multiprocessing
+        with concurrent.futures.ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            start = time.time() + 3.0  # time for the processes to start and import
+            futures = [pool.submit(_clients_in_process, url, model, share, concurrency, args, start) for share in shares]
+            results = [r for f in futures for r in f.result()]
+    wall = max(r["end"] for r in results) - start
     ttft = sorted(r["ttft"] for r in results)
     gaps = sorted(g for r in results for g in r["gaps"]) or [0.0]
     pct = lambda xs, p: xs[min(len(xs) - 1, int(p * len(xs)))]  # noqa: E731
     return {"concurrency": concurrency, "requests": len(results), "output_tok_s": sum(r["tokens"] for r in results) / wall,
-            "ttft_p50": pct(ttft, 0.5), "ttft_p99": pct(ttft, 0.99), "tpot_p50": pct(gaps, 0.5), "tpot_p99": pct(gaps, 0.99)}
+            "ttft_p50": pct(ttft, 0.5), "ttft_p99": pct(ttft, 0.99), "tpot_p50": pct(gaps, 0.5), "tpot_p99": pct(gaps, 0.99),
+            "client_procs": procs}
+
+
+_HF_CACHE: dict = {}  # "model": transformers' model, built by the first hf_baseline call
 
 
 def hf_baseline(args, concurrency: int) -> float | None:
-    """Output tok/s of transformers `generate` on our weights, one static batch (None if unavailable)."""
+    """Output tok/s of transformers `generate` on our weights, one static batch (None if unavailable).
+
+    The weights come from the server's init (--init-device): with "model" on CUDA (the flash default)
+    ours are drawn on the GPU in bf16 and transformers' model is built there too (flash, 2 layers:
+    ~28 GB each plus the ~26 GB stacked-expert copy while converting), never in fp32 on the host."""
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "bench"))
     try:
@@ -119,11 +159,18 @@ def hf_baseline(args, concurrency: int) -> float | None:
         config = getattr(dsv4_mini.ModelConfig, args.preset)()
         if args.num_layers:
             config = config.truncated(args.num_layers)
-        model = dsv4_mini.build_model(config, seed=0)
-        hf = hf_model(model)
         device = "cuda" if args.device == "cuda" else "cpu"
-        hf = hf.to(device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32).eval()
-        del model
+        if "model" not in _HF_CACHE:  # built once, for every concurrency row
+            if args.init_device == "model" and device == "cuda":  # the server's GPU init, bf16 like the server
+                model = dsv4_mini.build_model(config, seed=0, device=device, dtype=torch.bfloat16, init_device=device)
+                hf = hf_model(model, device=device, dtype=torch.bfloat16)
+            else:
+                model = dsv4_mini.build_model(config, seed=0)
+                hf = hf_model(model)
+                hf = hf.to(device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+            del model
+            _HF_CACHE["model"] = hf.eval()
+        hf = _HF_CACHE["model"]
         ids = torch.randint(0, config.vocab_size, (concurrency, args.prompt_len), device=device)
         with torch.no_grad():  # warm-up: CUDA context, kernels, allocator
             hf.generate(ids[:, :8], attention_mask=torch.ones_like(ids[:, :8]), max_new_tokens=2, do_sample=False)
@@ -153,8 +200,14 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, like the HF baseline")
     p.add_argument("--eplb-modes", nargs="+", default=["off", "record", "on"], choices=["off", "record", "on"])
+    p.add_argument("--client-procs", type=int, default=4, help="load-generator processes (clients spread over them)")
     p.add_argument("--hf-baseline", action="store_true", help="also time transformers generate (static batch)")
+    p.add_argument("--init-device", choices=("cpu", "model"), default=None,
+                   help="serve.py --init-device: where the random weights are drawn (default: model for "
+                        "--preset flash, cpu otherwise); the HF baseline uses the same init")
     args = p.parse_args()
+    if args.init_device is None:
+        args.init_device = "model" if args.preset == "flash" else "cpu"
 
     rows, meta = [], {"args": vars(args)}
     for eplb in args.eplb_modes:
@@ -162,9 +215,9 @@ def main() -> None:
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
         meta[f"ready_seconds_eplb_{eplb}"] = ready_s
         try:
-            asyncio.run(sweep_point(url, model, 2, argparse.Namespace(**{**vars(args), "output_len": 4})))  # warm-up
+            sweep_point(url, model, 2, argparse.Namespace(**{**vars(args), "output_len": 4}))  # warm-up
             for c in args.concurrency:
-                row = asyncio.run(sweep_point(url, model, c, args))
+                row = sweep_point(url, model, c, args)
                 row["eplb"] = eplb
                 if eplb != "off":
                     row["balancedness"] = httpx.get(url + "/eplb/state").json().get("balancedness")

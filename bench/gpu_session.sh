@@ -4,7 +4,7 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_17_x86_64 -d .whl fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 \
 #     pydantic pydantic-core annotated-types typing-inspection annotated-doc opentelemetry-api==1.45.2 \
-#     typing-extensions==4.16.0 transformers==5.24.0
+#     typing-extensions==4.16.0 transformers==5.24.0 uvloop httptools
 set -u
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \

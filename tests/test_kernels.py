@@ -7,6 +7,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # conftest.py sets it too, before any modu
 import pytest
 import torch
 
+import dsv4_mini
 import eplb
 import kernels
 
@@ -320,6 +321,102 @@ def test_moe_align_groups_pairs_by_slot():
             rows.setdefault(s, []).extend(blk)
     # the order of pairs inside a slot is unspecified (atomic cursors on the GPU)
     assert {s: sorted(v) for s, v in rows.items()} == {0: [1], 1: [4], 2: [0, 2, 5]}
+
+
+# ------------------------------------------------------------------------------------ mHC
+HC_EPS = NORM_EPS = 1e-6  # the model's hc_eps and rms_norm_eps
+
+
+def hc_inputs(T, n, d, dtype, seed):
+    """Model-like mHC inputs (random_official_state_dict's init): h [T, n, d] (RMS 2, so the
+    norm factor matters), fn [(2+n)n, n*d] ~ N/sqrt(n d), scale [3] ~ 1 + 0.3 N, base ~ 0.5 N."""
+    gen = torch.Generator().manual_seed(seed)
+    m = (2 + n) * n
+    h = (2 * torch.randn(T, n, d, generator=gen)).to(dtype)
+    fn = torch.randn(m, n * d, generator=gen) / (n * d) ** 0.5
+    scale = 1 + 0.3 * torch.randn(3, generator=gen)
+    base = 0.5 * torch.randn(m, generator=gen)
+    return h, fn, scale, base
+
+
+def hc_pre_both(h, fn, scale, base, iters, block_d=None):
+    """(torch path of dsv4_mini.hc_pre on [1, T, n, d], hc_pre_triton on [T, n, d])."""
+    T, n, d = h.shape
+    ref = dsv4_mini.hc_pre(h.view(1, T, n, d), fn, scale, base, iters, HC_EPS, NORM_EPS)
+    mixes = torch.nn.functional.linear(h.flatten(-2).float(), fn)  # [T, (2+n)n], the caller's GEMM
+    got = kernels.hc_pre_triton(h, mixes, scale, base, iters, HC_EPS, NORM_EPS, block_d=block_d)
+    return [r[0] for r in ref], got
+
+
+@pytest.mark.parametrize("iters", [1, 3, 20])
+@pytest.mark.parametrize("n,d", [(4, 16), (4, 40), (4, 128), (2, 40), (3, 24)])
+@pytest.mark.parametrize("T", [1, 3, 7])
+def test_hc_pre_triton_matches_torch(monkeypatch, T, n, d, iters):
+    monkeypatch.delenv("DSV4_KERNELS", raising=False)  # CPU tensors: dsv4_mini.hc_pre = torch
+    h, fn, scale, base = hc_inputs(T, n, d, torch.float32, seed=T * 100 + n * 10 + d + iters)
+    (x0, post0, comb0), (x1, post1, comb1) = hc_pre_both(h, fn, scale, base, iters)
+    assert x1.shape == (T, d) and post1.shape == (T, n) and comb1.shape == (T, n, n)
+    assert x1.dtype == h.dtype and post1.dtype == comb1.dtype == torch.float32
+    torch.testing.assert_close(post1, post0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(comb1, comb0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x1, x0, rtol=1e-5, atol=1e-5)
+    if iters == 20:  # the columns are normalised last: sums 1 (to eps), rows nearly so
+        assert (comb1.sum(-2) - 1).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("d,block_d", [(40, 16), (128, 32), (40, None)])
+def test_hc_pre_triton_chunks_and_half(monkeypatch, d, block_d, dtype):
+    # several d chunks with a masked tail (40 = 16 + 16 + 8); fp16 h: the same fp16 values go
+    # into both paths, so post/comb stay fp32-close and only x has its fp16 output rounding
+    monkeypatch.delenv("DSV4_KERNELS", raising=False)
+    h, fn, scale, base = hc_inputs(5, 4, d, dtype, seed=d)
+    (x0, post0, comb0), (x1, post1, comb1) = hc_pre_both(h, fn, scale, base, 20, block_d=block_d)
+    assert x1.dtype == dtype
+    torch.testing.assert_close(post1, post0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(comb1, comb0, rtol=1e-5, atol=1e-6)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-3, atol=2e-3)
+    torch.testing.assert_close(x1, x0, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n,d,block_d", [(4, 16, None), (4, 40, None), (4, 128, None),
+                                         (4, 40, 16), (2, 40, None), (3, 24, 16)])
+@pytest.mark.parametrize("T", [1, 3, 7])
+def test_hc_post_triton_matches_torch(monkeypatch, T, n, d, block_d, dtype):
+    monkeypatch.delenv("DSV4_KERNELS", raising=False)
+    gen = torch.Generator().manual_seed(T * 100 + n * 10 + d)
+    x = torch.randn(T, d, generator=gen).to(dtype)
+    residual = torch.randn(T, n, d, generator=gen).to(dtype)
+    post = 2 * torch.rand(T, n, generator=gen)
+    comb = torch.rand(T, n, n, generator=gen)  # not symmetric: a missed transpose shows
+    ref = dsv4_mini.hc_post(x.view(1, T, d), residual.view(1, T, n, d), post.view(1, T, n),
+                            comb.view(1, T, n, n))[0]
+    got = kernels.hc_post_triton(x, residual, post, comb, block_d=block_d)
+    assert got.shape == (T, n, d) and got.dtype == dtype
+    # out[t, k] = post[t, k] x[t] + sum_j comb[t, j, k] residual[t, j], in float64
+    naive = (post.double()[..., None] * x.double()[:, None, :]
+             + torch.einsum("tjk,tjd->tkd", comb.double(), residual.double()))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-3, atol=4e-3)
+    torch.testing.assert_close(got, ref, **tol)
+    torch.testing.assert_close(got.double(), naive, **tol)
+
+
+def test_tiny_model_with_triton_kernels_equals_torch(monkeypatch):
+    # every Triton kernel the model dispatches to (routing, experts, mHC) under the interpreter
+    model = dsv4_mini.build_model(dsv4_mini.ModelConfig.tiny(), seed=0)
+    ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
+    monkeypatch.delenv("DSV4_KERNELS", raising=False)
+    ref = model(ids)
+    calls = []
+    for name in ("hc_pre_triton", "hc_post_triton"):
+        fn = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _fn=fn, _name=name, **k: calls.append(_name) or _fn(*a, **k))
+    monkeypatch.setenv("DSV4_KERNELS", "triton")
+    got = model(ids)
+    L = model.config.num_hidden_layers
+    assert calls.count("hc_pre_triton") == calls.count("hc_post_triton") == 2 * L
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------ dispatch

@@ -249,6 +249,91 @@ def test_build_model_is_deterministic_and_seed_dependent():
             assert torch.equal(w1[slot], a[f"layers.{layer}.ffn.experts.{expert}.w1.weight"])
 
 
+def _expert_names_drawn(monkeypatch) -> set:
+    """Records the routed-expert tensors the init draws (every draw asks _generator by name)."""
+    drawn, real = set(), M._generator
+
+    def recording(seed, name, device=None):
+        if ".experts." in name:
+            drawn.add(name)
+        return real(seed, name, device)
+    monkeypatch.setattr(M, "_generator", recording)
+    return drawn
+
+
+def test_ep_rank_draws_only_its_slots_experts_and_matches_the_one_process_model(monkeypatch):
+    cfg = ModelConfig.tiny()
+    E, P, G = cfg.n_routed_experts, cfg.n_routed_experts + 4, 2  # 20 slots: experts 0..3 replicated
+    one = build_model(cfg, seed=0, num_physical_experts=P)
+    plain = {k: v for k, v in one.state_dict().items() if ".ffn.experts." not in k}
+    per_rank = P // G
+    for rank in range(G):
+        drawn = _expert_names_drawn(monkeypatch)
+        model = build_model(cfg, seed=0, num_physical_experts=P, ep_rank=rank, ep_size=G)
+        held = {(rank * per_rank + slot) % E for slot in range(per_rank)}
+        assert drawn == {f"layers.{layer}.ffn.experts.{e}.{w}.weight" for layer in range(cfg.num_hidden_layers)
+                         for e in held for w in ("w1", "w2", "w3")}  # nothing of the other rank's experts
+        for layer in range(cfg.num_hidden_layers):
+            for mine, full in zip(model.expert_weights(layer), one.expert_weights(layer)):
+                assert torch.equal(mine, full[rank * per_rank:(rank + 1) * per_rank])
+        sd = model.state_dict()
+        assert all(torch.equal(sd[k], v) for k, v in plain.items())
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_init_is_bit_identical_to_the_state_dict_path(dtype):
+    """build_model draws tensor by tensor; the bits are those of loading random_official_state_dict."""
+    cfg = ModelConfig.tiny()
+    kw = dict(num_physical_experts=24, ep_rank=1, ep_size=2)
+    reference = M._empty_model(cfg, "cpu", dtype, **kw)
+    reference.load_official_state_dict(M.random_official_state_dict(cfg, seed=4))
+    streamed = build_model(cfg, seed=4, dtype=dtype, init_device="cpu", **kw).state_dict()
+    for name, t in reference.state_dict().items():
+        bits = (lambda x: x.view(torch.int16 if x.element_size() == 2 else torch.int32)) if t.is_floating_point() \
+            else (lambda x: x)
+        assert streamed[name].dtype == t.dtype and torch.equal(bits(streamed[name]), bits(t)), name
+
+
+def test_device_init_path_keeps_the_laws_small_tensors_and_placement_invariance(monkeypatch):
+    """The init_device="cuda" code path, run on the CPU (a CPU generator with the per-name seed): its
+    normal_(mean, std) draws the same N(0, 1) numbers as the exact init's randn, so the values agree to
+    rounding -- which checks every tensor's mean / std -- and EP ranks hold the one-process slots."""
+    monkeypatch.setattr(M, "_DEVICE_INIT_MIN_NUMEL", 1024)  # tiny tensors are small: take the device path
+    cfg = ModelConfig.tiny()
+    cpu = torch.device("cpu")
+
+    def device_init(**kw):
+        model = M._empty_model(cfg, "cpu", torch.float32, kw.get("P"), kw.get("rank", 0), kw.get("G", 1))
+        M._init_random_weights(model, 0, fast_device=cpu)
+        return model
+    exact = build_model(cfg, seed=0, num_physical_experts=20).state_dict()
+    one = device_init(P=20)
+    sd = one.state_dict()
+    assert sd.keys() == exact.keys()
+    for name, t in sd.items():
+        if t.numel() < 1024 or name.endswith(("tid2eid", "gate.bias")):
+            assert torch.equal(t, exact[name]), name  # the CPU path, bit for bit
+        else:
+            assert torch.allclose(t, exact[name], rtol=1e-5, atol=1e-6), name
+    assert not torch.equal(sd["layers.0.attn.wq_a.weight"], exact["layers.0.attn.wq_a.weight"])  # other ops
+    for rank in range(2):
+        model = device_init(P=20, rank=rank, G=2)
+        for layer in range(cfg.num_hidden_layers):
+            for mine, full in zip(model.expert_weights(layer), one.expert_weights(layer)):
+                assert torch.equal(mine, full[rank * 10:(rank + 1) * 10])
+
+
+def test_init_device_cpu_is_the_default_and_progress_bar_is_opt_in(capsys):
+    cfg = ModelConfig.tiny()
+    a = build_model(cfg, seed=1).state_dict()
+    b = build_model(cfg, seed=1, init_device="cpu").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "random init" not in capsys.readouterr().err  # small model: no bar by default
+    build_model(cfg, seed=1, progress=True)
+    assert "random init" in capsys.readouterr().err
+
+
 def test_random_init_is_varied_and_tid2eid_rows_are_distinct(tiny):
     cfg = tiny.config
     tid2eid = tiny.layers[0].ffn.gate.tid2eid

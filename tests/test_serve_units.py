@@ -76,6 +76,30 @@ def test_sampler_greedy_topk_topp_and_seed():
     assert top2 == {1, 2}
 
 
+# ---------------------------------------------------------------- CLI: --init-device
+
+def test_init_device_flag_is_documented_checked_and_reaches_build_model(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        serve.parse_args(["--help"])
+    assert "--init-device {cpu,model}" in capsys.readouterr().out
+    for argv, message in ((["--init-device", "gpu"], "argument --init-device: invalid choice: 'gpu'"),
+                          (["--init-device", "model", "--model-path", str(tmp_path)], "no config.json")):
+        with pytest.raises(SystemExit) as exit_info:
+            serve.parse_args(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and message in err[-1] and err[-1].startswith("serve.py: error:")
+    (tmp_path / "config.json").write_text("{\"n_routed_experts\": 16}")
+    with pytest.raises(SystemExit):
+        serve.parse_args(["--init-device", "model", "--model-path", str(tmp_path)])
+    assert "--init-device only applies to the built-in random weights" in capsys.readouterr().err
+    args = serve.parse_args(["--preset", "tiny", "--init-device", "model"])
+    assert args.init_device == "model" and serve.parse_args([]).init_device == "cpu"
+    # on a CPU model, "model" is the CPU init: the same weights as the default
+    a, _ = serve.build_model_for_rank(args, "cpu", torch.float32)
+    b, _ = serve.build_model_for_rank(serve.parse_args(["--preset", "tiny"]), "cpu", torch.float32)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
 # ---------------------------------------------------------------- app error surface (fake engine)
 
 class FakeEngine:
