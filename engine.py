@@ -109,7 +109,7 @@ class Engine:
     def __init__(self, model, *, max_batch_size: int, max_seq_len: int, max_queue: int,
                  eos_token_ids: tuple[int, ...] = (), prefill_chunk: int = 256, seed: int = 0,
                  eplb=None, peers=None, decode_graphs: bool = False, num_token_ids: int | None = None,
-                 prefill_tail: int = 0):
+                 prefill_tail: int = 0, run_ahead: bool | None = None):
         self.model = model
         # Ids >= num_token_ids are embedding rows the tokenizer never produces (the model's vocab is
         # padded past it): they are never sampled, so every generated token has text.
@@ -132,6 +132,12 @@ class Engine:
             self.decoder = DecodeGraphs(model, self.cache, max_batch_size)
             self.decoder.capture_all()
         self.device = next(model.parameters()).device
+        # Run-ahead (see _launch_ahead): on by default where it pays, i.e. CUDA graphs, whose launch
+        # returns at once. Never with EPLB (a step launched twice would count its load twice) or peers.
+        if run_ahead is None:
+            run_ahead = self.device.type == "cuda"
+        self.run_ahead = bool(run_ahead) and self.decoder is not None and eplb is None and peers is None
+        self._ahead: tuple | None = None  # (rows, positions, logits) of the step launched ahead
         self.free_slots = list(range(max_batch_size - 1, -1, -1))   # pop() hands out slot 0 first
         self.running: list[Sequence] = []                            # engine thread only
         # Cross-thread inbox: guarded by one lock, drained at the start of each step.
@@ -306,19 +312,16 @@ class Engine:
         less than an eager prefill forward (kernel launches, not math, dominate small steps)."""
         batch = [s for s in self.running if not s.prefilling or
                  len(s.prompt_ids) - s.num_prefilled <= self.prefill_tail]
+        ahead, self._ahead = self._ahead, None
         if not batch:
             return
         # [B] the token each row feeds and its position: next prompt token, or the last output token
-        tokens = [s.prompt_ids[s.num_prefilled] if s.prefilling else s.output_ids[-1] for s in batch]
         positions = [s.num_prefilled if s.prefilling else s.num_tokens - 1 for s in batch]
-        input_ids = torch.tensor(tokens, device=self.device)
-        start_pos = torch.tensor(positions, device=self.device)
-        slot_ids = torch.tensor([s.slot for s in batch], device=self.device)
-        if self.decoder is not None:
-            logits = self.decoder.run(input_ids, start_pos, slot_ids, load)
-        else:
-            logits = self.model.forward(input_ids.view(-1, 1), start_pos, self.cache, slot_ids, load=load,
-                                        last_only=True)
+        if ahead is not None and ahead[0] == batch and ahead[1] == positions:
+            logits = ahead[2]  # launched during the last step, with these very rows and positions
+        else:  # (a step launched ahead for other rows is dropped: redoing a position rewrites the same cache)
+            tokens = [s.prompt_ids[s.num_prefilled] if s.prefilling else s.output_ids[-1] for s in batch]
+            logits = self._forward(torch.tensor(tokens, device=self.device), positions, batch, load)
         self._deliver()  # the previous step's tokens, while the GPU runs this one
         wants = []  # rows whose logits give a new token: decoders, and prompts that fed their last token
         for i, seq in enumerate(batch):
@@ -327,9 +330,59 @@ class Engine:
                 if seq.prefilling:
                     continue  # a prompt token: its logits predict nothing we need
             wants.append(i)
-        if wants:
-            for i, token in zip(wants, self._sample_rows([batch[i] for i in wants], logits[wants])):
-                self._accept(batch[i], token)
+        if not wants:
+            return
+        want_seqs = [batch[i] for i in wants]
+        if self.run_ahead and all(s.params.temperature < GREEDY_BELOW for s in want_seqs):
+            greedy = self._greedy(logits)  # [B] on the device
+            picked, ready = self._copy_to_host(greedy[wants])  # queued before the next step...
+            self._launch_ahead(batch, positions, greedy)
+            ready()  # ...so this waits for this step only, with the next one already queued behind it
+            tokens = picked.tolist()
+        else:
+            tokens = self._sample_rows(want_seqs, logits[wants])
+        for seq, token in zip(want_seqs, tokens):
+            self._accept(seq, token)
+
+    def _forward(self, input_ids: torch.Tensor, positions: list[int], batch: list[Sequence], load):
+        """Launch one one-token step for these rows: -> logits [B, V] (on CUDA, not yet computed)."""
+        start_pos = torch.tensor(positions, device=self.device)
+        slot_ids = torch.tensor([s.slot for s in batch], device=self.device)
+        if self.decoder is not None:
+            return self.decoder.run(input_ids, start_pos, slot_ids, load)
+        return self.model.forward(input_ids.view(-1, 1), start_pos, self.cache, slot_ids, load=load, last_only=True)
+
+    def _copy_to_host(self, t: torch.Tensor):
+        """Queue a device->host copy: -> (host tensor, wait()); wait() releases the GIL while it waits."""
+        if self.device.type != "cuda":
+            return t.cpu(), lambda: None
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return host, done.synchronize
+
+    def _greedy(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.num_token_ids is not None:
+            logits = logits[:, :self.num_token_ids]
+        return logits.argmax(-1)
+
+    def _launch_ahead(self, batch: list[Sequence], positions: list[int], greedy: torch.Tensor) -> None:
+        """Queue the next step before this one's tokens reach the host, so the GPU never waits for
+        the host between steps. Every row here is greedy, so its next input is known on the device
+        (this step's argmax) or on the host (its next prompt token). Rows that will finish now by
+        length are left out; if the batch still differs at the next step (an EOS, a new or aborted
+        request) that step is recomputed, which rewrites the same cache entries with the same values."""
+        rows = [i for i, s in enumerate(batch) if s.prefilling or
+                (len(s.output_ids) + 1 < s.params.max_tokens and s.num_tokens + 1 < self.max_seq_len)]
+        if not rows:
+            return
+        seqs = [batch[i] for i in rows]
+        prompt_token = torch.tensor([s.prompt_ids[s.num_prefilled] if s.prefilling else -1 for s in seqs],
+                                    device=self.device)
+        next_ids = torch.where(prompt_token >= 0, prompt_token, greedy[rows])
+        next_positions = [positions[i] + 1 for i in rows]
+        self._ahead = (seqs, next_positions, self._forward(next_ids, next_positions, seqs, None))
 
     def _sample_rows(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int | BaseException]:
         """One token per row of device logits [B, V]: greedy rows by one argmax on the device (one small
@@ -337,11 +390,11 @@ class Engine:
         A row whose sampling fails gets its exception instead of a token (that request ends alone)."""
         if not seqs:
             return []
-        if self.num_token_ids is not None:
-            logits = logits[:, :self.num_token_ids]
         greedy = [s.params.temperature < GREEDY_BELOW for s in seqs]
         # .cpu() waits for the GPU with the GIL released (the event loop streams meanwhile); then tolist
-        out: list[int | BaseException] = logits.argmax(-1).cpu().tolist() if any(greedy) else [0] * len(seqs)
+        out: list[int | BaseException] = self._greedy(logits).cpu().tolist() if any(greedy) else [0] * len(seqs)
+        if self.num_token_ids is not None:
+            logits = logits[:, :self.num_token_ids]
         sampled = [i for i, g in enumerate(greedy) if not g]
         if sampled:
             host_logits = logits[sampled].float().cpu()
@@ -412,6 +465,7 @@ class Engine:
             seq.on_token(None, reason)
 
     def _end_all(self, reason: str) -> None:
+        self._ahead = None
         self._deliver()  # tokens already sampled go out before the end of their streams
         for seq in list(self.running):
             self._finish(seq, reason)

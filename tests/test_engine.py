@@ -24,15 +24,51 @@ def run_all(engine: Engine, prompts: list[list[int]], max_tokens: int) -> list[l
     return [s.output_ids for s in seqs]
 
 
-@pytest.mark.parametrize("prefill_chunk, prefill_tail", [(256, 0), (5, 0), (7, 3), (256, 64)])
-def test_engine_matches_generate(model, prefill_chunk, prefill_tail):
+@pytest.mark.parametrize("prefill_chunk, prefill_tail, run_ahead", [(256, 0, False), (5, 0, False), (7, 3, False),
+                                                                   (256, 64, False), (7, 3, True), (256, 64, True)])
+def test_engine_matches_generate(model, prefill_chunk, prefill_tail, run_ahead):
     gen = torch.Generator().manual_seed(0)
     lengths = [1, 4, 9, 23, 40]  # shorter and longer than the tail, the chunk and the window (8)
     prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=gen).tolist() for n in lengths]
     want = [dsv4_mini.generate(model, torch.tensor([p]), 12)[0, len(p):].tolist() for p in prompts]
     engine = Engine(model, max_batch_size=4, max_seq_len=64, max_queue=16, prefill_chunk=prefill_chunk,
-                    prefill_tail=prefill_tail, decode_graphs=True)
+                    prefill_tail=prefill_tail, decode_graphs=True, run_ahead=run_ahead)
+    assert engine.run_ahead == run_ahead
     assert run_all(engine, prompts, 12) == want
+
+
+def test_run_ahead_survives_changing_batches(model):
+    """Steps launched ahead are used when the next batch is the same and redone when it is not
+    (requests finishing at different lengths, new requests admitted mid-way, an EOS-like stop id):
+    every request still gets exactly its solo greedy tokens."""
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=gen).tolist() for n in (3, 6, 2, 5, 7, 4)]
+    lengths = [5, 9, 3, 12, 7, 10]
+    solo = [dsv4_mini.generate(model, torch.tensor([p]), n)[0, len(p):].tolist() for p, n in zip(prompts, lengths)]
+    stop_id = solo[3][4]  # request 3 stops at its 5th token (or earlier, if that id comes up sooner)
+    engine = Engine(model, max_batch_size=4, max_seq_len=64, max_queue=16, prefill_tail=64, decode_graphs=True,
+                    run_ahead=True)
+    got: dict[int, list] = {i: [] for i in range(len(prompts))}
+    launched_ahead = 0
+    seqs = []
+    for i, (p, n) in enumerate(zip(prompts, lengths)):
+        params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True,
+                                stop_token_ids=(stop_id,) if i == 3 else ())
+        seqs.append(Sequence(p, params, on_token=lambda t, r, i=i: got[i].append(t) if t is not None else None))
+    for seq in seqs[:3]:
+        engine.submit(seq)
+    for step in range(200):
+        if step == 4:
+            for seq in seqs[3:]:
+                engine.submit(seq)  # admitted as slots free up
+        if not engine.has_work():
+            break
+        launched_ahead += engine._ahead is not None
+        engine.step()
+    for i, seq in enumerate(seqs):
+        want = solo[i][:solo[i].index(stop_id) + 1] if i == 3 and stop_id in solo[i] else solo[i]
+        assert seq.output_ids == want == got[i], i
+    assert launched_ahead > 0
 
 
 def test_padded_vocab_rows_are_never_sampled(model):
