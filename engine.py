@@ -321,7 +321,7 @@ class Engine:
             logits = ahead[2]  # launched during the last step, with these very rows and positions
         else:  # (a step launched ahead for other rows is dropped: redoing a position rewrites the same cache)
             tokens = [s.prompt_ids[s.num_prefilled] if s.prefilling else s.output_ids[-1] for s in batch]
-            logits = self._forward(torch.tensor(tokens, device=self.device), positions, batch, load)
+            logits = self._forward(self._device_tensor(tokens), positions, batch, load)
         self._deliver()  # the previous step's tokens, while the GPU runs this one
         wants = []  # rows whose logits give a new token: decoders, and prompts that fed their last token
         for i, seq in enumerate(batch):
@@ -335,10 +335,11 @@ class Engine:
         want_seqs = [batch[i] for i in wants]
         if self.run_ahead and all(s.params.temperature < GREEDY_BELOW for s in want_seqs):
             greedy = self._greedy(logits)  # [B] on the device
-            picked, ready = self._copy_to_host(greedy[wants])  # queued before the next step...
+            host, ready = self._copy_to_host(greedy)  # queued before the next step...
             self._launch_ahead(batch, positions, greedy)
             ready()  # ...so this waits for this step only, with the next one already queued behind it
-            tokens = picked.tolist()
+            host = host.tolist()
+            tokens = [host[i] for i in wants]
         else:
             tokens = self._sample_rows(want_seqs, logits[wants])
         for seq, token in zip(want_seqs, tokens):
@@ -346,11 +347,18 @@ class Engine:
 
     def _forward(self, input_ids: torch.Tensor, positions: list[int], batch: list[Sequence], load):
         """Launch one one-token step for these rows: -> logits [B, V] (on CUDA, not yet computed)."""
-        start_pos = torch.tensor(positions, device=self.device)
-        slot_ids = torch.tensor([s.slot for s in batch], device=self.device)
+        start_pos = self._device_tensor(positions)
+        slot_ids = self._device_tensor([s.slot for s in batch])
         if self.decoder is not None:
             return self.decoder.run(input_ids, start_pos, slot_ids, load)
         return self.model.forward(input_ids.view(-1, 1), start_pos, self.cache, slot_ids, load=load, last_only=True)
+
+    def _device_tensor(self, values: list[int]) -> torch.Tensor:
+        """Host ints -> device tensor without waiting for the GPU work already queued: a plain
+        torch.tensor(values, device="cuda") synchronises the stream, which would undo the run-ahead."""
+        if self.device.type != "cuda":
+            return torch.tensor(values, device=self.device)
+        return torch.tensor(values, pin_memory=True).to(self.device, non_blocking=True)
 
     def _copy_to_host(self, t: torch.Tensor):
         """Queue a device->host copy: -> (host tensor, wait()); wait() releases the GIL while it waits."""
@@ -378,9 +386,10 @@ class Engine:
         if not rows:
             return
         seqs = [batch[i] for i in rows]
-        prompt_token = torch.tensor([s.prompt_ids[s.num_prefilled] if s.prefilling else -1 for s in seqs],
-                                    device=self.device)
-        next_ids = torch.where(prompt_token >= 0, prompt_token, greedy[rows])
+        prompt_token = self._device_tensor([s.prompt_ids[s.num_prefilled] if s.prefilling else -1 for s in seqs])
+        if len(rows) < len(batch):
+            greedy = greedy.index_select(0, self._device_tensor(rows))
+        next_ids = torch.where(prompt_token >= 0, prompt_token, greedy)
         next_positions = [positions[i] + 1 for i in rows]
         self._ahead = (seqs, next_positions, self._forward(next_ids, next_positions, seqs, None))
 

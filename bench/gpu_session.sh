@@ -17,8 +17,13 @@ for part in "$@"; do
   case $part in
     kernels) timeout 150 python3 bench/bench_kernels.py > $OUT/kernels.log 2>&1; tail -22 $OUT/kernels.log ;;
     eplb)    timeout 120 python3 bench/bench_eplb.py > $OUT/eplb.log 2>&1; tail -30 $OUT/eplb.log ;;
-    serve)   timeout 330 python3 bench/bench_serve.py --device cuda --preset mini --concurrency 1 16 64 \
-               --output-len 64 --hf-baseline > $OUT/serve.log 2>&1; tail -12 $OUT/serve.log ;;
+    serve)   timeout 300 python3 bench/bench_serve.py --device cuda --preset mini --concurrency 1 16 64 \
+               --output-len 256 --eplb-modes off on --hf-baseline > $OUT/serve.log 2>&1; tail -8 $OUT/serve.log
+             timeout 100 python3 bench/bench_serve.py --device cuda --preset mini --concurrency 64 \
+               --output-len 64 --eplb-modes off > $OUT/serve64.log 2>&1; tail -3 $OUT/serve64.log ;;
+    flash)   timeout 540 python3 bench/bench_serve.py --device cuda --preset flash --num-layers 2 --concurrency 1 16 64 \
+               --output-len 64 --eplb-modes off on --hf-baseline > $OUT/flash.log 2>&1; tail -8 $OUT/flash.log ;;
     decode)  timeout 200 python3 bench/bench_decode_gpu.py --batch 1 8 64 --steps 50 > $OUT/decode.log 2>&1; tail -15 $OUT/decode.log ;;
+    engine)  timeout 100 python3 bench/profile_step.py --parts check engine --new 256 > $OUT/engine.log 2>&1; tail -10 $OUT/engine.log ;;
   esac
 done
