@@ -24,6 +24,6 @@ for part in "$@"; do
     flash)   timeout 540 python3 bench/bench_serve.py --device cuda --preset flash --num-layers 2 --concurrency 1 16 64 \
                --output-len 64 --eplb-modes off on --hf-baseline > $OUT/flash.log 2>&1; tail -8 $OUT/flash.log ;;
     decode)  timeout 200 python3 bench/bench_decode_gpu.py --batch 1 8 64 --steps 50 > $OUT/decode.log 2>&1; tail -15 $OUT/decode.log ;;
-    engine)  timeout 100 python3 bench/profile_step.py --parts check engine --new 256 > $OUT/engine.log 2>&1; tail -10 $OUT/engine.log ;;
+    engine)  timeout 100 python3 bench/bench_engine_gpu.py --parts check engine --new 256 > $OUT/engine.log 2>&1; tail -10 $OUT/engine.log ;;
   esac
 done

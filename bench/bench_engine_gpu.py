@@ -1,8 +1,11 @@
-"""Where a decode step's kernels come from: one eager step under torch.profiler, kernels counted per
-part (hc_pre, attention by layer kind, hc_post, MoE, head). Also: Engine-only throughput (no HTTP)
-and the transformers static-batch baseline, repeated, to see its spread.
+"""GPU checks below the HTTP layer (mini, bf16, one GPU):
 
-    python bench/profile_step.py [--batch 64] [--prompt 32] [--new 64 256]
+  check   the Triton mHC kernels (hc_pre/hc_post) against the torch reference on the GPU;
+  engine  Engine throughput alone (no HTTP): B requests of --prompt random tokens, greedy,
+          --new tokens each, with CUDA graphs, prompt tails fed through the graphed step (64) or not (0);
+  hf      transformers `generate` as one static batch on the same config, twice (to see its spread).
+
+    python bench/bench_engine_gpu.py [--parts check engine hf] [--batch 64] [--prompt 32] [--new 64 256]
 """
 import argparse
 import os
@@ -10,69 +13,10 @@ import sys
 import time
 
 import torch
-from torch.autograd import profiler as autograd_profiler
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import dsv4_mini  # noqa: E402
 from dsv4_mini import ModelConfig, build_model  # noqa: E402
-
-
-def wrap(obj, name, label):
-    fn = getattr(obj, name)
-
-    def wrapped(*a, **k):
-        with torch.profiler.record_function(label):
-            return fn(*a, **k)
-    setattr(obj, name, wrapped)
-
-
-def count_kernels(event):
-    return len(event.kernels) + sum(count_kernels(c) for c in event.cpu_children)
-
-
-def profile_parts(model, B, prompt, dev):
-    cfg = model.config
-    cache = model.new_cache(B, prompt + 16)
-    ids = torch.randint(2, cfg.vocab_size, (B, prompt), device=dev)
-    model.forward(ids, torch.zeros(B, dtype=torch.long, device=dev), cache, torch.arange(B, device=dev))
-    for i, block in enumerate(model.layers):
-        kind = {0: "sliding", 4: "csa"}.get(cfg.compress_ratios[i], "hca")
-        block.hc_pre = (lambda f, lab: (lambda *a, **k: _rf(lab, f, a, k)))(block.hc_pre, "hc_pre")
-        block.hc_post = (lambda f, lab: (lambda *a, **k: _rf(lab, f, a, k)))(block.hc_post, "hc_post")
-        wrap(block.attn, "forward", f"attn_{kind}")
-        wrap(block.ffn, "forward", "moe")
-        wrap(block.attn_norm, "forward", "norm")
-        wrap(block.ffn_norm, "forward", "norm")
-    pos = torch.full((B,), prompt, device=dev)
-    from torch.profiler import ProfilerActivity, profile
-    for _ in range(2):
-        model.forward(ids[:, -1:], pos, cache, torch.arange(B, device=dev), last_only=True)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        with torch.profiler.record_function("step"):
-            model.forward(ids[:, -1:], pos, cache, torch.arange(B, device=dev), last_only=True)
-        torch.cuda.synchronize()
-    parts = {}
-    total = 0
-    for ev in prof.events():
-        if ev.name == "step":
-            total = count_kernels(ev)
-        if ev.name in ("hc_pre", "hc_post", "moe", "norm") or ev.name.startswith("attn_"):
-            n = count_kernels(ev)
-            c, k = parts.get(ev.name, (0, 0))
-            parts[ev.name] = (c + 1, k + n)
-    print(f"B={B}: {total} kernels in one eager step")
-    for name, (calls, k) in sorted(parts.items(), key=lambda x: -x[1][1]):
-        print(f"  {name:12s} {calls:3d} calls {k:5d} kernels ({k / calls:.0f}/call)")
-    print(f"  other        {total - sum(k for _, k in parts.values())}")
-    ka = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
-    for e in sorted(ka, key=lambda e: -e.count)[:25]:
-        print(f"  {e.count:5d}x {e.device_time_total / 1e3:7.3f} ms  {e.key[:100]}")
-
-
-def _rf(label, fn, a, k):
-    with torch.profiler.record_function(label):
-        return fn(*a, **k)
 
 
 def engine_throughput(model, B, prompt, new, dev, prefill_tail):
@@ -145,7 +89,7 @@ def main():
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new", type=int, nargs="+", default=[64, 256])
-    ap.add_argument("--parts", nargs="+", default=["profile", "engine", "hf"])
+    ap.add_argument("--parts", nargs="+", default=["check", "engine", "hf"], choices=["check", "engine", "hf"])
     args = ap.parse_args()
     dev = torch.device("cuda")
     model = build_model(ModelConfig.mini(), seed=0, device=dev, dtype=torch.bfloat16)
@@ -159,8 +103,6 @@ def main():
     if "hf" in args.parts:
         for new in args.new:
             hf_baseline(model, args.batch, args.prompt, new, dev, 2)
-    if "profile" in args.parts:
-        profile_parts(model, args.batch, args.prompt, dev)
 
 
 if __name__ == "__main__":
