@@ -1145,7 +1145,7 @@ class DecodeGraphs:
 
     @torch.no_grad()
     def _capture(self, size: int) -> dict:
-        model, dev = self.model, self.device
+        dev = self.device
         padding = self._padding(size)
         inputs = padding.clone()  # all rows padding while warming up and capturing: only scratch is touched
         load = self._load_buffer()

@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import json
 import logging
-import math
 import os
 import signal
 import sys

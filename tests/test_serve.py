@@ -1,7 +1,6 @@
 """The real server: `python serve.py --preset tiny ...` in a subprocess on a free loopback port,
 driven by the official openai client and raw httpx."""
 import asyncio
-import os
 import signal
 import socket
 import subprocess
