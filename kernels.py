@@ -514,26 +514,14 @@ def _moe_align(ids, slot_offset: int, P_local: int, BLOCK_M: int):
 if triton is not None:
 
     @triton.jit
-    def _moe_up_kernel(x_ptr, stride_xt, w1_ptr, w3_ptr, h_ptr, rw_ptr, pairs_ptr, slot_ptr,
-                       N, D, I, top_k, limit, num_n,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
-        # I-tiles of one block are adjacent in launch order: x rows are gathered once into L2
-        pid = tl.program_id(0)
-        pid_m = pid // num_n
-        pid_n = pid % num_n
-        slot = tl.load(slot_ptr + pid_m)
-        if slot < 0:
-            return
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] rows of the sorted order
-        pair = tl.load(pairs_ptr + offs_m)  # [BM]
-        pair_ok = pair < N
+    def _swiglu_tile(x_ptr, stride_xt, w1_ptr, w3_ptr, rw_ptr, pair, pair_ok, w_off, n_ok, offs_k, D, top_k,
+                     limit, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+        """One up-projection tile: silu(min(x w1, limit)) * clamp(x w3, +-limit) * routing weight
+        for BM pairs (pair [BM], token = pair // top_k) x BN features of one slot (w_off [BK, BN]
+        = the slot's w1/w3 rows, transposed): [BM, BN] fp32."""
         tok = tl.where(pair_ok, pair // top_k, 0)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] intermediate features
-        n_ok = offs_n < I
-        offs_k = tl.arange(0, BLOCK_K)  # [BK]
         a_ptrs = x_ptr + tok.to(tl.int64)[:, None] * stride_xt + offs_k[None, :]  # [BM, BK]
-        w_off = slot.to(tl.int64) * I * D + offs_n.to(tl.int64)[None, :] * D + offs_k[:, None]
         b1_ptrs = w1_ptr + w_off  # [BK, BN] = w1[slot, n, k]^T
         b3_ptrs = w3_ptr + w_off
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -556,7 +544,48 @@ if triton is not None:
         g = tl.minimum(acc_g, limit)
         u = tl.minimum(tl.maximum(acc_u, -limit), limit)
         rw = tl.load(rw_ptr + pair, mask=pair_ok, other=0.0)  # [BM] routing weight, before w2
-        h = g / (1.0 + tl.exp(-g)) * u * rw[:, None]  # silu(g) * u * w, fp32
+        return g / (1.0 + tl.exp(-g)) * u * rw[:, None]  # silu(g) * u * w, fp32
+
+    @triton.jit
+    def _down_tile(a_ptrs, b_ptrs, pair_ok, n_ok, offs_k, I, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+        """One down-projection tile: h rows (a_ptrs [BM, BK]) @ the slot's w2^T (b_ptrs [BK, BN]),
+        summed over I: [BM, BN] fp32."""
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=pair_ok[:, None], other=0.0)
+                b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
+            else:
+                k_ok = offs_k + k0 < I
+                a = tl.load(a_ptrs, mask=pair_ok[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+        return acc
+
+    @triton.jit
+    def _moe_up_kernel(x_ptr, stride_xt, w1_ptr, w3_ptr, h_ptr, rw_ptr, pairs_ptr, slot_ptr,
+                       N, D, I, top_k, limit, num_n,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+        # I-tiles of one block are adjacent in launch order: x rows are gathered once into L2
+        pid = tl.program_id(0)
+        pid_m = pid // num_n
+        pid_n = pid % num_n
+        slot = tl.load(slot_ptr + pid_m)
+        if slot < 0:
+            return
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] rows of the sorted order
+        pair = tl.load(pairs_ptr + offs_m)  # [BM]
+        pair_ok = pair < N
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] intermediate features
+        n_ok = offs_n < I
+        offs_k = tl.arange(0, BLOCK_K)  # [BK]
+        w_off = slot.to(tl.int64) * I * D + offs_n.to(tl.int64)[None, :] * D + offs_k[:, None]
+        h = _swiglu_tile(x_ptr, stride_xt, w1_ptr, w3_ptr, rw_ptr, pair, pair_ok, w_off, n_ok, offs_k, D, top_k,
+                         limit, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PRECISION)
         h_ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * I + offs_n[None, :]
         tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=pair_ok[:, None] & n_ok[None, :])
 
@@ -579,18 +608,7 @@ if triton is not None:
         a_ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * I + offs_k[None, :]  # [BM, BK]
         b_ptrs = (w2_ptr + slot.to(tl.int64) * D * I + offs_n.to(tl.int64)[None, :] * I
                   + offs_k[:, None])  # [BK, BN] = w2[slot, n, k]^T
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, I, BLOCK_K):
-            if EVEN_K:
-                a = tl.load(a_ptrs, mask=pair_ok[:, None], other=0.0)
-                b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
-            else:
-                k_ok = offs_k + k0 < I
-                a = tl.load(a_ptrs, mask=pair_ok[:, None] & k_ok[None, :], other=0.0)
-                b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
-            a_ptrs += BLOCK_K
-            b_ptrs += BLOCK_K
+        acc = _down_tile(a_ptrs, b_ptrs, pair_ok, n_ok, offs_k, I, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PRECISION)
         y_ptrs = y_ptr + pair.to(tl.int64)[:, None] * D + offs_n[None, :]
         tl.store(y_ptrs, acc, mask=pair_ok[:, None] & n_ok[None, :])
 
@@ -631,31 +649,8 @@ if triton is not None:
         for m0 in range(0, cnt, BLOCK_M):
             pair = _chunk_pairs(rank, m0, N, NP, BLOCK_M)  # [BM]
             pair_ok = pair < N
-            tok = tl.where(pair_ok, pair // top_k, 0)
-            a_ptrs = x_ptr + tok.to(tl.int64)[:, None] * stride_xt + offs_k[None, :]  # [BM, BK]
-            b1_ptrs = w1_ptr + w_off  # [BK, BN] = w1[slot, n, k]^T
-            b3_ptrs = w3_ptr + w_off
-            acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for k0 in range(0, D, BLOCK_K):
-                if EVEN_K:
-                    a = tl.load(a_ptrs, mask=pair_ok[:, None], other=0.0)
-                    b1 = tl.load(b1_ptrs, mask=n_ok[None, :], other=0.0)
-                    b3 = tl.load(b3_ptrs, mask=n_ok[None, :], other=0.0)
-                else:
-                    k_ok = offs_k + k0 < D
-                    a = tl.load(a_ptrs, mask=pair_ok[:, None] & k_ok[None, :], other=0.0)
-                    b1 = tl.load(b1_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                    b3 = tl.load(b3_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                acc_g = tl.dot(a, b1, acc_g, input_precision=PRECISION)
-                acc_u = tl.dot(a, b3, acc_u, input_precision=PRECISION)
-                a_ptrs += BLOCK_K
-                b1_ptrs += BLOCK_K
-                b3_ptrs += BLOCK_K
-            g = tl.minimum(acc_g, limit)
-            u = tl.minimum(tl.maximum(acc_u, -limit), limit)
-            rw = tl.load(rw_ptr + pair, mask=pair_ok, other=0.0)  # [BM] routing weight
-            h = g / (1.0 + tl.exp(-g)) * u * rw[:, None]  # silu(g) * u * w, fp32
+            h = _swiglu_tile(x_ptr, stride_xt, w1_ptr, w3_ptr, rw_ptr, pair, pair_ok, w_off, n_ok, offs_k, D,
+                             top_k, limit, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PRECISION)
             h_ptrs = h_ptr + pair.to(tl.int64)[:, None] * I + offs_n[None, :]
             tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=pair_ok[:, None] & n_ok[None, :])
 
@@ -677,18 +672,8 @@ if triton is not None:
             pair_ok = pair < N
             a_ptrs = h_ptr + pair.to(tl.int64)[:, None] * I + offs_k[None, :]  # [BM, BK]
             b_ptrs = w2_ptr + w_off  # [BK, BN] = w2[slot, n, k]^T
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for k0 in range(0, I, BLOCK_K):
-                if EVEN_K:
-                    a = tl.load(a_ptrs, mask=pair_ok[:, None], other=0.0)
-                    b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
-                else:
-                    k_ok = offs_k + k0 < I
-                    a = tl.load(a_ptrs, mask=pair_ok[:, None] & k_ok[None, :], other=0.0)
-                    b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                acc = tl.dot(a, b, acc, input_precision=PRECISION)
-                a_ptrs += BLOCK_K
-                b_ptrs += BLOCK_K
+            acc = _down_tile(a_ptrs, b_ptrs, pair_ok, n_ok, offs_k, I, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+                             PRECISION)
             y_ptrs = y_ptr + pair.to(tl.int64)[:, None] * D + offs_n[None, :]
             tl.store(y_ptrs, acc, mask=pair_ok[:, None] & n_ok[None, :])
 
