@@ -305,18 +305,16 @@ def apply_rope(x: Tensor, cis: Tensor, inverse: bool = False) -> Tensor:
     return out
 
 
-def hc_pre(h: Tensor, fn: Tensor, scale: Tensor, base: Tensor, iters: int, hc_eps: float, norm_eps: float,
-           sinkhorn_fn=None):
+def hc_pre(h: Tensor, fn: Tensor, scale: Tensor, base: Tensor, iters: int, hc_eps: float, norm_eps: float):
     """mHC collapse: streams h [B,S,n,d] -> block input [B,S,d], plus post [B,S,n] and comb [B,S,n,n].
 
     pre/post come from sigmoids, comb from a Sinkhorn projection (softmax start, then alternating
     column/row normalisation) onto (nearly) doubly-stochastic matrices. All fp32.
     Where kernels._use_triton(h) (CUDA): the GEMM, then one fused kernel (kernels.hc_pre_triton).
-    The torch code below is the reference and the CPU path; a custom sinkhorn_fn, or tracing by
-    torch.compile (compile_decode), takes it too.
+    The torch code below is the reference and the CPU path.
     """
     n = h.shape[-2]
-    if sinkhorn_fn is None and not torch.compiler.is_compiling() and kernels._use_triton(h):
+    if kernels._use_triton(h):
         lead, d = h.shape[:-2], h.shape[-1]
         mixes = F.linear(h.flatten(-2).float(), fn)  # [B,S,(2+n)n]; the kernel applies the RMS factor
         x, post, comb = kernels.hc_pre_triton(h.reshape(-1, n, d), mixes.reshape(-1, mixes.shape[-1]),
@@ -327,7 +325,7 @@ def hc_pre(h: Tensor, fn: Tensor, scale: Tensor, base: Tensor, iters: int, hc_ep
     pre = torch.sigmoid(mixes[..., :n] * scale[0] + base[:n]) + hc_eps  # [B,S,n]
     post = 2 * torch.sigmoid(mixes[..., n:2 * n] * scale[1] + base[n:2 * n])  # [B,S,n]
     comb = mixes[..., 2 * n:].unflatten(-1, (n, n)) * scale[2] + base[2 * n:].view(n, n)  # [B,S,n,n]
-    comb = (sinkhorn_fn or sinkhorn)(comb, iters, hc_eps)
+    comb = sinkhorn(comb, iters, hc_eps)
     x = torch.einsum("bsn,bsnd->bsd", pre, h.float())  # [B,S,d] = sum_k pre_k * h_k, one kernel
     return x.to(h.dtype), post, comb
 
@@ -335,7 +333,7 @@ def hc_pre(h: Tensor, fn: Tensor, scale: Tensor, base: Tensor, iters: int, hc_ep
 def sinkhorn(comb: Tensor, iters: int, eps: float) -> Tensor:
     """softmax, then `iters` column and iters-1 row normalisations (x / (sum + eps)), like the reference.
 
-    The decode hot spot: 16 calls per token on [B,S,4,4]. Each normalisation is two kernels: a
+    The CPU decode hot spot: 16 calls per token on [B,S,4,4]. Each normalisation is two ops: a
     batched matmul with a ones vector gives the sums with eps already added (baddbmm's `input`),
     then an in-place divide.
     """
@@ -353,9 +351,9 @@ def sinkhorn(comb: Tensor, iters: int, eps: float) -> Tensor:
 
 def hc_post(x: Tensor, residual: Tensor, post: Tensor, comb: Tensor) -> Tensor:
     """mHC expand: out_k = post_k * x + sum_j comb[j, k] * residual_j (note: comb transposed).
-    Where kernels._use_triton(residual) (CUDA, not under torch.compile): one fused kernel
+    Where kernels._use_triton(residual) (CUDA): one fused kernel
     (kernels.hc_post_triton); the torch code is the reference and the CPU path."""
-    if not torch.compiler.is_compiling() and kernels._use_triton(residual):
+    if kernels._use_triton(residual):
         n, d = residual.shape[-2:]
         out = kernels.hc_post_triton(x.reshape(-1, d), residual.reshape(-1, n, d), post.reshape(-1, n),
                                      comb.reshape(-1, n, n))
@@ -749,16 +747,13 @@ class Block(nn.Module):
             self.register_parameter(f"hc_{kind}_base", nn.Parameter(torch.zeros((2 + n) * n, device=device)))
             self.register_parameter(f"hc_{kind}_scale", nn.Parameter(torch.ones(3, device=device)))
 
-    # mHC functions; DSV4Model.compile_decode() swaps in torch.compile'd versions (same math)
-    hc_pre, hc_post = staticmethod(hc_pre), staticmethod(hc_post)
-
     def forward(self, h: Tensor, batch: Batch, cache: LayerCache, layer_idx: int) -> Tensor:
-        x, post, comb = self.hc_pre(h, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base,
-                                    self.hc_iters, self.hc_eps, self.norm_eps)
-        h = self.hc_post(self.attn(self.attn_norm(x), batch, cache), h, post, comb)
-        x, post, comb = self.hc_pre(h, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base,
-                                    self.hc_iters, self.hc_eps, self.norm_eps)
-        return self.hc_post(self.ffn(self.ffn_norm(x), batch, layer_idx), h, post, comb)
+        x, post, comb = hc_pre(h, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base,
+                               self.hc_iters, self.hc_eps, self.norm_eps)
+        h = hc_post(self.attn(self.attn_norm(x), batch, cache), h, post, comb)
+        x, post, comb = hc_pre(h, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base,
+                               self.hc_iters, self.hc_eps, self.norm_eps)
+        return hc_post(self.ffn(self.ffn_norm(x), batch, layer_idx), h, post, comb)
 
 
 class DSV4Model(nn.Module):
@@ -812,23 +807,6 @@ class DSV4Model(nn.Module):
 
     def new_cache(self, num_slots: int, max_seq_len: int) -> KVCache:
         return KVCache(self.config, num_slots, max_seq_len, self.embed.weight.dtype, self.embed.weight.device)
-
-    def compile_decode(self, parts: str = "sinkhorn", **compile_kwargs) -> DSV4Model:
-        """Opt-in: torch.compile the mHC pieces, the part of a decode step made of the most tiny
-        kernels (the Sinkhorn loop alone is ~80 kernels of every hc_pre call). Same math, fused
-        (C++ on CPU, Triton on CUDA); compiles on first use per shape, so a first call takes
-        seconds. parts: "sinkhorn" (the loop only) or "mhc" (all of hc_pre and hc_post).
-        Everything else stays eager and readable."""
-        import functools
-        for block in self.layers:
-            if parts == "sinkhorn":
-                block.hc_pre = functools.partial(hc_pre, sinkhorn_fn=torch.compile(sinkhorn, dynamic=False, **compile_kwargs))
-            elif parts == "mhc":
-                block.hc_pre = torch.compile(hc_pre, dynamic=False, **compile_kwargs)
-                block.hc_post = torch.compile(hc_post, dynamic=False, **compile_kwargs)
-            else:
-                raise ValueError(f"parts must be 'sinkhorn' or 'mhc', got {parts!r}")
-        return self
 
     @torch.no_grad()
     def forward(self, input_ids: Tensor, start_pos: Tensor | None = None, cache: KVCache | None = None,

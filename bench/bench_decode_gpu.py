@@ -1,11 +1,11 @@
-"""GPU decode step: eager forward vs DecodeGraphs (CUDA graphs), optionally with compile_decode().
+"""GPU decode step: eager forward vs DecodeGraphs (CUDA graphs).
 
 Mini preset, bf16, one GPU. Every row is first prefilled with a `--prompt`-token prompt (one
 batched forward), then decoded greedily: a step = forward/replay + argmax, fed back on device.
 Prints ms/step and output tok/s per batch size, and checks graph logits against eager logits
 on the same cache state (same greedy tokens, max |diff|).
 
-    python bench/bench_decode_gpu.py [--batch 1 8 64] [--prompt 256] [--steps 50] [--compile]
+    python bench/bench_decode_gpu.py [--batch 1 8 64] [--prompt 256] [--steps 50] [--profile]
 """
 import argparse
 import os
@@ -34,13 +34,9 @@ def main():
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--prompt", type=int, default=256)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--compile", nargs="*", default=[], choices=["sinkhorn", "mhc"],
-                    help="also measure graphs + compile_decode(parts) for each part set given")
     ap.add_argument("--profile", action="store_true", help="top kernels of one eager step at the largest batch")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    ap.add_argument("--budget", type=float, default=200, help="skip remaining work after this many seconds")
     args = ap.parse_args()
-    t_start = time.perf_counter()
     dev = torch.device("cuda")
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -113,25 +109,6 @@ def main():
         print(f"B={B} eager step: {sum(e.count for e in events)} kernels, {total / 1e3:.2f} ms GPU time", flush=True)
         for e in sorted(events, key=lambda e: -e.device_time_total)[:18]:
             print(f"  {e.device_time_total / 1e3:7.3f} ms {e.count:5d}x  {e.key[:110]}", flush=True)
-
-    for parts in args.compile:
-        if time.perf_counter() - t_start > args.budget:
-            break
-        model.compile_decode(parts)
-        cgraphs = DecodeGraphs(model, cache, max_b)
-        for B in sorted(args.batch, reverse=True):
-            if time.perf_counter() - t_start > args.budget:
-                print(f"budget: skipping compiled B={B}", flush=True)
-                continue
-            slots = torch.arange(B, device=dev)
-            pos0 = torch.full((B,), args.prompt + 3 * args.steps, device=dev)
-            t0 = time.perf_counter()
-            cgraphs.run(prompts[:B, -1], pos0, slots)  # compile + capture
-            torch.cuda.synchronize()
-            compile_s = time.perf_counter() - t0
-            ms, _ = timed_steps(lambda ids, pos: cgraphs.run(ids, pos, slots, load), prompts[:B, -1], pos0, args.steps)
-            rows.append((B, f"graph + compile_decode({parts!r})", ms, f"compile+capture {compile_s:.1f}s"))
-            print(rows[-1], flush=True)
 
     print(f"\nmini preset, {args.dtype}, prompt {args.prompt} per row, {args.steps} greedy steps (argmax on device "
           f"included), cache max_seq_len {max_seq}")

@@ -4,7 +4,6 @@ Same config (the mini preset by default), same weights (ours, converted to HF na
 fp32 on CPU. Each side runs generate twice: with 1 new token (= prefill + the first token) and with
 `--new` tokens. End-to-end tok/s = batch * new / wall time of the whole call (prefill included);
 decode tok/s = batch * (new - 1) / (difference of the two wall times), i.e. the cached decode alone.
---compile also times ours after model.compile_decode() (compile time reported separately).
 
 Then a memory-floor section (skip with --no-floor): the bytes a decode step must read (every
 non-expert weight, the embedding rows of the step's tokens, the routed experts actually chosen,
@@ -60,7 +59,6 @@ def main():
     ap.add_argument("--preset", default="mini", choices=["tiny", "mini"])
     ap.add_argument("--prompt", type=int, default=256, help="prompt tokens per row")
     ap.add_argument("--new", type=int, default=64, help="new tokens per row")
-    ap.add_argument("--compile", action="store_true", help="also time ours with model.compile_decode()")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--repeats", type=int, default=1, help="best of N runs")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -87,13 +85,6 @@ def main():
             return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
                                do_sample=False, eos_token_id=None, pad_token_id=V - 1)
         impls = [("dsv4_mini eager", ours), ("transformers", theirs)]
-        if args.compile:
-            import copy
-            compiled = copy.deepcopy(model).compile_decode()
-            t0 = time.perf_counter()
-            ours(2, compiled)  # compiles for this batch's prefill and decode shapes
-            print(f"compile_decode() for batch {batch}: {time.perf_counter() - t0:.1f}s (not in the figures)")
-            impls.insert(1, ("dsv4_mini compile_decode", lambda new: ours(new, compiled)))
         out = {}
         with torch.inference_mode():
             for name, fn in impls:
