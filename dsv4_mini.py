@@ -26,9 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import time
-import zlib
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -371,7 +369,7 @@ def _linear(dim_in: int, dim_out: int, dtype, device) -> nn.Linear:
 # ---------------------------------------------------------------------------------------------------
 
 @dataclass
-class Batch:
+class ForwardContext:
     """What every layer needs to know about this forward step (built once by DSV4Model.forward)."""
     input_ids: Tensor  # [B,S] int64
     positions: Tensor  # [B,S] int64: absolute position of each new token
@@ -386,9 +384,8 @@ class Batch:
     window_write: Tensor  # [B,min(S,W)] ring slots the last new tokens go to
     inv_freq: dict  # "main" | "compress" -> [r/2]
     load: Tensor | None  # [L,P] int32 per-step expert counts, or None
-    valid_pairs: Tensor | None  # [B*S*K] int32 1/0: which (token, k) count in `load`. None: all rows
-                                # count (the kernels do it). Set by DecodeGraphs, whose padded rows
-                                # must count nothing without a host-side row count.
+    num_valid_tokens: Tensor | None  # [1] int32: only the first rows count in `load`. None: all rows.
+                                     # Set by runner.DecodeGraphs, whose padded rows count nothing.
     log2phy: Tensor  # [L,E,X] int32 (the model's buffer)
     logcnt: Tensor  # [L,E] int32
     ep_group: object  # torch.distributed group or None
@@ -423,31 +420,31 @@ class Compressor(nn.Module):
         self.wgate = _linear(config.hidden_size, width, dtype, device)
         self.norm = RMSNorm(head_dim, config.rms_norm_eps, device)
 
-    def forward(self, x: Tensor, batch: Batch, kv_state: Tensor, gate_state: Tensor, entries: Tensor,
+    def forward(self, x: Tensor, ctx: ForwardContext, kv_state: Tensor, gate_state: Tensor, entries: Tensor,
                 inv_freq: Tensor) -> None:
-        """Fold x [B,S,d] (tokens at batch.positions) into the state; write completed entries into
+        """Fold x [B,S,d] (tokens at ctx.positions) into the state; write completed entries into
         entries [slots, N_max, D] at their window index."""
         B, S, _ = x.shape
         m, c, D = self.ratio, self.coff, self.head_dim
         ring = c * m
         kv = F.linear(x.float(), self.wkv.weight.float())  # [B,S,cD] fp32 like the reference
-        gate = F.linear(x.float(), self.wgate.weight.float()) + self.ape[batch.positions % m]  # [B,S,cD]
+        gate = F.linear(x.float(), self.wgate.weight.float()) + self.ape[ctx.positions % m]  # [B,S,cD]
         if S == 1:
-            return self._decode_step(kv[:, 0], gate[:, 0], batch, kv_state, gate_state, entries, inv_freq)
+            return self._decode_step(kv[:, 0], gate[:, 0], ctx, kv_state, gate_state, entries, inv_freq)
 
         # Which windows complete in this step: w in [start//m, (start+S)//m) per row.
-        first = [s // m for s in batch.start_list]
-        counts = [(s + S) // m - f for s, f in zip(batch.start_list, first)]
+        first = [s // m for s in ctx.start_list]
+        counts = [(s + S) // m - f for s, f in zip(ctx.start_list, first)]
         num_new = max(counts)
         if num_new > 0:
             # Tokens of the windows to pool, window-aligned per row: from window first-(c-1) on.
             # Positions < start come from the ring, positions in [start, start+S) from this step.
             base = (torch.tensor(first, device=x.device) - (c - 1)) * m  # [B]
             pos = base.unsqueeze(1) + torch.arange((num_new + c - 1) * m, device=x.device)  # [B,J]
-            start = batch.start.unsqueeze(1)  # [B,1]
+            start = ctx.start.unsqueeze(1)  # [B,1]
             old = (pos >= 0) & (pos < start)  # [B,J]
             new = (pos >= start) & (pos < start + S)
-            slot = batch.slot_ids.unsqueeze(1)
+            slot = ctx.slot_ids.unsqueeze(1)
             ring_idx = pos.clamp(min=0) % ring
             step_idx = (pos - start).clamp(0, S - 1).unsqueeze(-1).expand(-1, -1, c * D)
             seq_kv = torch.where(old.unsqueeze(-1), kv_state[slot, ring_idx],
@@ -465,16 +462,16 @@ class Compressor(nn.Module):
             window = torch.tensor(first, device=x.device).unsqueeze(1) + torch.arange(num_new, device=x.device)
             pooled = apply_rope(self.norm(pooled), rope_cis(inv_freq, window * m))  # entry w: at its first token
             valid = torch.arange(num_new, device=x.device) < torch.tensor(counts, device=x.device).unsqueeze(1)
-            rows = batch.slot_ids.unsqueeze(1).expand(-1, num_new)
+            rows = ctx.slot_ids.unsqueeze(1).expand(-1, num_new)
             entries[rows[valid], window[valid]] = pooled[valid].to(entries.dtype)
 
         # Keep the raw projections of the last `ring` tokens for later windows.
         keep = min(S, ring)
-        idx = batch.positions[:, -keep:] % ring  # [B,keep], distinct within a row
-        kv_state[batch.slot_ids.unsqueeze(1), idx] = kv[:, -keep:]
-        gate_state[batch.slot_ids.unsqueeze(1), idx] = gate[:, -keep:]
+        idx = ctx.positions[:, -keep:] % ring  # [B,keep], distinct within a row
+        kv_state[ctx.slot_ids.unsqueeze(1), idx] = kv[:, -keep:]
+        gate_state[ctx.slot_ids.unsqueeze(1), idx] = gate[:, -keep:]
 
-    def _decode_step(self, kv: Tensor, gate: Tensor, batch: Batch, kv_state: Tensor, gate_state: Tensor,
+    def _decode_step(self, kv: Tensor, gate: Tensor, ctx: ForwardContext, kv_state: Tensor, gate_state: Tensor,
                      entries: Tensor, inv_freq: Tensor) -> None:
         """One token per row (kv, gate [B,cD]) with fixed shapes and no host syncs (CUDA-graph safe).
 
@@ -485,7 +482,7 @@ class Compressor(nn.Module):
         """
         m, c, D = self.ratio, self.coff, self.head_dim
         ring = c * m
-        pos, slot = batch.positions[:, 0], batch.slot_ids  # [B]
+        pos, slot = ctx.positions[:, 0], ctx.slot_ids  # [B]
         kv_state[slot, pos % ring] = kv
         gate_state[slot, pos % ring] = gate
         w = pos // m  # [B] window of this token
@@ -516,16 +513,16 @@ class Indexer(nn.Module):
         self.weights_proj = _linear(config.hidden_size, self.n_heads, dtype, device)
         self.compressor = Compressor(config, ratio, self.head_dim, dtype, device)
 
-    def forward(self, x: Tensor, qr: Tensor, batch: Batch, cache: LayerCache, num_entries: int) -> Tensor:
+    def forward(self, x: Tensor, qr: Tensor, ctx: ForwardContext, cache: LayerCache, num_entries: int) -> Tensor:
         """-> entry indices [B,S,k] (-1 = nothing to pick), k = min(index_topk, num_entries).
         The caller has already folded x into this indexer's compressor (cache.index_entries)."""
         B, S, _ = x.shape
-        keys = cache.index_entries[batch.slot_ids, :num_entries].float()  # [B,N,Di]
-        q = apply_rope(self.wq_b(qr).view(B, S, self.n_heads, self.head_dim), batch.rope["compress"].unsqueeze(2))
+        keys = cache.index_entries[ctx.slot_ids, :num_entries].float()  # [B,N,Di]
+        q = apply_rope(self.wq_b(qr).view(B, S, self.n_heads, self.head_dim), ctx.rope["compress"].unsqueeze(2))
         weights = self.weights_proj(x).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)  # [B,S,Hi]
         scores = torch.einsum("bshd,bnd->bshn", q.float(), keys).relu()  # [B,S,Hi,N]
         scores = (scores * weights.unsqueeze(-1)).sum(2)  # [B,S,N]
-        visible = _entry_visible(num_entries, self.ratio, batch.positions)  # [B,S,N]
+        visible = _entry_visible(num_entries, self.ratio, ctx.positions)  # [B,S,N]
         scores = scores.masked_fill(~visible, -math.inf)
         picked = indexer_topk(scores, min(self.topk, num_entries))  # [B,S,k]
         return torch.where(visible.gather(-1, picked), picked, -1)
@@ -564,10 +561,10 @@ class Attention(nn.Module):
         self.compressor = Compressor(c, self.ratio, c.head_dim, dtype, device) if self.ratio else None
         self.indexer = Indexer(c, self.ratio, dtype, device) if self.ratio == 4 else None
 
-    def forward(self, x: Tensor, batch: Batch, cache: LayerCache) -> Tensor:
+    def forward(self, x: Tensor, ctx: ForwardContext, cache: LayerCache) -> Tensor:
         B, S, _ = x.shape
         H, D = self.n_heads, self.head_dim
-        cis = batch.rope[self.rope_kind]  # [B,S,r/2] complex
+        cis = ctx.rope[self.rope_kind]  # [B,S,r/2] complex
 
         qr = self.q_norm(self.wq_a(x))  # [B,S,q_lora]; the indexer reuses it
         q = self.wq_b(qr).view(B, S, H, D)
@@ -576,28 +573,28 @@ class Attention(nn.Module):
         kv = apply_rope(self.kv_norm(self.wkv(x)), cis)  # [B,S,D]: the one K=V head
 
         # Sliding window: the W positions before this step (from the ring) + this step's tokens.
-        slots = batch.slot_ids.unsqueeze(1)
-        win_kv = torch.cat([cache.window[slots, batch.window_idx], kv.to(cache.window.dtype)], dim=1)  # [B,W+S,D]
-        cache.window[slots, batch.window_write] = win_kv[:, -batch.window_write.shape[1]:]
+        slots = ctx.slot_ids.unsqueeze(1)
+        win_kv = torch.cat([cache.window[slots, ctx.window_idx], kv.to(cache.window.dtype)], dim=1)  # [B,W+S,D]
+        cache.window[slots, ctx.window_write] = win_kv[:, -ctx.window_write.shape[1]:]
 
         qf = q.float() * D ** -0.5
-        scores = [torch.einsum("bshd,bkd->bhsk", qf, win_kv.float()).masked_fill(~batch.window_mask, -math.inf)]
+        scores = [torch.einsum("bshd,bkd->bhsk", qf, win_kv.float()).masked_fill(~ctx.window_mask, -math.inf)]
         values = [win_kv]
         if self.compressor is not None:
-            self.compressor(x, batch, cache.kv_state, cache.gate_state, cache.entries, batch.inv_freq["compress"])
+            self.compressor(x, ctx, cache.kv_state, cache.gate_state, cache.entries, ctx.inv_freq["compress"])
             if self.indexer is not None:  # the indexer's keys come from its own (smaller) compressor
-                self.indexer.compressor(x, batch, cache.index_kv_state, cache.index_gate_state,
-                                        cache.index_entries, batch.inv_freq["compress"])
-            num_entries = batch.seq_bound // self.ratio  # the most any row can see (masked per row)
+                self.indexer.compressor(x, ctx, cache.index_kv_state, cache.index_gate_state,
+                                        cache.index_entries, ctx.inv_freq["compress"])
+            num_entries = ctx.seq_bound // self.ratio  # the most any row can see (masked per row)
             if num_entries > 0:
-                entries = cache.entries[batch.slot_ids, :num_entries]  # [B,N,D]
+                entries = cache.entries[ctx.slot_ids, :num_entries]  # [B,N,D]
                 if self.indexer is None:  # HCA: every visible entry
-                    visible = _entry_visible(num_entries, self.ratio, batch.positions)  # [B,S,N]
+                    visible = _entry_visible(num_entries, self.ratio, ctx.positions)  # [B,S,N]
                     s = torch.einsum("bshd,bnd->bhsn", qf, entries.float())
                     scores.append(s.masked_fill(~visible.unsqueeze(1), -math.inf))
                     values.append(entries)
                 else:  # CSA: the indexer's top-k entries per query
-                    picked = self.indexer(x, qr, batch, cache, num_entries)  # [B,S,k]
+                    picked = self.indexer(x, qr, ctx, cache, num_entries)  # [B,S,k]
                     sel = entries[torch.arange(B, device=x.device).view(B, 1, 1), picked.clamp(min=0)]  # [B,S,k,D]
                     s = torch.einsum("bshd,bskd->bhsk", qf, sel.float())
                     scores.append(s.masked_fill((picked < 0).unsqueeze(1), -math.inf))
@@ -638,7 +635,7 @@ class Gate(nn.Module):
             self.bias = nn.Parameter(torch.zeros(E, dtype=torch.float32, device=device))
 
 
-class Expert(nn.Module):
+class SharedExpert(nn.Module):
     """The shared expert: SwiGLU with the same clamp as the routed experts (REF since 2b2bebc)."""
 
     def __init__(self, dim: int, inter: int, limit: float, dtype, device):
@@ -654,7 +651,7 @@ class Expert(nn.Module):
         return self.w2((F.silu(g) * u).to(x.dtype))
 
 
-class Experts(nn.Module):
+class RoutedExperts(nn.Module):
     """Routed experts, slot-stacked: slot p of this rank holds physical expert slot_offset + p."""
 
     def __init__(self, num_local_slots: int, dim: int, inter: int, dtype, device):
@@ -702,30 +699,28 @@ class MoE(nn.Module):
         self.top_k, self.scale = config.num_experts_per_tok, config.routed_scaling_factor
         self.limit, self.slot_offset = config.swiglu_limit, slot_offset
         self.gate = Gate(config, layer_idx, dtype, device)
-        self.experts = Experts(num_local_slots, config.hidden_size, config.moe_intermediate_size, dtype, device)
-        self.shared_experts = Expert(config.hidden_size, config.moe_intermediate_size, config.swiglu_limit, dtype, device)
+        self.experts = RoutedExperts(num_local_slots, config.hidden_size, config.moe_intermediate_size, dtype, device)
+        self.shared_experts = SharedExpert(config.hidden_size, config.moe_intermediate_size, config.swiglu_limit, dtype, device)
 
-    def forward(self, x: Tensor, batch: Batch, layer_idx: int) -> Tensor:
+    def forward(self, x: Tensor, ctx: ForwardContext, layer_idx: int) -> Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [T,d], T = B*S row-major (the replica hash's token index)
         logits = F.linear(x.float(), self.gate.weight.float())  # [T,E] fp32
-        load = batch.load[layer_idx] if batch.load is not None else None
-        # the kernel counts all rows, unless some are padding (DecodeGraphs): then we count below
-        maps = (batch.log2phy[layer_idx], batch.logcnt[layer_idx], load if batch.valid_pairs is None else None)
+        load = ctx.load[layer_idx] if ctx.load is not None else None  # [P]: this layer's counts
+        # the routing kernel is the one place that counts load: each valid (token, k) choice adds 1
+        route = (ctx.log2phy[layer_idx], ctx.logcnt[layer_idx], load, ctx.num_valid_tokens)
         if self.is_hash:
-            weights, ids = kernels.hash_topk(logits, batch.input_ids.reshape(-1), self.gate.tid2eid, self.scale, *maps)
+            weights, ids = kernels.hash_topk(logits, ctx.input_ids.reshape(-1), self.gate.tid2eid, self.scale, *route)
         else:
-            weights, ids = kernels.score_topk(logits, self.gate.bias, self.top_k, self.scale, *maps)
-        if load is not None and batch.valid_pairs is not None:  # padded rows add 0: fixed shapes, no sync
-            load.index_add_(0, ids.flatten().long(), batch.valid_pairs)
+            weights, ids = kernels.score_topk(logits, self.gate.bias, self.top_k, self.scale, *route)
         e = self.experts
-        if batch.moe_timer is not None:
-            batch.moe_timer.start(x.device)
+        if ctx.moe_timer is not None:
+            ctx.moe_timer.start(x.device)
         routed = kernels.moe_experts(x, weights, ids, e.w1, e.w3, e.w2, self.limit, slot_offset=self.slot_offset)
-        if batch.moe_timer is not None:
-            batch.moe_timer.stop(x.device)
-        if batch.ep_group is not None:  # each rank summed its own slots' share
-            torch.distributed.all_reduce(routed, group=batch.ep_group)
+        if ctx.moe_timer is not None:
+            ctx.moe_timer.stop(x.device)
+        if ctx.ep_group is not None:  # each rank summed its own slots' share
+            torch.distributed.all_reduce(routed, group=ctx.ep_group)
         return (routed + self.shared_experts(x).float()).to(x.dtype).view(shape)
 
 
@@ -747,13 +742,13 @@ class Block(nn.Module):
             self.register_parameter(f"hc_{kind}_base", nn.Parameter(torch.zeros((2 + n) * n, device=device)))
             self.register_parameter(f"hc_{kind}_scale", nn.Parameter(torch.ones(3, device=device)))
 
-    def forward(self, h: Tensor, batch: Batch, cache: LayerCache, layer_idx: int) -> Tensor:
+    def forward(self, h: Tensor, ctx: ForwardContext, cache: LayerCache, layer_idx: int) -> Tensor:
         x, post, comb = hc_pre(h, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base,
                                self.hc_iters, self.hc_eps, self.norm_eps)
-        h = hc_post(self.attn(self.attn_norm(x), batch, cache), h, post, comb)
+        h = hc_post(self.attn(self.attn_norm(x), ctx, cache), h, post, comb)
         x, post, comb = hc_pre(h, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base,
                                self.hc_iters, self.hc_eps, self.norm_eps)
-        return hc_post(self.ffn(self.ffn_norm(x), batch, layer_idx), h, post, comb)
+        return hc_post(self.ffn(self.ffn_norm(x), ctx, layer_idx), h, post, comb)
 
 
 class DSV4Model(nn.Module):
@@ -828,11 +823,11 @@ class DSV4Model(nn.Module):
 
     def step(self, input_ids: Tensor, start: Tensor, slot_ids: Tensor, cache: KVCache, load: Tensor | None,
              last_only: bool, seq_bound: int, start_list: list | None = None,
-             valid_pairs: Tensor | None = None) -> Tensor:
+             num_valid_tokens: Tensor | None = None) -> Tensor:
         """forward() without argument checks or host syncs when S == 1 (what DecodeGraphs captures).
 
         seq_bound: a Python int >= start + S for every row (compressed layers attend over entries
-        [0, seq_bound // m), masked per row). valid_pairs: see Batch. start_list: prefill only.
+        [0, seq_bound // m), masked per row). num_valid_tokens: see ForwardContext. start_list: prefill only.
         """
         B, S = input_ids.shape
         device = input_ids.device
@@ -845,16 +840,16 @@ class DSV4Model(nn.Module):
         key_pos = torch.cat([ring_pos, positions], dim=1).unsqueeze(1)  # [B,1,W+S]
         t = positions.unsqueeze(-1)  # [B,S,1]
         window_mask = ((key_pos <= t) & (key_pos > t - W) & (key_pos >= 0)).unsqueeze(1)  # [B,1,S,W+S]
-        batch = Batch(input_ids=input_ids, positions=positions, start=start, start_list=start_list,
+        ctx = ForwardContext(input_ids=input_ids, positions=positions, start=start, start_list=start_list,
                       seq_bound=seq_bound, slot_ids=slot_ids,
                       rope={k: rope_cis(f, positions) for k, f in inv_freq.items()},
                       window_idx=ring_pos % W, window_mask=window_mask, window_write=positions[:, -min(S, W):] % W,
-                      inv_freq=inv_freq, load=load, valid_pairs=valid_pairs, log2phy=self.log2phy,
+                      inv_freq=inv_freq, load=load, num_valid_tokens=num_valid_tokens, log2phy=self.log2phy,
                       logcnt=self.logcnt, ep_group=self.ep_group, moe_timer=self.moe_timer)
 
         h = self.embed(input_ids).unsqueeze(2).repeat(1, 1, self.config.hc_mult, 1)  # [B,S,n,d]: n copies
         for layer_idx, block in enumerate(self.layers):
-            h = block(h, batch, cache.layers[layer_idx], layer_idx)
+            h = block(h, ctx, cache.layers[layer_idx], layer_idx)
         if last_only:
             h = h[:, -1:]
         # hc_head: sigmoid-weighted collapse of the n streams (no Sinkhorn)
@@ -868,96 +863,6 @@ class DSV4Model(nn.Module):
     def logits(self, input_ids: Tensor) -> Tensor:
         return self.forward(input_ids)
 
-    # -- official-name state dict ------------------------------------------------------------------
-    def official_state_dict(self) -> dict[str, Tensor]:
-        """Official checkpoint names; routed expert E comes from the first local slot holding it."""
-        out = {}
-        for name, t in self.state_dict().items():
-            m = _STACKED_RE.fullmatch(name)
-            if not m:
-                out[name] = t
-                continue
-            layer, w = int(m.group(1)), m.group(2)
-            for expert, slot in self._local_slots_of(layer).items():
-                out[f"layers.{layer}.ffn.experts.{expert}.{w}.weight"] = t[slot[0]]
-        return out
-
-    def _local_slots_of(self, layer: int) -> dict[int, list[int]]:
-        """expert -> local slots holding it on this rank (from phy2log)."""
-        offset = self.ep_rank * self.slots_per_rank
-        held: dict[int, list[int]] = {}
-        for slot, expert in enumerate(self.phy2log[layer, offset:offset + self.slots_per_rank].tolist()):
-            held.setdefault(expert, []).append(slot)
-        return dict(sorted(held.items()))
-
-    @torch.no_grad()
-    def load_official_state_dict(self, sd: dict[str, Tensor]) -> None:
-        """Copy an official-name state dict in; expert E goes into every local slot holding E.
-
-        `mtp.*` is ignored; tid2eid is cast to int32. Experts held by no local slot may be present or
-        absent. Raises ONE ValueError listing every missing, unexpected and mis-shaped key.
-        """
-        own = self.state_dict()
-        missing, unexpected, misshaped = [], [], []
-        plain, experts = {}, {}  # name -> tensor ; (layer, w) -> {expert: tensor}
-        E = self.config.n_routed_experts
-        for name, t in sd.items():
-            if name.startswith("mtp."):
-                continue
-            m = _EXPERT_KEY_RE.fullmatch(name)
-            if m and int(m.group(1)) < len(self.layers) and int(m.group(2)) < E:
-                experts.setdefault((int(m.group(1)), m.group(3)), {})[int(m.group(2))] = t
-            elif name in own and not _STACKED_RE.fullmatch(name):
-                plain[name] = t
-            else:
-                unexpected.append(name)
-        for name, target in own.items():
-            m = _STACKED_RE.fullmatch(name)
-            if m is None:
-                if name not in plain:
-                    missing.append(name)
-                elif plain[name].shape != target.shape:
-                    misshaped.append(f"{name}: {list(plain[name].shape)} != {list(target.shape)}")
-                continue
-            layer, w = int(m.group(1)), m.group(2)
-            given, held = experts.get((layer, w), {}), self._local_slots_of(layer)
-            for expert in held:
-                key = f"layers.{layer}.ffn.experts.{expert}.{w}.weight"
-                if expert not in given:
-                    missing.append(key)
-                elif given[expert].shape != target.shape[1:]:
-                    misshaped.append(f"{key}: {list(given[expert].shape)} != {list(target.shape[1:])}")
-            for expert, t in given.items():
-                if t.shape != target.shape[1:] and expert not in held:
-                    misshaped.append(f"layers.{layer}.ffn.experts.{expert}.{w}.weight: "
-                                     f"{list(t.shape)} != {list(target.shape[1:])}")
-        if missing or unexpected or misshaped:
-            raise ValueError("state dict does not fit the model:"
-                             + "".join(f"\n  missing: {k}" for k in sorted(missing))
-                             + "".join(f"\n  unexpected: {k}" for k in sorted(unexpected))
-                             + "".join(f"\n  mis-shaped: {k}" for k in sorted(misshaped)))
-        for name, target in own.items():
-            m = _STACKED_RE.fullmatch(name)
-            if m is None:
-                target.copy_(plain[name].to(target.dtype) if name.endswith("tid2eid") else plain[name])
-                continue
-            layer, w = int(m.group(1)), m.group(2)
-            for expert, slots in self._local_slots_of(layer).items():
-                for slot in slots:
-                    target[slot].copy_(experts[(layer, w)][expert])
-
-    def save_pretrained(self, directory: str) -> None:
-        """config.json (official form) + safetensors under official names (tid2eid as int64, like the release)."""
-        import checkpoint
-        os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, "config.json"), "w") as f:
-            json.dump(self.config.to_dict(), f, indent=2)
-        sd = {k: (v.to(torch.int64) if k.endswith("tid2eid") else v) for k, v in self.official_state_dict().items()}
-        checkpoint.write_checkpoint(directory, sd)
-
-
-_STACKED_RE = re.compile(r"layers\.(\d+)\.ffn\.experts\.(w[123])")
-_EXPERT_KEY_RE = re.compile(r"layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])\.weight")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1016,370 +921,6 @@ class KVCache:
     def reset(self, slot: int) -> None:
         for layer in self.layers:
             layer.reset(slot)
-
-
-# ---------------------------------------------------------------------------------------------------
-# CUDA-graph decode
-# ---------------------------------------------------------------------------------------------------
-
-def batch_buckets(max_batch_size: int) -> list[int]:
-    """1, 2, 4, ... up to and including max_batch_size: the batch sizes DecodeGraphs captures."""
-    sizes = [1 << i for i in range(max(1, max_batch_size).bit_length()) if 1 << i < max_batch_size]
-    return sizes + [max_batch_size]
-
-
-class DecodeGraphs:
-    """Decode steps (one new token per row) replayed from CUDA graphs, one graph per batch bucket.
-
-    Why: a mini decode step is thousands of small kernels (~4,000 measured on an H200 before the fused
-    mHC kernels removed the ~1,300 of the Sinkhorn loops); launched one by one from Python the GPU
-    waits on the host most of the time. A CUDA graph replays the whole step with one launch. Captured
-    work must have fixed shapes, fixed addresses and no host syncs, hence:
-    * the batch is padded up to a bucket size (batch_buckets); padded rows decode token 0 at
-      position 0 in cache.scratch_slot, never a request's slot, and count nothing in `load`;
-    * inputs are copied into static buffers the graph reads; logits come out in a static buffer;
-    * compressed layers attend over entries [0, max_seq_len // m) with per-row masks (no
-      data-dependent sizes), and the compressors use their one-token path (Compressor._decode_step);
-    * load counts go to a graph-owned [L,P] buffer, added into the caller's `load` after replay.
-    EPLB rewrites the expert maps and expert weights in place (never reallocating them), so graphs
-    captured earlier stay valid across rebalances.
-
-    run(input_ids [B], start_pos [B], slot_ids [B], load [L,P] | None) -> logits [B,V] fp32, a view
-    of the bucket's output buffer (valid until the next run). Graphs are captured lazily, on the
-    first run of each bucket.
-
-    Not on CUDA, the same padded step runs eagerly, with at least CPU_MIN_ROWS rows: CPU BLAS
-    rounds a 1-row and a 2-3-row product differently from a product of 4 or more rows, so with
-    fewer rows a request's greedy tokens could depend on how many others share its decode step.
-    """
-
-    CPU_MIN_ROWS = 4
-
-    def __init__(self, model: DSV4Model, cache: KVCache, max_batch_size: int | None = None):
-        self.model, self.cache = model, cache
-        self.max_batch_size = max_batch_size or cache.num_slots
-        self.buckets = batch_buckets(self.max_batch_size)
-        self.device = model.embed.weight.device
-        self.use_graphs = self.device.type == "cuda"
-        if self.use_graphs and (model.ep_group is not None or model.moe_timer is not None):
-            raise ValueError("DecodeGraphs cannot capture collectives or timing events: not under expert parallelism")
-        if self.use_graphs and os.environ.get("DSV4_KERNELS") == "torch":
-            raise ValueError("DecodeGraphs needs the Triton kernels on CUDA (the torch twins sync the host)")
-        self.graphs: dict[int, dict] = {}  # bucket -> {"graph", "inputs", "logits", "load"}
-
-    @torch.no_grad()
-    def capture_all(self) -> None:
-        """Capture every bucket now (server start), so no request waits for a capture. CUDA only."""
-        for size in self.buckets:
-            if self.use_graphs and size not in self.graphs:
-                self._capture(size)
-
-    def bucket(self, batch_size: int) -> int:
-        for size in self.buckets:
-            if size >= batch_size:
-                return size
-        raise ValueError(f"batch of {batch_size} rows exceeds max_batch_size {self.max_batch_size}")
-
-    @torch.no_grad()
-    def run(self, input_ids: Tensor, start_pos: Tensor, slot_ids: Tensor, load: Tensor | None = None) -> Tensor:
-        B = input_ids.shape[0]
-        size = self.bucket(B)
-        if self.use_graphs:
-            g = self.graphs.get(size) or self._capture(size)
-        else:
-            size = max(size, self.CPU_MIN_ROWS)
-            g = dict(inputs=self._padding(size), padding=self._padding(size), load=self._load_buffer())
-        inputs = g["inputs"]  # [3, size] int64: token, position, slot per row
-        inputs[:, B:].copy_(g["padding"][:, B:])
-        inputs[0, :B].copy_(input_ids.view(B), non_blocking=True)
-        inputs[1, :B].copy_(start_pos.view(B), non_blocking=True)
-        inputs[2, :B].copy_(slot_ids.view(B), non_blocking=True)
-        if self.use_graphs:
-            g["graph"].replay()
-        else:
-            g["logits"] = self._step(inputs, g["load"])
-        if load is not None:
-            load.add_(g["load"])
-        return g["logits"][:B]
-
-    def _step(self, inputs: Tensor, load: Tensor) -> Tensor:
-        """The captured work: a whole decode step on static buffers."""
-        model, cache = self.model, self.cache
-        input_ids, start, slot_ids = inputs[0].view(-1, 1), inputs[1], inputs[2]
-        K = model.config.num_experts_per_tok
-        valid_pairs = (slot_ids != cache.scratch_slot).to(torch.int32).repeat_interleave(K)  # [B*K]
-        load.zero_()
-        return model.step(input_ids, start, slot_ids, cache, load, last_only=True,
-                          seq_bound=cache.max_seq_len, valid_pairs=valid_pairs)
-
-    def _padding(self, size: int) -> Tensor:
-        """[3, size]: every row decodes token 0 at position 0 in the scratch slot."""
-        return torch.tensor([0, 0, self.cache.scratch_slot], device=self.device).view(3, 1).repeat(1, size)
-
-    def _load_buffer(self) -> Tensor:
-        model = self.model
-        return torch.zeros(model.config.num_hidden_layers, model.num_physical_experts, dtype=torch.int32,
-                           device=self.device)
-
-    @torch.no_grad()
-    def _capture(self, size: int) -> dict:
-        dev = self.device
-        padding = self._padding(size)
-        inputs = padding.clone()  # all rows padding while warming up and capturing: only scratch is touched
-        load = self._load_buffer()
-        stream = torch.cuda.Stream(dev)
-        stream.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(stream):  # warm up off the capture: Triton/compile autotuning, allocator
-            for _ in range(2):
-                self._step(inputs, load)
-        torch.cuda.current_stream(dev).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits = self._step(inputs, load)
-        self.graphs[size] = g = dict(graph=graph, inputs=inputs, padding=padding, logits=logits, load=load)
-        return g
-
-
-# ---------------------------------------------------------------------------------------------------
-# Build, load, generate
-# ---------------------------------------------------------------------------------------------------
-
-def _generator(seed: int, name: str, device=None) -> torch.Generator:
-    """One generator per tensor name: init is the same whatever P, ep_rank or device. `device`: where
-    the generator draws (CPU by default; a CUDA one gives other numbers from the same seed)."""
-    g = torch.Generator() if device is None else torch.Generator(device=device)
-    return g.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-
-
-def _zipf_bias(config: ModelConfig, seed: int, layer: int) -> Tensor:
-    """Selection-only router bias with a realistic popularity skew (mini/flash-sized presets).
-
-    Trained routers are not uniform: a few experts take a large share of tokens. We model it as a
-    Zipf-like log-popularity, bias = -log(rank + 1), over a random expert permutation per layer, so hot
-    experts land on random EP ranks. With router logits ~N(0, 1) (unit-RMS input, N(0, 1/d) gate) the
-    hottest expert of a mini layer takes ~20% of the routed choices and the coldest almost none; over
-    4 EP ranks the mean balancedness of the score layers is ~0.55-0.65 before EPLB (1.0 = perfect).
-    """
-    E = config.n_routed_experts
-    rank = torch.randperm(E, generator=_generator(seed, f"layers.{layer}.ffn.gate.popularity"))
-    return -torch.log1p(rank.float())
-
-
-def random_official_state_dict(config: ModelConfig, seed: int = 0) -> dict[str, Tensor]:
-    """Deterministic random weights under official names (per-expert keys), generated on CPU.
-
-    Every expert, all in memory at once, in fp32: fine for small presets. build_model draws the
-    same bits tensor by tensor (and only this rank's experts) instead.
-
-    Linear weights N(0, 1/fan_in); embeddings N(0, 1); norm weights 1 + 0.1 N; sinks N(0, 0.5);
-    hc fn N(0, 1/(n d)), hc base 0.5 N, hc scale 1 + 0.3 N (modest, so the mixing is not uniform);
-    ape 0.5 N; tid2eid rows are distinct random experts per token; score-layer bias: see _zipf_bias.
-    """
-    return {name: _random_tensor(config, seed, name, shape).to(dtype)
-            for name, (shape, dtype) in _official_shapes(config).items()}
-
-
-def _gaussian_law(name: str, shape: tuple) -> tuple[float, float, float]:
-    """(mean, mul, div) of a Gaussian-initialised tensor: mean + mul * N(0, 1) / div. Every tensor
-    but tid2eid and gate.bias (see _is_gaussian); laws in random_official_state_dict's docstring."""
-    if name.endswith("norm.weight"):
-        return 1.0, 0.1, 1.0
-    if name.endswith("attn_sink"):
-        return 0.0, 0.5, 1.0
-    if name.endswith("_fn"):
-        return 0.0, 1.0, math.sqrt(shape[1])
-    if name.endswith("_base"):
-        return 0.0, 0.5, 1.0
-    if name.endswith("_scale"):
-        return 1.0, 0.3, 1.0
-    if name.endswith("ape"):
-        return 0.0, 0.5, 1.0
-    if name == "embed.weight":
-        return 0.0, 1.0, 1.0
-    return 0.0, 1.0, math.sqrt(shape[-1])  # linear [out, in]: N(0, 1/fan_in)
-
-
-def _is_gaussian(name: str) -> bool:
-    return not name.endswith(("tid2eid", "gate.bias"))
-
-
-def _apply_law(x: Tensor, mean: float, mul: float, div: float) -> Tensor:
-    """mean + mul * x / div on a fresh fp32 N(0, 1) draw x, in place, with the CPU init's float ops
-    (x / div, or mean + mul * x: same bits as the out-of-place expressions it always used)."""
-    if div != 1.0:
-        return x.div_(div)
-    if mul != 1.0:
-        x.mul_(mul)
-    return x.add_(mean) if mean else x
-
-
-def _special_tensor(config: ModelConfig, seed: int, name: str, shape: tuple) -> Tensor:
-    """tid2eid (int32, distinct random experts per token) or gate.bias (fp32, see _zipf_bias): CPU always."""
-    g = _generator(seed, name)
-    if name.endswith("tid2eid"):
-        E, K = config.n_routed_experts, config.num_experts_per_tok
-        return torch.rand(shape[0], E, generator=g).argsort(-1)[:, :K].to(torch.int32)
-    return _zipf_bias(config, seed, int(name.split(".")[1])) + 0.05 * torch.randn(shape, generator=g)
-
-
-def _random_tensor(config: ModelConfig, seed: int, name: str, shape: tuple) -> Tensor:
-    """One tensor of the CPU init, from its own generator: fp32 (tid2eid int32)."""
-    if not _is_gaussian(name):
-        return _special_tensor(config, seed, name, shape)
-    return _apply_law(torch.randn(shape, generator=_generator(seed, name)), *_gaussian_law(name, shape))
-
-
-# Gaussian tensors at least this big are drawn on the GPU by build_model(init_device="cuda"); smaller
-# ones (norms, sinks, hc base / scale) keep the CPU init there too.
-_DEVICE_INIT_MIN_NUMEL = 1 << 16
-
-
-def _init_jobs(model: DSV4Model) -> dict[int | None, list[tuple[str, tuple, list[Tensor]]]]:
-    """layer (None: tensors outside the layers) -> [(official name, shape, target views)]. Routed
-    experts: only those this rank's slots hold, one job per expert, copied into each slot holding it."""
-    units: dict[int | None, list] = {None: []}
-    for name, t in model.state_dict().items():
-        layer = int(name.split(".")[1]) if name.startswith("layers.") else None
-        m = _STACKED_RE.fullmatch(name)
-        if m is None:
-            jobs = [(name, tuple(t.shape), [t])]
-        else:
-            jobs = [(f"layers.{layer}.ffn.experts.{expert}.{m.group(2)}.weight", tuple(t.shape[1:]),
-                     [t[slot] for slot in slots]) for expert, slots in model._local_slots_of(layer).items()]
-        units.setdefault(layer, []).extend(jobs)
-    return units
-
-
-def _fill_on_cpu(config: ModelConfig, seed: int, jobs: list, pool, ahead: int) -> None:
-    """The exact CPU init of `jobs`: pool threads draw (the serial part: one generator per tensor, so
-    the bits do not depend on the threads), this thread scales and copies in, `ahead` draws in flight."""
-    from collections import deque
-
-    def draw(name: str, shape: tuple) -> Tensor:
-        if not _is_gaussian(name):
-            return _special_tensor(config, seed, name, shape)
-        return torch.randn(shape, generator=_generator(seed, name))
-
-    def finish(job, future) -> None:
-        name, shape, targets = job
-        x = future.result()
-        if _is_gaussian(name):
-            x = _apply_law(x, *_gaussian_law(name, shape))
-        for target in targets:
-            target.copy_(x)
-
-    pending = deque()
-    for job in jobs:
-        pending.append((job, pool.submit(draw, job[0], job[1])))
-        if len(pending) >= ahead:
-            finish(*pending.popleft())
-    while pending:
-        finish(*pending.popleft())
-
-
-def _fill_on_device(device: torch.device, seed: int, name: str, shape: tuple, targets: list[Tensor]) -> None:
-    """One Gaussian tensor drawn on `device` by a generator seeded like the CPU one, straight into the
-    target dtype (into the first target when it lives there), copied into the other targets."""
-    mean, mul, div = _gaussian_law(name, shape)
-    first = targets[0]
-    x = first if first.device == device else torch.empty(shape, dtype=first.dtype, device=device)
-    x.normal_(mean, mul / div, generator=_generator(seed, name, device))
-    for target in targets:
-        if target is not x:
-            target.copy_(x)
-
-
-@torch.no_grad()
-def _init_random_weights(model: DSV4Model, seed: int, fast_device: torch.device | None = None,
-                         progress: bool | None = None) -> None:
-    """Fill every parameter and buffer with the random init, layer by layer (see build_model).
-    fast_device: draw the big Gaussian tensors there (None: the exact CPU init for all)."""
-    from concurrent.futures import ThreadPoolExecutor
-    from tqdm import tqdm
-    units = _init_jobs(model)
-    if progress is None:
-        progress = sum(t.numel() for t in model.state_dict().values()) > 1e9
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = max(1, min(16, cores - 1))
-    rank = f" (rank {model.ep_rank}/{model.ep_size})" if model.ep_size > 1 else ""
-    with ThreadPoolExecutor(workers, thread_name_prefix="init") as pool, \
-            tqdm(total=len(model.layers), desc=f"random init{rank}", unit="layer", disable=not progress) as bar:
-        for layer in [None, *range(len(model.layers))]:
-            on_cpu = []
-            for name, shape, targets in units.get(layer, []):
-                if fast_device is not None and _is_gaussian(name) and math.prod(shape) >= _DEVICE_INIT_MIN_NUMEL:
-                    _fill_on_device(fast_device, seed, name, shape, targets)
-                else:
-                    on_cpu.append((name, shape, targets))
-            _fill_on_cpu(model.config, seed, on_cpu, pool, ahead=2 * workers)
-            if layer is not None:
-                bar.update()
-
-
-def _official_shapes(config: ModelConfig) -> dict[str, tuple]:
-    """name -> (shape, dtype) of every official tensor (per-expert keys), from a meta-device model."""
-    meta = DSV4Model(config, device="meta")
-    out = {}
-    for name, t in meta.state_dict().items():
-        m = _STACKED_RE.fullmatch(name)
-        if m is None:
-            out[name] = (tuple(t.shape), t.dtype)
-        else:
-            for e in range(config.n_routed_experts):
-                out[f"layers.{m.group(1)}.ffn.experts.{e}.{m.group(2)}.weight"] = (tuple(t.shape[1:]), t.dtype)
-    return out
-
-
-def _empty_model(config, device, dtype, num_physical_experts, ep_rank, ep_size) -> DSV4Model:
-    model = DSV4Model(config, num_physical_experts, ep_rank, ep_size, dtype=dtype, device="meta")
-    model.to_empty(device=device)
-    model.inv_freq_main.copy_(rope_inv_freq(config.qk_rope_head_dim, config.rope_theta, None))
-    model.inv_freq_compress.copy_(rope_inv_freq(config.qk_rope_head_dim, config.compress_rope_theta, config.rope_scaling))
-    model.reset_expert_maps()
-    return model.requires_grad_(False).eval()
-
-
-def build_model(config: ModelConfig, seed: int = 0, device="cpu", dtype=torch.float32,
-                num_physical_experts: int | None = None, ep_rank: int = 0, ep_size: int = 1,
-                init_device=None, progress: bool | None = None) -> DSV4Model:
-    """Random-init model; identical weights for the same seed on every machine and placement.
-
-    Every tensor has its own generator, seeded from `seed` and its official name, so the weights do
-    not depend on P, ep_rank, ep_size or device: a rank draws only the experts its own slots hold
-    (each once, copied into every local slot holding it), and tensors are drawn and copied in layer by
-    layer, so host memory stays at a few tensors beyond the model itself.
-
-    init_device: None or a CPU device (default): the exact CPU init, fp32 draws cast to `dtype`; the
-    same bits as `load_official_state_dict(random_official_state_dict(config, seed))`, on any machine.
-    A CUDA device (or "cuda"): opt-in fast path for big random models (released widths): every
-    Gaussian tensor of at least _DEVICE_INIT_MIN_NUMEL (64 Ki) elements -- all linear, embedding and
-    expert weights -- is drawn there by a CUDA generator seeded the same way per name, straight in
-    `dtype` (no fp32 host round trip). These weights DIFFER from the CPU init for the same seed (a
-    different RNG); they are deterministic for a given seed and GPU type (CUDA's Philox stream depends
-    on the launch grid, i.e. on the GPU model) and still placement-independent. tid2eid, gate.bias and
-    the small tensors (norms, sinks, hc base / scale) stay on the CPU path: the same as the CPU init.
-    progress: a tqdm bar over layers; None = only when this model holds > 1 G parameters.
-    """
-    model = _empty_model(config, device, dtype, num_physical_experts, ep_rank, ep_size)
-    fast = None
-    if init_device is not None and torch.device(init_device).type == "cuda":
-        fast = torch.device(init_device)
-        if fast.index is None:
-            fast = torch.device("cuda", torch.cuda.current_device())
-    _init_random_weights(model, seed, fast, progress)
-    return model
-
-
-def load_model(path: str, device="cpu", dtype=torch.bfloat16, num_layers: int | None = None,
-               num_physical_experts: int | None = None, ep_rank: int = 0, ep_size: int = 1) -> DSV4Model:
-    """A checkpoint directory (config.json + safetensors, official or transformers names)."""
-    import checkpoint
-    config = ModelConfig.from_pretrained(path)
-    if num_layers is not None:
-        config = config.truncated(num_layers)
-    model = _empty_model(config, device, dtype, num_physical_experts, ep_rank, ep_size)
-    model.load_official_state_dict(checkpoint.read_checkpoint(path, num_layers=config.num_hidden_layers, dtype=dtype))
-    return model
 
 
 @torch.inference_mode()

@@ -30,6 +30,8 @@ from typing import Callable
 
 import torch
 
+from runner import ModelRunner
+
 
 class QueueFull(Exception):
     """The waiting queue is at --max-queue, or the engine is draining."""
@@ -73,29 +75,6 @@ class Sequence:
         return len(self.prompt_ids) + len(self.output_ids)
 
 
-GREEDY_BELOW = 1e-5  # temperatures under this sample greedily
-
-
-def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token from one row of fp32 logits [V]: greedy at temperature 0 (and below 1e-5, where
-    logits / T would overflow), else top-k → top-p → multinomial with the request's own generator
-    (so a seeded request replays exactly)."""
-    if params.temperature < GREEDY_BELOW:
-        return int(logits.argmax())
-    logits = logits.float().cpu() / params.temperature
-    if 0 < params.top_k < logits.numel():
-        kth_largest = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        # keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p
-        mass_before = sorted_probs.cumsum(0) - sorted_probs
-        sorted_probs[mass_before >= params.top_p] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
 @dataclass(frozen=True)
 class EngineStats:
     """Published after every step; read by /metrics from another thread (one reference swap)."""
@@ -111,9 +90,6 @@ class Engine:
                  eplb=None, peers=None, decode_graphs: bool = False, num_token_ids: int | None = None,
                  prefill_tail: int = 0, run_ahead: bool | None = None):
         self.model = model
-        # Ids >= num_token_ids are embedding rows the tokenizer never produces (the model's vocab is
-        # padded past it): they are never sampled, so every generated token has text.
-        self.num_token_ids = num_token_ids
         # ep.LockstepModel under torchrun: the other ranks follow every step, so idle ticks are
         # sent to them too (ranks never fall out of step) and they are told to stop at the end.
         self.peers = peers
@@ -124,20 +100,14 @@ class Engine:
         self.prefill_tail = prefill_tail  # last prompt tokens fed through the batched one-token step
         self.eplb = eplb                      # eplb.EPLBManager or None
         self.cache = model.new_cache(max_batch_size, max_seq_len)
-        # Decode through dsv4_mini.DecodeGraphs: CUDA graphs on GPU; on CPU a padded eager step whose
-        # rounding does not depend on the batch. Not under torchrun: every rank must see each forward.
-        self.decoder = None
-        if decode_graphs:
-            from dsv4_mini import DecodeGraphs
-            self.decoder = DecodeGraphs(model, self.cache, max_batch_size)
-            self.decoder.capture_all()
         self.device = next(model.parameters()).device
-        # Run-ahead (see _launch_ahead): on by default where it pays, i.e. CUDA graphs, whose launch
+        # Run-ahead (see runner.ModelRunner): on by default where it pays, i.e. CUDA graphs, whose launch
         # returns at once. Never with EPLB (a step launched twice would count its load twice) or peers.
         if run_ahead is None:
             run_ahead = self.device.type == "cuda"
-        self.run_ahead = bool(run_ahead) and self.decoder is not None and eplb is None and peers is None
-        self._ahead: tuple | None = None  # (rows, positions, logits) of the step launched ahead
+        self.runner = ModelRunner(model, self.cache, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+                                  num_token_ids=num_token_ids, decode_graphs=decode_graphs,
+                                  run_ahead=bool(run_ahead) and eplb is None and peers is None)
         self.free_slots = list(range(max_batch_size - 1, -1, -1))   # pop() hands out slot 0 first
         self.running: list[Sequence] = []                            # engine thread only
         # Cross-thread inbox: guarded by one lock, drained at the start of each step.
@@ -154,6 +124,10 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.stats = EngineStats(num_slots=max_batch_size)
         self.last_error: BaseException | None = None
+
+    @property
+    def run_ahead(self) -> bool:
+        return self.runner.run_ahead
 
     # ---------------------------------------------------------------- called from other threads
 
@@ -251,16 +225,12 @@ class Engine:
             future.set_exception(RuntimeError("the engine stopped before running this call"))
 
     def step(self) -> None:
+        """schedule -> run -> deliver."""
         self._run_calls()
-        self._drop_aborted()
-        self._admit()
-        if self.running:
-            load = self.eplb.load if self.eplb is not None else None   # [L, P] counts of this step
+        decode_rows, prefill_seq = self._schedule()
+        if decode_rows or prefill_seq is not None:
             try:
-                self._decode(load)
-                self._prefill_one_chunk(load)
-                if self.eplb is not None:
-                    self.eplb.after_step()   # fold the counts; maybe move expert weights
+                self._run(decode_rows, prefill_seq)
             except Exception as error:  # noqa: BLE001 - a failed step ends its requests, never the engine
                 self.last_error = error
                 self._end_all("abort")
@@ -272,6 +242,21 @@ class Engine:
         if not self.running:  # no next forward to overlap the last deliveries with
             self._deliver()
         self._publish_stats()
+
+    # ---------------------------------------------------------------- schedule
+
+    def _schedule(self) -> tuple[list[Sequence], Sequence | None]:
+        """Free aborted slots, admit waiting requests, and pick this step's work: the rows of the batched
+        one-token step (decoders, and prompts with at most `prefill_tail` tokens left: under CUDA graphs
+        a graphed row costs far less than an eager prefill forward) and the oldest longer prompt, which
+        gets one chunk of at most `prefill_chunk` tokens (a long prompt never stalls the decoders for
+        more than one chunk)."""
+        self._drop_aborted()
+        self._admit()
+        decode_rows = [s for s in self.running if not s.prefilling or
+                       len(s.prompt_ids) - s.num_prefilled <= self.prefill_tail]
+        prefill_seq = next((s for s in self.running if len(s.prompt_ids) - s.num_prefilled > self.prefill_tail), None)
+        return decode_rows, prefill_seq
 
     def _run_calls(self) -> None:
         with self._lock:
@@ -306,130 +291,48 @@ class Engine:
             seq.generator = torch.Generator().manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
             self.running.append(seq)
 
-    def _decode(self, load) -> None:
-        """One batched one-token step. A request still prefilling joins it with its next prompt token
-        once at most `prefill_tail` prompt tokens are left: under CUDA graphs a graphed row costs far
-        less than an eager prefill forward (kernel launches, not math, dominate small steps)."""
-        batch = [s for s in self.running if not s.prefilling or
-                 len(s.prompt_ids) - s.num_prefilled <= self.prefill_tail]
-        ahead, self._ahead = self._ahead, None
-        if not batch:
-            return
-        # [B] the token each row feeds and its position: next prompt token, or the last output token
-        positions = [s.num_prefilled if s.prefilling else s.num_tokens - 1 for s in batch]
-        if ahead is not None and ahead[0] == batch and ahead[1] == positions:
-            logits = ahead[2]  # launched during the last step, with these very rows and positions
-        else:  # (a step launched ahead for other rows is dropped: redoing a position rewrites the same cache)
-            tokens = [s.prompt_ids[s.num_prefilled] if s.prefilling else s.output_ids[-1] for s in batch]
-            logits = self._forward(self._device_tensor(tokens), positions, batch, load)
+    # ---------------------------------------------------------------- run
+
+    def _run(self, decode_rows: list[Sequence], prefill_seq: Sequence | None) -> None:
+        load = self.eplb.load if self.eplb is not None else None  # [L, P] counts of this step
+        if decode_rows:
+            self._decode(decode_rows, load)
+        else:
+            self.runner.drop_ahead()
+        if prefill_seq is not None:
+            self._prefill_chunk(prefill_seq, load)
+        if self.eplb is not None:
+            self.eplb.after_step()  # fold the counts; maybe move expert weights
+
+    def _decode(self, rows: list[Sequence], load) -> None:
+        """One batched one-token step over `rows`."""
+        positions = [s.num_prefilled if s.prefilling else s.num_tokens - 1 for s in rows]  # [B]
+        logits = self.runner.decode(rows, positions, load)
         self._deliver()  # the previous step's tokens, while the GPU runs this one
         wants = []  # rows whose logits give a new token: decoders, and prompts that fed their last token
-        for i, seq in enumerate(batch):
+        for i, seq in enumerate(rows):
             if seq.prefilling:
                 seq.num_prefilled += 1
                 if seq.prefilling:
                     continue  # a prompt token: its logits predict nothing we need
             wants.append(i)
-        if not wants:
-            return
-        want_seqs = [batch[i] for i in wants]
-        if self.run_ahead and all(s.params.temperature < GREEDY_BELOW for s in want_seqs):
-            greedy = self._greedy(logits)  # [B] on the device
-            host, ready = self._copy_to_host(greedy)  # queued before the next step...
-            self._launch_ahead(batch, positions, greedy)
-            ready()  # ...so this waits for this step only, with the next one already queued behind it
-            host = host.tolist()
-            tokens = [host[i] for i in wants]
-        else:
-            tokens = self._sample_rows(want_seqs, logits[wants])
-        for seq, token in zip(want_seqs, tokens):
-            self._accept(seq, token)
+        if wants:
+            tokens = self.runner.next_tokens(rows, positions, logits, wants)
+            for i, token in zip(wants, tokens):
+                self._accept(rows[i], token)
 
-    def _forward(self, input_ids: torch.Tensor, positions: list[int], batch: list[Sequence], load):
-        """Launch one one-token step for these rows: -> logits [B, V] (on CUDA, not yet computed)."""
-        start_pos = self._device_tensor(positions)
-        slot_ids = self._device_tensor([s.slot for s in batch])
-        if self.decoder is not None:
-            return self.decoder.run(input_ids, start_pos, slot_ids, load)
-        return self.model.forward(input_ids.view(-1, 1), start_pos, self.cache, slot_ids, load=load, last_only=True)
-
-    def _device_tensor(self, values: list[int]) -> torch.Tensor:
-        """Host ints -> device tensor without waiting for the GPU work already queued: a plain
-        torch.tensor(values, device="cuda") synchronises the stream, which would undo the run-ahead."""
-        if self.device.type != "cuda":
-            return torch.tensor(values, device=self.device)
-        return torch.tensor(values, pin_memory=True).to(self.device, non_blocking=True)
-
-    def _copy_to_host(self, t: torch.Tensor):
-        """Queue a device->host copy: -> (host tensor, wait()); wait() releases the GIL while it waits."""
-        if self.device.type != "cuda":
-            return t.cpu(), lambda: None
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        host.copy_(t, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        return host, done.synchronize
-
-    def _greedy(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.num_token_ids is not None:
-            logits = logits[:, :self.num_token_ids]
-        return logits.argmax(-1)
-
-    def _launch_ahead(self, batch: list[Sequence], positions: list[int], greedy: torch.Tensor) -> None:
-        """Queue the next step before this one's tokens reach the host, so the GPU never waits for
-        the host between steps. Every row here is greedy, so its next input is known on the device
-        (this step's argmax) or on the host (its next prompt token). Rows that will finish now by
-        length are left out; if the batch still differs at the next step (an EOS, a new or aborted
-        request) that step is recomputed, which rewrites the same cache entries with the same values."""
-        rows = [i for i, s in enumerate(batch) if s.prefilling or
-                (len(s.output_ids) + 1 < s.params.max_tokens and s.num_tokens + 1 < self.max_seq_len)]
-        if not rows:
-            return
-        seqs = [batch[i] for i in rows]
-        prompt_token = self._device_tensor([s.prompt_ids[s.num_prefilled] if s.prefilling else -1 for s in seqs])
-        if len(rows) < len(batch):
-            greedy = greedy.index_select(0, self._device_tensor(rows))
-        next_ids = torch.where(prompt_token >= 0, prompt_token, greedy)
-        next_positions = [positions[i] + 1 for i in rows]
-        self._ahead = (seqs, next_positions, self._forward(next_ids, next_positions, seqs, None))
-
-    def _sample_rows(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int | BaseException]:
-        """One token per row of device logits [B, V]: greedy rows by one argmax on the device (one small
-        device->host copy for the whole batch), sampled rows on the host with their own generator.
-        A row whose sampling fails gets its exception instead of a token (that request ends alone)."""
-        if not seqs:
-            return []
-        greedy = [s.params.temperature < GREEDY_BELOW for s in seqs]
-        # .cpu() waits for the GPU with the GIL released (the event loop streams meanwhile); then tolist
-        out: list[int | BaseException] = self._greedy(logits).cpu().tolist() if any(greedy) else [0] * len(seqs)
-        if self.num_token_ids is not None:
-            logits = logits[:, :self.num_token_ids]
-        sampled = [i for i, g in enumerate(greedy) if not g]
-        if sampled:
-            host_logits = logits[sampled].float().cpu()
-            for i, row in zip(sampled, host_logits):
-                try:
-                    out[i] = sample_next(row, seqs[i].params, seqs[i].generator)
-                except Exception as error:  # noqa: BLE001 - ends this request only
-                    out[i] = error
-        return out
-
-    def _prefill_one_chunk(self, load) -> None:
-        """One eager forward over the next chunk of the oldest long prompt (down to `prefill_tail`
-        tokens left, which then go through the batched one-token steps)."""
-        seq = next((s for s in self.running if len(s.prompt_ids) - s.num_prefilled > self.prefill_tail), None)
-        if seq is None:
-            return
+    def _prefill_chunk(self, seq: Sequence, load) -> None:
+        """The next chunk of a long prompt (down to `prefill_tail` tokens left, which then go through
+        the batched one-token steps)."""
         end = min(seq.num_prefilled + self.prefill_chunk, len(seq.prompt_ids) - self.prefill_tail)
         chunk = seq.prompt_ids[seq.num_prefilled:end]
-        input_ids = torch.tensor([chunk], device=self.device)
-        start_pos = torch.tensor([seq.num_prefilled], device=self.device)
-        slot_ids = torch.tensor([seq.slot], device=self.device)
-        logits = self.model.forward(input_ids, start_pos, self.cache, slot_ids, load=load, last_only=True)
+        logits = self.runner.prefill(seq, chunk, load)
         self._deliver()
         seq.num_prefilled += len(chunk)
         if not seq.prefilling:
-            self._accept(seq, self._sample_rows([seq], logits)[0])
+            self._accept(seq, self.runner.sample_rows([seq], logits)[0])
+
+    # ---------------------------------------------------------------- deliver
 
     def _accept(self, seq: Sequence, token: int | BaseException) -> None:
         """Record one sampled token and queue it for delivery; the request's finish is decided here
@@ -474,7 +377,7 @@ class Engine:
             seq.on_token(None, reason)
 
     def _end_all(self, reason: str) -> None:
-        self._ahead = None
+        self.runner.drop_ahead()
         self._deliver()  # tokens already sampled go out before the end of their streams
         for seq in list(self.running):
             self._finish(seq, reason)

@@ -68,8 +68,17 @@ def _check_maps(log2phy, logcnt):
         raise ValueError("log2phy and logcnt must be given together")
 
 
+def _valid_rows(T, num_valid_tokens, device):
+    """[T] bool: rows < num_valid_tokens (None: all). An int, or a [1] int tensor on the device, which a
+    CUDA graph can read at replay: the padded rows of a batch bucket then count nothing, without a sync."""
+    if num_valid_tokens is None:
+        return torch.ones(T, dtype=torch.bool, device=device)
+    return torch.arange(T, device=device) < num_valid_tokens
+
+
 def _map_and_count(experts, log2phy, logcnt, load, num_valid_tokens):
-    """Logical experts [T, K] -> physical ids [T, K] int32 (replica by hash); count valid tokens."""
+    """Logical experts [T, K] -> physical ids [T, K] int32 (replica by hash); each (token, k) of the
+    first num_valid_tokens rows adds 1 to load[physical id]: the one place where load is counted."""
     T, K = experts.shape
     experts = experts.long()  # [T, K]
     if log2phy is not None:
@@ -80,9 +89,8 @@ def _map_and_count(experts, log2phy, logcnt, load, num_valid_tokens):
     else:
         ids = experts
     if load is not None:
-        nv = T if num_valid_tokens is None else max(0, min(int(num_valid_tokens), T))
-        counted = ids[:nv].flatten()  # [nv*K]; rows >= nv are padding
-        load.index_add_(0, counted, torch.ones_like(counted, dtype=load.dtype))
+        counted = _valid_rows(T, num_valid_tokens, experts.device).unsqueeze(1).expand(T, K)  # [T, K]
+        load.index_add_(0, ids.flatten(), counted.flatten().to(load.dtype))
     return ids.to(torch.int32)
 
 
@@ -226,16 +234,19 @@ if triton is not None:
     @triton.jit
     def _route_kernel(logits_ptr, stride_lt, input_ids_ptr, tid2eid_ptr, V, bias_ptr,
                       log2phy_ptr, X, logcnt_ptr, load_ptr, P, weights_ptr, ids_ptr,
-                      T, E, num_valid, scale, num_blocks,
+                      T, E, num_valid, num_valid_ptr, scale, num_blocks,
                       K: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr,
                       BLOCK_E: tl.constexpr, NB: tl.constexpr, HASH: tl.constexpr,
                       HAS_BIAS: tl.constexpr, HAS_MAP: tl.constexpr, COUNT: tl.constexpr,
-                      KEY64: tl.constexpr, HIST: tl.constexpr):
+                      KEY64: tl.constexpr, HIST: tl.constexpr, NV_PTR: tl.constexpr):
         # persistent: program p handles row blocks p, p + nprog, ...; the load counts of all its
         # blocks are gathered in a register histogram (bin NB-1 = not counted) and added to
         # `load` once at the end: one atomic per (program, non-empty bin) instead of one per pair
         kcol = tl.arange(0, KP)  # [KP]
         hist = tl.zeros([NB], dtype=tl.int32)
+        nv = num_valid
+        if NV_PTR:  # the count of valid rows is data (a CUDA graph's padded bucket), read at run time
+            nv = tl.load(num_valid_ptr)
         for blk in range(tl.program_id(0), num_blocks, tl.num_programs(0)):
             rows = blk * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
             row_ok = rows < T
@@ -296,7 +307,7 @@ if triton is not None:
             tl.store(weights_ptr + out_off, weight, mask=k_ok)
             tl.store(ids_ptr + out_off, phys, mask=k_ok)
             if COUNT:
-                counted = ok & (rows < num_valid)[:, None] & (phys >= 0) & (phys < P)
+                counted = ok & (rows < nv)[:, None] & (phys >= 0) & (phys < P)
                 if HIST:
                     bins = tl.where(counted, phys, NB - 1)  # NB - 1 >= P: "not counted" bin
                     hist += tl.histogram(tl.reshape(bins, [BLOCK_T * KP]), NB)
@@ -381,7 +392,10 @@ def _route_triton(router_logits, K, routed_scaling_factor, log2phy, logcnt, load
         if not logcnt.is_contiguous():
             logcnt = logcnt.contiguous()
     P = load.shape[0] if load is not None else 1
-    nv = T if num_valid_tokens is None else max(0, min(int(num_valid_tokens), T))
+    nv_ptr = isinstance(num_valid_tokens, torch.Tensor)
+    if nv_ptr and (num_valid_tokens.device != dev or num_valid_tokens.dtype != torch.int32):
+        raise ValueError("num_valid_tokens as a tensor must be int32 on the logits' device")
+    nv = T if num_valid_tokens is None or nv_ptr else max(0, min(int(num_valid_tokens), T))
     _route_kernel[grid](
         logits, logits.stride(0),
         input_ids if hash_mode else dummy,
@@ -392,10 +406,10 @@ def _route_triton(router_logits, K, routed_scaling_factor, log2phy, logcnt, load
         log2phy.shape[1] if log2phy is not None else 1,
         logcnt if logcnt is not None else dummy,
         load if load is not None else dummy, P,
-        weights, ids, T, E, nv, float(routed_scaling_factor), num_blocks,
+        weights, ids, T, E, nv, num_valid_tokens if nv_ptr else dummy, float(routed_scaling_factor), num_blocks,
         K=K, KP=KP, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, NB=max(32, _next_pow2(P + 1)),
         HASH=hash_mode, HAS_BIAS=bias is not None, HAS_MAP=log2phy is not None,
-        COUNT=load is not None, KEY64=bool(cfg["score_key64"]), HIST=hist, num_warps=warps)
+        COUNT=load is not None, KEY64=bool(cfg["score_key64"]), HIST=hist, NV_PTR=nv_ptr, num_warps=warps)
     return weights, ids
 
 

@@ -15,7 +15,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from dsv4_mini import DecodeGraphs, ModelConfig, build_model  # noqa: E402
+from dsv4_mini import ModelConfig  # noqa: E402
+from runner import DecodeGraphs  # noqa: E402
+from weights import build_model  # noqa: E402
 
 
 def timed_steps(step, ids, pos, steps):

@@ -16,7 +16,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import dsv4_mini  # noqa: E402
-from dsv4_mini import ModelConfig, build_model  # noqa: E402
+from dsv4_mini import ModelConfig  # noqa: E402
+from weights import build_model  # noqa: E402
 
 
 def engine_throughput(model, B, prompt, new, dev, prefill_tail):

@@ -25,7 +25,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import checkpoint  # noqa: E402
-from dsv4_mini import ModelConfig, build_model, generate  # noqa: E402
+from dsv4_mini import ModelConfig, generate  # noqa: E402
+import weights  # noqa: E402
+from weights import build_model  # noqa: E402
 
 
 def hf_model(model, device=None, dtype=None):
@@ -38,7 +40,7 @@ def hf_model(model, device=None, dtype=None):
     else:
         with torch.device(device or "cpu"):
             hf = DeepseekV4ForCausalLM._from_config(config, dtype=dtype or torch.float32).eval()
-    missing, unexpected = hf.load_state_dict(checkpoint.official_to_hf_state_dict(model.official_state_dict(),
+    missing, unexpected = hf.load_state_dict(checkpoint.official_to_hf_state_dict(weights.official_state_dict(model),
                                                                                   model.config), strict=False)
     if missing or unexpected:
         raise RuntimeError(f"HF weights do not line up: missing {missing}, unexpected {unexpected}")

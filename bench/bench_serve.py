@@ -154,6 +154,7 @@ def hf_baseline(args, concurrency: int) -> float | None:
     try:
         import torch
         import dsv4_mini
+        import weights
         from bench_model import hf_model  # same weights, transformers' names
         config = getattr(dsv4_mini.ModelConfig, args.preset)()
         if args.num_layers:
@@ -161,10 +162,10 @@ def hf_baseline(args, concurrency: int) -> float | None:
         device = "cuda" if args.device == "cuda" else "cpu"
         if "model" not in _HF_CACHE:  # built once, for every concurrency row
             if args.init_device == "model" and device == "cuda":  # the server's GPU init, bf16 like the server
-                model = dsv4_mini.build_model(config, seed=0, device=device, dtype=torch.bfloat16, init_device=device)
+                model = weights.build_model(config, seed=0, device=device, dtype=torch.bfloat16, init_device=device)
                 hf = hf_model(model, device=device, dtype=torch.bfloat16)
             else:
-                model = dsv4_mini.build_model(config, seed=0)
+                model = weights.build_model(config, seed=0)
                 hf = hf_model(model)
                 hf = hf.to(device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
             del model

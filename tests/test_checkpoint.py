@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import checkpoint as C
+import weights
 
 # Official config.json fields of a tiny model with a sliding, a CSA and an HCA layer; layer 0 hash-routed.
 # hidden_size 160 is not a multiple of 128 (partial FP8 edge blocks) but is of 32 (FP4 blocks).
@@ -321,23 +322,25 @@ def test_errors_are_one_clear_value_error(tmp_path):
 # ------------------------------------------------------------------------------------------ with the model
 
 def test_model_save_load_round_trip_gives_bit_identical_logits(tmp_path):
-    from dsv4_mini import ModelConfig, build_model, load_model
+    from dsv4_mini import ModelConfig
+    from weights import build_model, load_model
     model = build_model(ModelConfig.tiny(), seed=5)
     ids = torch.randint(0, model.config.vocab_size, (2, 19), generator=torch.Generator().manual_seed(0))
-    model.save_pretrained(str(tmp_path))
+    weights.save_pretrained(model, str(tmp_path))
     back = load_model(str(tmp_path), dtype=torch.float32)
-    assert_same(back.official_state_dict(), model.official_state_dict())
+    assert_same(weights.official_state_dict(back), weights.official_state_dict(model))
     assert torch.equal(back.logits(ids), model.logits(ids))
 
 
 def test_quantised_release_checkpoint_loads_to_the_dequantised_reference(tmp_path):
-    from dsv4_mini import ModelConfig, build_model, load_model
+    from dsv4_mini import ModelConfig
+    from weights import build_model, load_model
     config = ModelConfig.tiny()
-    sd = {k: v.clone() for k, v in build_model(config, seed=6).official_state_dict().items()}
+    sd = {k: v.clone() for k, v in weights.official_state_dict(build_model(config, seed=6)).items()}
     disk, ref, fp8, fp4 = release_format(sd)
     assert fp8 and fp4
     reference = build_model(config, seed=6)
-    reference.load_official_state_dict(ref)
+    weights.load_official_state_dict(reference, ref)
     C.write_checkpoint(str(tmp_path), disk, max_shard_bytes=200_000)
     (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
     model = load_model(str(tmp_path), dtype=torch.float32)

@@ -5,12 +5,13 @@ import pytest
 import torch
 
 import dsv4_mini
+import weights
 from engine import Engine, SamplingParams, Sequence
 
 
 @pytest.fixture(scope="module")
 def model():
-    return dsv4_mini.build_model(dsv4_mini.ModelConfig.tiny(), seed=3)
+    return weights.build_model(dsv4_mini.ModelConfig.tiny(), seed=3)
 
 
 def run_all(engine: Engine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
@@ -63,7 +64,7 @@ def test_run_ahead_survives_changing_batches(model):
                 engine.submit(seq)  # admitted as slots free up
         if not engine.has_work():
             break
-        launched_ahead += engine._ahead is not None
+        launched_ahead += engine.runner.ahead is not None
         engine.step()
     for i, seq in enumerate(seqs):
         want = solo[i][:solo[i].index(stop_id) + 1] if i == 3 and stop_id in solo[i] else solo[i]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import dsv4_mini
+import weights
 import eplb
 import kernels
 
@@ -404,7 +405,7 @@ def test_hc_post_triton_matches_torch(monkeypatch, T, n, d, block_d, dtype):
 
 def test_tiny_model_with_triton_kernels_equals_torch(monkeypatch):
     # every Triton kernel the model dispatches to (routing, experts, mHC) under the interpreter
-    model = dsv4_mini.build_model(dsv4_mini.ModelConfig.tiny(), seed=0)
+    model = weights.build_model(dsv4_mini.ModelConfig.tiny(), seed=0)
     ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
     monkeypatch.delenv("DSV4_KERNELS", raising=False)
     ref = model(ids)

@@ -8,7 +8,10 @@ import torch
 
 import dsv4_mini as M
 import kernels
-from dsv4_mini import ModelConfig, build_model, generate
+import runner
+import weights
+from dsv4_mini import ModelConfig, generate
+from weights import build_model
 
 TOL = 1e-4
 
@@ -186,7 +189,7 @@ def test_each_moe_call_gets_its_own_layer_and_counts_every_token(monkeypatch, nu
 
     def recorder(kind, real):
         def wrapped(*args, **kwargs):
-            log2phy, logcnt, row = args[-3:]
+            log2phy, logcnt, row, _num_valid_tokens = args[-4:]
             calls.append((kind, row.data_ptr(), log2phy.data_ptr(), logcnt.data_ptr()))
             return real(*args, **kwargs)
         return wrapped
@@ -236,7 +239,7 @@ def test_replicated_experts_do_not_change_outputs():
 
 def test_build_model_is_deterministic_and_seed_dependent():
     cfg = ModelConfig.tiny()
-    a, b, c = (build_model(cfg, seed=s).official_state_dict() for s in (0, 0, 1))
+    a, b, c = (weights.official_state_dict(build_model(cfg, seed=s)) for s in (0, 0, 1))
     assert a.keys() == b.keys() == c.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["layers.0.attn.wq_a.weight"], c["layers.0.attn.wq_a.weight"])
@@ -251,13 +254,13 @@ def test_build_model_is_deterministic_and_seed_dependent():
 
 def _expert_names_drawn(monkeypatch) -> set:
     """Records the routed-expert tensors the init draws (every draw asks _generator by name)."""
-    drawn, real = set(), M._generator
+    drawn, real = set(), weights._generator
 
     def recording(seed, name, device=None):
         if ".experts." in name:
             drawn.add(name)
         return real(seed, name, device)
-    monkeypatch.setattr(M, "_generator", recording)
+    monkeypatch.setattr(weights, "_generator", recording)
     return drawn
 
 
@@ -286,8 +289,8 @@ def test_streamed_init_is_bit_identical_to_the_state_dict_path(dtype):
     """build_model draws tensor by tensor; the bits are those of loading random_official_state_dict."""
     cfg = ModelConfig.tiny()
     kw = dict(num_physical_experts=24, ep_rank=1, ep_size=2)
-    reference = M._empty_model(cfg, "cpu", dtype, **kw)
-    reference.load_official_state_dict(M.random_official_state_dict(cfg, seed=4))
+    reference = weights._empty_model(cfg, "cpu", dtype, **kw)
+    weights.load_official_state_dict(reference, weights.random_official_state_dict(cfg, seed=4))
     streamed = build_model(cfg, seed=4, dtype=dtype, init_device="cpu", **kw).state_dict()
     for name, t in reference.state_dict().items():
         bits = (lambda x: x.view(torch.int16 if x.element_size() == 2 else torch.int32)) if t.is_floating_point() \
@@ -299,13 +302,13 @@ def test_device_init_path_keeps_the_laws_small_tensors_and_placement_invariance(
     """The init_device="cuda" code path, run on the CPU (a CPU generator with the per-name seed): its
     normal_(mean, std) draws the same N(0, 1) numbers as the exact init's randn, so the values agree to
     rounding -- which checks every tensor's mean / std -- and EP ranks hold the one-process slots."""
-    monkeypatch.setattr(M, "_DEVICE_INIT_MIN_NUMEL", 1024)  # tiny tensors are small: take the device path
+    monkeypatch.setattr(weights, "_DEVICE_INIT_MIN_NUMEL", 1024)  # tiny tensors are small: take the device path
     cfg = ModelConfig.tiny()
     cpu = torch.device("cpu")
 
     def device_init(**kw):
-        model = M._empty_model(cfg, "cpu", torch.float32, kw.get("P"), kw.get("rank", 0), kw.get("G", 1))
-        M._init_random_weights(model, 0, fast_device=cpu)
+        model = weights._empty_model(cfg, "cpu", torch.float32, kw.get("P"), kw.get("rank", 0), kw.get("G", 1))
+        weights._init_random_weights(model, 0, fast_device=cpu)
         return model
     exact = build_model(cfg, seed=0, num_physical_experts=20).state_dict()
     one = device_init(P=20)
@@ -347,7 +350,7 @@ def test_random_init_is_varied_and_tid2eid_rows_are_distinct(tiny):
 def test_mini_router_is_skewed_before_eplb():
     """mini's gate.bias gives a Zipf-like popularity: over 4 EP ranks, balancedness <= 0.8."""
     cfg = ModelConfig.mini()
-    biases = M.random_official_state_dict(cfg, seed=0)
+    biases = weights.random_official_state_dict(cfg, seed=0)
     ranks = 4
     # router logits of unit-RMS inputs through N(0, 1/d) gate weights are ~N(0, 1)
     logits = torch.randn(4096, cfg.n_routed_experts, generator=torch.Generator().manual_seed(0))
@@ -369,12 +372,12 @@ def test_generate_is_greedy_through_the_cache(tiny):
 
 
 def test_official_state_dict_round_trip_is_bit_identical(tiny):
-    sd = tiny.official_state_dict()
+    sd = weights.official_state_dict(tiny)
     assert "layers.3.ffn.experts.15.w2.weight" in sd and "layers.3.ffn.experts.w2" not in sd
     assert sd["layers.0.ffn.gate.tid2eid"].dtype == torch.int32 and "layers.2.ffn.gate.bias" in sd
     other = build_model(tiny.config, seed=5, num_physical_experts=20)
-    other.load_official_state_dict({k: (v.long() if k.endswith("tid2eid") else v) for k, v in sd.items()})
-    back = other.official_state_dict()
+    weights.load_official_state_dict(other, {k: (v.long() if k.endswith("tid2eid") else v) for k, v in sd.items()})
+    back = weights.official_state_dict(other)
     assert back.keys() == sd.keys()
     assert all(torch.equal(back[k], sd[k]) and back[k].dtype == sd[k].dtype for k in sd)
     w1 = other.expert_weights(1)[0]
@@ -382,7 +385,7 @@ def test_official_state_dict_round_trip_is_bit_identical(tiny):
 
 
 def test_load_official_state_dict_lists_every_problem_at_once(tiny):
-    sd = dict(tiny.official_state_dict())
+    sd = dict(weights.official_state_dict(tiny))
     del sd["layers.1.attn.wq_a.weight"]
     del sd["layers.2.ffn.experts.3.w1.weight"]
     sd["layers.0.attn.not_a_param"] = torch.zeros(1)
@@ -390,7 +393,7 @@ def test_load_official_state_dict_lists_every_problem_at_once(tiny):
     sd["layers.0.ffn.experts.5.w2.weight"] = torch.zeros(3, 3)
     sd["mtp.0.enorm.weight"] = torch.ones(3)  # ignored
     with pytest.raises(ValueError) as err:
-        tiny.load_official_state_dict(sd)
+        weights.load_official_state_dict(tiny, sd)
     msg = str(err.value)
     for key in ("missing: layers.1.attn.wq_a.weight", "missing: layers.2.ffn.experts.3.w1.weight",
                 "unexpected: layers.0.attn.not_a_param", "mis-shaped: layers.1.attn.kv_norm.weight",
@@ -400,11 +403,11 @@ def test_load_official_state_dict_lists_every_problem_at_once(tiny):
 
 
 def test_save_pretrained_then_load_model(tiny, tmp_path):
-    tiny.save_pretrained(str(tmp_path))
-    loaded = M.load_model(str(tmp_path), dtype=torch.float32)
+    weights.save_pretrained(tiny, str(tmp_path))
+    loaded = weights.load_model(str(tmp_path), dtype=torch.float32)
     ids = random_ids(1, 12, tiny.config.vocab_size, seed=11)
     assert torch.equal(loaded(ids), tiny(ids))
-    two = M.load_model(str(tmp_path), dtype=torch.float32, num_layers=2)
+    two = weights.load_model(str(tmp_path), dtype=torch.float32, num_layers=2)
     assert two.config.num_hidden_layers == 2 and two.config.compress_ratios == [0, 4, 0]
 
 
@@ -413,9 +416,9 @@ def test_save_pretrained_then_load_model(tiny, tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 def test_batch_buckets():
-    assert M.batch_buckets(1) == [1]
-    assert M.batch_buckets(8) == [1, 2, 4, 8]
-    assert M.batch_buckets(12) == [1, 2, 4, 8, 12]
+    assert runner.batch_buckets(1) == [1]
+    assert runner.batch_buckets(8) == [1, 2, 4, 8]
+    assert runner.batch_buckets(12) == [1, 2, 4, 8, 12]
 
 
 def _prefilled(model, prompt_lens, max_seq_len, idle_slots=0):
@@ -431,11 +434,11 @@ def _prefilled(model, prompt_lens, max_seq_len, idle_slots=0):
 def test_decode_graphs_cpu_fallback_equals_forward(tiny):
     cache, ids = _prefilled(tiny, [5, 9, 14], 40)
     full = tiny(ids)
-    runner = M.DecodeGraphs(tiny, cache, max_batch_size=3)
+    graphs = runner.DecodeGraphs(tiny, cache, max_batch_size=3)
     pos = torch.tensor([5, 9, 14])
     load = torch.zeros(tiny.config.num_hidden_layers, tiny.num_physical_experts, dtype=torch.int32)
     for _ in range(20):  # crosses CSA (4) and HCA (8) window boundaries
-        logits = runner.run(ids[torch.arange(3), pos], pos, torch.arange(3), load)
+        logits = graphs.run(ids[torch.arange(3), pos], pos, torch.arange(3), load)
         assert logits.shape == (3, tiny.config.vocab_size)
         assert (logits - full[torch.arange(3), pos]).abs().max() <= TOL
         pos += 1
@@ -444,10 +447,10 @@ def test_decode_graphs_cpu_fallback_equals_forward(tiny):
 
 def test_static_decode_step_with_padded_rows_equals_forward_and_counts_only_real_rows(tiny):
     """What DecodeGraphs captures, run eagerly on CPU: padded bucket, scratch slot, entries over
-    the whole cache (seq_bound = max_seq_len), counting masked by valid_pairs."""
+    the whole cache (seq_bound = max_seq_len), the routing kernels counting only the real rows."""
     cache, ids = _prefilled(tiny, [6, 11], 40, idle_slots=1)  # slot 2: nobody's
     full = tiny(ids)
-    runner = M.DecodeGraphs(tiny, cache, max_batch_size=4)
+    graphs = runner.DecodeGraphs(tiny, cache, max_batch_size=4)
     state = [t.clone() for layer in cache.layers for t in vars(layer).values() if t is not None]
     K, L = tiny.config.num_experts_per_tok, tiny.config.num_hidden_layers
     load = torch.zeros(L, tiny.num_physical_experts, dtype=torch.int32)
@@ -455,7 +458,7 @@ def test_static_decode_step_with_padded_rows_equals_forward_and_counts_only_real
     for _ in range(18):
         inputs = torch.tensor([[0, 0, cache.scratch_slot]] * 4).T.contiguous()  # 2 real rows + 2 padded
         inputs[:, :2] = torch.stack([ids[torch.arange(2), pos], pos, torch.arange(2)])
-        logits = runner._step(inputs, load)
+        logits = graphs._step(inputs, load)
         assert (logits[:2] - full[torch.arange(2), pos]).abs().max() <= TOL
         assert load.sum(1).tolist() == [2 * K] * L  # padded rows count nothing
         pos += 1

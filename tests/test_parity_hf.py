@@ -1,7 +1,7 @@
 """Acceptance: our model == transformers' DeepseekV4ForCausalLM (5.24) on fully randomised tiny models.
 
 Weights are randomised in HF, saved in a transformers format and loaded through our loader
-(`dsv4_mini.load_model` -> `checkpoint.read_checkpoint`'s transformers-name path), so the name map is
+(`weights.load_model` -> `checkpoint.read_checkpoint`'s transformers-name path), so the name map is
 part of what is tested.
 
 Facts this comparison relies on (see shared/reference/hf_vs_ref.md):
@@ -22,7 +22,8 @@ import math
 import torch
 
 import checkpoint as C
-from dsv4_mini import ModelConfig, generate, load_model
+from dsv4_mini import ModelConfig, generate
+from weights import load_model
 
 # Two schedules with sliding, CSA and HCA layers, hash and score routing. Sequences: 48 tokens
 # >= 3 x window and >= 2 x the HCA ratio; generation runs 32 steps past a 13-token prompt, so decode
