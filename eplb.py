@@ -1074,12 +1074,13 @@ def _plan_command(args) -> None:
 
 def _demo_command(args) -> None:
     import dsv4_mini  # the model is only needed here
+    import weights
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = dsv4_mini.ModelConfig.tiny() if args.tiny else dsv4_mini.ModelConfig.mini()
     E, G, L, W = config.n_routed_experts, args.num_ranks, config.num_hidden_layers, args.steps
     P = E + args.redundant
-    model = dsv4_mini.build_model(config, seed=0, num_physical_experts=P)
+    model = weights.build_model(config, seed=0, num_physical_experts=P)
     manager = EPLBManager(model, EPLBConfig(num_ranks=G, rebalance_num_iterations=10**9, window=W,
                                             layers_per_step=args.layers_per_step))
     gen = torch.Generator().manual_seed(0)

@@ -839,6 +839,7 @@ def build_model_for_rank(args: argparse.Namespace, device, dtype, ep_rank: int =
     """The model with this rank's expert slots (all of them without torchrun): (model, config)."""
     import torch
     import dsv4_mini
+    import weights
     config = (dsv4_mini.ModelConfig.from_pretrained(args.model_path) if args.model_path
               else getattr(dsv4_mini.ModelConfig, args.preset)())
     if args.num_layers is not None:
@@ -848,10 +849,10 @@ def build_model_for_rank(args: argparse.Namespace, device, dtype, ep_rank: int =
         raise ValueError(f"experts + redundant ({num_physical}) must be a multiple of --ep-size {args.ep_size}")
     torch.manual_seed(args.seed)
     if args.model_path:
-        model = dsv4_mini.load_model(args.model_path, device=device, dtype=dtype, num_layers=args.num_layers,
+        model = weights.load_model(args.model_path, device=device, dtype=dtype, num_layers=args.num_layers,
                                      num_physical_experts=num_physical, ep_rank=ep_rank, ep_size=ep_size)
     else:
-        model = dsv4_mini.build_model(config, seed=args.seed, device=device, dtype=dtype,
+        model = weights.build_model(config, seed=args.seed, device=device, dtype=dtype,
                                       num_physical_experts=num_physical, ep_rank=ep_rank, ep_size=ep_size,
                                       init_device=device if args.init_device == "model" else None)
     return model, config
@@ -866,6 +867,7 @@ def build_runtime(args: argparse.Namespace) -> Runtime:
     """
     import torch
     import dsv4_mini
+    import weights
     import ep
     device, dtype = pick_device(args)
     peers = mover = None
@@ -908,6 +910,7 @@ def worker_main(args: argparse.Namespace) -> int:
     """Ranks 1..G-1 under torchrun: hold this rank's expert slots and follow rank 0's steps."""
     import torch
     import dsv4_mini
+    import weights
     import ep
     # SIGTERM/SIGINT reach every rank when torchrun is stopped: rank 0 drains the requests in flight,
     # which needs the other ranks' experts, and then tells them to stop. A worker that outlives rank 0

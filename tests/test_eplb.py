@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import dsv4_mini  # noqa: E402
+import weights  # noqa: E402
 import eplb  # noqa: E402
 import kernels  # noqa: E402
 from eplb import (EPLBConfig, EPLBManager, ExpertLoadRecorder, ExpertLocation, LocalMover,  # noqa: E402
@@ -381,7 +382,7 @@ def config():
 
 
 def fresh_model(config):
-    return dsv4_mini.build_model(config, seed=0, num_physical_experts=config.n_routed_experts + EXTRA)
+    return weights.build_model(config, seed=0, num_physical_experts=config.n_routed_experts + EXTRA)
 
 
 def expert_fingerprints(model, layer):
