@@ -636,7 +636,7 @@ class Gate(nn.Module):
 
 
 class SharedExpert(nn.Module):
-    """The shared expert: SwiGLU with the same clamp as the routed experts (REF since 2b2bebc)."""
+    """The shared expert: SwiGLU with the same clamp as the routed experts (as the official reference does)."""
 
     def __init__(self, dim: int, inter: int, limit: float, dtype, device):
         super().__init__()

@@ -9,7 +9,8 @@ from fastapi.testclient import TestClient
 from hypothesis import given, settings, strategies as st
 
 import serve
-from engine import EngineStats, QueueFull, SamplingParams, sample_next
+from engine import EngineStats, QueueFull, SamplingParams
+from runner import sample_next
 
 TOKENIZER = serve.TextTokenizer(serve.builtin_tokenizer(512))
 
