@@ -12,6 +12,11 @@ The official names (DeepSeek's ``inference/model.py`` module tree, e.g. ``layers
   anchored at the unprefixed name) and the attention ``kv_norm``, which comes out as ``attn.norm`` (HF maps
   both ``attn.kv_norm`` and ``compressor.norm`` to ``kv_norm`` and reverses both to ``norm``).
 
+Quantised tensors are dequantised at read time, except the routed experts when the caller asks to keep them
+(``read_checkpoint(..., keep_quantized_experts=True)``): those come back as stored, weight + ``.scale``, for a
+model that holds its experts quantised (dsv4_mini.RoutedExperts). Attention, shared-expert and other FP8
+weights are always dequantised: they are ~5% of a layer's bytes, and the dense kernels run in bf16.
+
 Shapes: d hidden, V vocab, E routed experts, K top-k, I moe_intermediate_size.
 """
 from __future__ import annotations
@@ -232,7 +237,7 @@ def quantize_fp8_blockwise(w: Tensor, block: int = FP8_BLOCK) -> tuple[Tensor, T
     m, n = w.shape
     bm, bn = math.ceil(m / block), math.ceil(n / block)
     wf = w.float()
-    padded = torch.zeros(bm * block, bn * block)
+    padded = torch.zeros(bm * block, bn * block, device=w.device)
     padded[:m, :n] = wf.abs()
     amax = padded.view(bm, block, bn, block).amax(dim=(1, 3))
     scale = _pow2_scale(amax, FP8_MAX)
@@ -262,7 +267,7 @@ def quantize_fp4_packed(w: Tensor, block: int = FP4_BLOCK) -> tuple[Tensor, Tens
     wf = w.float().view(m, n // block, block)
     scale = _pow2_scale(wf.abs().amax(dim=-1), FP4_MAX)  # [m, n/32]
     x = (wf / scale.unsqueeze(-1)).reshape(m, n)
-    mags = FP4_TABLE[:8]
+    mags = FP4_TABLE[:8].to(w.device)
     code = (x.abs().unsqueeze(-1) - mags).abs().argmin(dim=-1)  # nearest magnitude (ties -> smaller)
     code = code | ((x < 0).long() << 3)
     code = code.to(torch.uint8)
@@ -279,7 +284,7 @@ def dequantize_fp4_packed(packed: Tensor, scale: Tensor, dtype: torch.dtype = to
                          f"(expected {[m, n // FP4_BLOCK]}: one scale per {FP4_BLOCK} inputs)")
     b = packed.view(torch.uint8).long()
     codes = torch.stack([b & 0xF, b >> 4], dim=-1).view(m, n)  # low nibble = even element
-    w = FP4_TABLE[codes].view(m, n // FP4_BLOCK, FP4_BLOCK) * scale.float().unsqueeze(-1)
+    w = FP4_TABLE.to(packed.device)[codes].view(m, n // FP4_BLOCK, FP4_BLOCK) * scale.float().unsqueeze(-1)
     return w.view(m, n).to(dtype)
 
 
@@ -298,6 +303,32 @@ def dequantize(name: str, w: Tensor, scale: Tensor, dtype: torch.dtype = torch.f
         return fn(w, scale, dtype)
     except ValueError as e:
         raise ValueError(f"{name}: {e}") from None
+
+
+def quantized_format(w: Tensor) -> str:
+    """"fp8" (float8_e4m3fn), "fp4" (packed e2m1: int8 / uint8 / float4_e2m1fn_x2) or "bf16" (a plain float)."""
+    if w.dtype == torch.float8_e4m3fn:
+        return "fp8"
+    if w.dtype in (torch.int8, torch.uint8, getattr(torch, "float4_e2m1fn_x2", torch.int8)):
+        return "fp4"
+    return "bf16"
+
+
+def e8m0_bytes(scale: Tensor) -> Tensor:
+    """A ue8m0 scale as its exponent bytes (uint8, value 2^(byte - 127)): e8m0 / uint8 are viewed, float
+    scales (some converters store fp32) must be exact powers of two."""
+    if scale.dtype in (torch.uint8, torch.float8_e8m0fnu):
+        return scale.view(torch.uint8)
+    mant, exp = torch.frexp(scale.float())
+    if not bool(((mant == 0.5) & (exp - 1 >= -127) & (exp - 1 <= 127)).all()):
+        raise ValueError("a ue8m0 scale must hold powers of two in [2^-127, 2^127]")
+    return (exp - 1 + 127).to(torch.uint8)
+
+
+def routed_expert_key(name: str) -> bool:
+    """``layers.L.ffn.experts.E.w{1,2,3}.{weight,scale}``: a routed expert tensor (official name)."""
+    m = _LAYER_RE.match(name)
+    return bool(m and _EXPERT_RE.fullmatch(m.group(2)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -350,7 +381,7 @@ def _finish(name: str, t: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def read_checkpoint(path: str, num_layers: int | None = None, dtype: torch.dtype = torch.float32,
-                    progress: bool = True) -> dict[str, Tensor]:
+                    progress: bool = True, keep_quantized_experts: bool = False) -> dict[str, Tensor]:
     """Read a DSV4 checkpoint into an official-name state dict of plain tensors.
 
     path: a directory holding ``model.safetensors.index.json`` + shards, or ``*.safetensors`` files, or one
@@ -359,6 +390,8 @@ def read_checkpoint(path: str, num_layers: int | None = None, dtype: torch.dtype
     ``hc_*``, ``attn_sink``, ``ape``, ``gate.bias`` stay fp32; everything else is cast to ``dtype``.
     ``num_layers``: keep layers < N only; other layers' bytes are never read (safetensors ``safe_open``
     maps tensors lazily). ``mtp.*`` is skipped. Raises ValueError on a malformed checkpoint.
+    ``keep_quantized_experts``: routed experts stored quantised stay as stored (``….weight`` FP8 / packed FP4
+    and ``….scale``), for a model that keeps them quantised; everything else is dequantised as above.
     """
     from safetensors import safe_open
     from tqdm import tqdm
@@ -391,7 +424,10 @@ def read_checkpoint(path: str, num_layers: int | None = None, dtype: torch.dtype
             pending[name] = t
             if module + ".weight" in pending and module + ".scale" in pending:
                 w, s = pending.pop(module + ".weight"), pending.pop(module + ".scale")
-                out[module + ".weight"] = dequantize(module + ".weight", w, s, dtype)
+                if keep_quantized_experts and routed_expert_key(module + ".weight"):
+                    out[module + ".weight"], out[module + ".scale"] = w, s
+                else:
+                    out[module + ".weight"] = dequantize(module + ".weight", w, s, dtype)
         else:
             out[name] = _finish(name, t, dtype)
 
