@@ -134,3 +134,149 @@ def test_quantised_shapes_are_checked():
         kernels.moe_experts_triton(x, wt, ids, w1, w3, w2, 1.0, 0, (s1, s3, s2[:, :, :0]))
     with pytest.raises(ValueError, match="w2"):
         kernels.moe_experts_triton(x, wt, ids, w1, w3, w2[:, :32], 1.0, 0, (s1, s3, s2))
+
+
+# --------------------------------------------------------------------------------- model, checkpoints, EPLB
+import dsv4_mini  # noqa: E402
+import weights  # noqa: E402
+from eplb import ExpertLocation, LocalMover, Rebalancer, rebalance_experts  # noqa: E402
+
+TINY = dsv4_mini.ModelConfig.tiny()
+IDS = torch.randint(0, TINY.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+G, EXTRA = 2, 4  # virtual EP ranks, redundant slots
+
+
+@pytest.fixture(scope="module")
+def fp4_model():
+    return weights.build_model(TINY, seed=0, expert_dtype="fp4")
+
+
+def dense_copy(model):
+    """The same model with its experts dequantised to fp32 (the reference for quantised runs)."""
+    dense = weights.build_model(TINY, seed=1)
+    weights.load_official_state_dict(dense, weights.official_state_dict(model))
+    return dense
+
+
+@pytest.mark.parametrize("fmt", ["fp4", "fp8"])
+def test_model_holds_experts_quantised(fmt):
+    model = weights.build_model(TINY, seed=0, expert_dtype=fmt)
+    e = model.layers[0].ffn.experts
+    I, d = TINY.moe_intermediate_size, TINY.hidden_size
+    if fmt == "fp4":
+        assert e.w1.dtype == torch.uint8 and e.w1.shape == (TINY.n_routed_experts, I, d // 2)
+        assert e.w2_scale.shape == (TINY.n_routed_experts, d, I // 32)
+    else:
+        assert e.w1.dtype == torch.float8_e4m3fn and e.w1.shape == (TINY.n_routed_experts, I, d)
+        assert e.w2_scale.shape == (TINY.n_routed_experts, 1, 1)
+    assert e.w1_scale.dtype == torch.uint8
+    # what EPLB moves: every per-slot tensor, weights and scales, sharing the parameters' storage
+    moved = model.expert_weights(0)
+    assert len(moved) == 6 and all(t.shape[0] == TINY.n_routed_experts for t in moved)
+    assert moved[0].data_ptr() == e.w1.data_ptr() and moved[3].data_ptr() == e.w1_scale.data_ptr()
+    assert all(t.dtype == torch.uint8 for t in moved)  # fp8 weights as byte views: plain bytes to movers
+
+
+def test_quantised_init_is_the_quantised_dense_draw():
+    # build_model quantises each expert's fp32 draw: the same bits as loading the dense random
+    # state dict into an fp4 model (which quantises on load)
+    built = weights.build_model(TINY, seed=2, expert_dtype="fp4")
+    loaded = weights.build_model(TINY, seed=9, expert_dtype="fp4")
+    weights.load_official_state_dict(loaded, weights.random_official_state_dict(TINY, seed=2))
+    for (name, a), b in zip(built.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_fp4_greedy_tokens_equal_dequantised_fp32_model(fp4_model):
+    dense = dense_copy(fp4_model)
+    assert dense.expert_dtype == "bf16" and dense.layers[0].ffn.experts.w1.dtype == torch.float32
+    assert torch.equal(fp4_model.forward(IDS), dense.forward(IDS))  # the twin dequantises to fp32
+    a = dsv4_mini.generate(fp4_model, IDS[:, :6], 6)
+    b = dsv4_mini.generate(dense, IDS[:, :6], 6)
+    assert torch.equal(a, b)
+
+
+def test_fp4_model_triton_path_matches_torch(fp4_model, monkeypatch):
+    ref = fp4_model.forward(IDS[:1, :5])
+    monkeypatch.setenv("DSV4_KERNELS", "triton")
+    got = fp4_model.forward(IDS[:1, :5])
+    torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("fmt", ["fp4", "fp8"])
+def test_save_load_round_trip_is_bitwise(fmt, tmp_path):
+    from safetensors import safe_open
+
+    model = weights.build_model(TINY, seed=3, expert_dtype=fmt)
+    weights.save_pretrained(model, str(tmp_path))
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:  # the release's on-disk form
+        w, s = f.get_tensor("layers.1.ffn.experts.5.w2.weight"), f.get_tensor("layers.1.ffn.experts.5.w2.scale")
+        assert "layers.1.ffn.experts.w2" not in f.keys()
+    assert w.dtype == (torch.int8 if fmt == "fp4" else torch.float8_e4m3fn)
+    assert s.dtype == torch.float8_e8m0fnu
+    back = weights.load_model(str(tmp_path), dtype=torch.float32)  # expert_dtype=None: as stored
+    assert back.expert_dtype == fmt
+    for (name, a), b in zip(model.state_dict().items(), back.state_dict().values()):
+        assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
+                                                  b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b), name
+
+
+def test_load_converts_to_the_asked_format(fp4_model, tmp_path):
+    weights.save_pretrained(fp4_model, str(tmp_path))
+    dense = weights.load_model(str(tmp_path), dtype=torch.float32, expert_dtype="bf16")
+    assert torch.equal(dense.layers[2].ffn.experts.w3, dense_copy(fp4_model).layers[2].ffn.experts.w3)
+    fp8 = weights.load_model(str(tmp_path), dtype=torch.float32, expert_dtype="fp8")
+    assert fp8.expert_dtype == "fp8"
+    # e2m1 values times a power of two are exact in e4m3 while the 128x128 block's range allows:
+    # the re-quantised weights stay close to the fp4 ones
+    e = fp8.layers[2].ffn.experts
+    deq = kernels.dequantize_slot(e.w3, e.w3_scale, 4, torch.float32)
+    ref = dense.layers[2].ffn.experts.w3[4]
+    assert (deq - ref).abs().max() <= 0.07 * ref.abs().max()
+
+
+def test_read_checkpoint_keeps_only_routed_experts_quantised(tmp_path):
+    import checkpoint as ck
+    sd = weights.official_state_dict(weights.build_model(TINY, seed=4))
+    expert, attn = "layers.0.ffn.experts.1.w1.weight", "layers.0.attn.wq_a.weight"
+    disk = ck.quantize_state_dict(sd, fp8=[attn], fp4=[expert])
+    ck.write_checkpoint(str(tmp_path), disk)
+    kept = ck.read_checkpoint(str(tmp_path), progress=False, keep_quantized_experts=True)
+    assert kept[expert].dtype == torch.int8 and torch.equal(kept[expert], disk[expert])
+    assert torch.equal(kept[expert[:-len("weight")] + "scale"].view(torch.uint8),
+                       disk[expert[:-len("weight")] + "scale"].view(torch.uint8))
+    assert kept[attn].dtype == torch.float32 and attn[:-len("weight")] + "scale" not in kept
+    plain = ck.read_checkpoint(str(tmp_path), progress=False)
+    assert plain[expert].dtype == torch.float32 and expert[:-len("weight")] + "scale" not in plain
+
+
+def most_slots_target(model):
+    L, E, P = TINY.num_hidden_layers, TINY.n_routed_experts, model.num_physical_experts
+    loc = ExpertLocation.of_model(model, G)
+    weight = torch.exp(2 * torch.randn(L, E, generator=torch.Generator().manual_seed(1)))
+    target = ExpertLocation.from_phy2log(rebalance_experts(weight, P, 1, 1, G)[0], E, G, loc.width)
+    assert int(target.changed_slots(loc).sum()) > 0.6 * L * P
+    return loc, target
+
+
+@pytest.mark.parametrize("fmt", ["fp4", "fp8"])
+def test_rebalance_moves_quantised_slots_bitwise(fmt):
+    model = weights.build_model(TINY, seed=0, num_physical_experts=TINY.n_routed_experts + EXTRA, expert_dtype=fmt)
+    L = TINY.num_hidden_layers
+    ref = model.forward(IDS)
+    before = [[t.clone() for t in model.expert_weights(layer)] for layer in range(L)]
+    old_phy2log = model.phy2log.clone()
+    loc, target = most_slots_target(model)
+    rebalancer = Rebalancer(model, loc, LocalMover(G))
+    rebalancer.begin(target, layers_per_step=1)
+    while rebalancer.step():
+        assert torch.equal(model.forward(IDS), ref), "logits changed during a layer-by-layer rebalance"
+    assert torch.equal(model.forward(IDS), ref)
+    slot_bytes = sum(t[0].numel() * t.element_size() for t in model.expert_weights(0))
+    assert rebalancer.stats.bytes_moved > 0 and rebalancer.stats.bytes_moved % slot_bytes == 0
+    for layer in range(L):
+        now = model.expert_weights(layer)
+        for p, expert in enumerate(model.phy2log[layer].tolist()):
+            src = old_phy2log[layer].tolist().index(expert)  # replicas start identical
+            for i, t in enumerate(now):  # weights and scales: exactly the source slot's bytes
+                assert torch.equal(t[p], before[layer][i][src]), (layer, p, i)
