@@ -578,16 +578,72 @@ if triton is not None:
         hi = ((b >> 2) & 0x1C) | (b & 0x80)
         return lo.to(tl.float8e4nv, bitcast=True), hi.to(tl.float8e4nv, bitcast=True)
 
+    # The same conversion on 4 packed bytes (8 values) per instance, in 32-bit registers: 9 integer
+    # ops give the 8 e4m3 bytes, 4 cvt make 4 f16x2 pairs, 4 mul.f16x2 apply the scale (x 64).
+    # Inputs: $4 = 4 weight bytes, $5 $6 = their f16 scales (2 per register); outputs $0 $1 = the 4
+    # even (low-nibble) values, $2 $3 = the 4 odd ones. Needs sm_89+ (cvt from e4m3x2).
+    _FP4_F16_ASM = tl.constexpr("""
+    {
+    .reg .b32 lo, hi, t;
+    .reg .b16 l0, l1, h0, h1;
+    shl.b32 t, $4, 2;
+    and.b32 lo, t, 0x1C1C1C1C;
+    shl.b32 t, $4, 4;
+    and.b32 t, t, 0x80808080;
+    or.b32 lo, lo, t;
+    shr.b32 t, $4, 2;
+    and.b32 hi, t, 0x1C1C1C1C;
+    and.b32 t, $4, 0x80808080;
+    or.b32 hi, hi, t;
+    mov.b32 {l0, l1}, lo;
+    mov.b32 {h0, h1}, hi;
+    cvt.rn.f16x2.e4m3x2 $0, l0;
+    cvt.rn.f16x2.e4m3x2 $1, l1;
+    cvt.rn.f16x2.e4m3x2 $2, h0;
+    cvt.rn.f16x2.e4m3x2 $3, h1;
+    mul.rn.f16x2 $0, $0, $5;
+    mul.rn.f16x2 $1, $1, $6;
+    mul.rn.f16x2 $2, $2, $5;
+    mul.rn.f16x2 $3, $3, $6;
+    }
+    """)
+
+    @triton.jit
+    def _fp4_tile(b, scale_groups, DOT: tl.constexpr, ASM: tl.constexpr):
+        """Packed e2m1 tile b uint8 [BK/2, BN] and its e8m0 scale bytes per 16-byte group
+        [BK/32, BN] -> (even inputs, odd inputs) as DOT [BK/2, BN] each.
+
+        ASM (fp16 on a GPU): _FP4_F16_ASM with the scale as fp16 (2^(s-127) * 64, groups of scale
+        below 2^-20 flush to 0, above 2^9 saturate: far outside trained weights); otherwise plain
+        Triton (the interpreter), the same values through fp32."""
+        G: tl.constexpr = scale_groups.shape[0]
+        BN: tl.constexpr = scale_groups.shape[1]
+        if ASM:
+            e = tl.minimum(tl.maximum(scale_groups.to(tl.int32) - 106, 0), 30)  # fp16 exponent field
+            sf = (e << 10).to(tl.int16).to(tl.float16, bitcast=True)  # [G, BN]
+            sf = tl.reshape(tl.broadcast_to(sf[:, None, :], [G, 16, BN]), [G * 16, BN])
+            even, odd = tl.inline_asm_elementwise(
+                _FP4_F16_ASM, "=r,=r,=r,=r,r,r,r", [b, sf], dtype=(tl.float16, tl.float16),
+                is_pure=True, pack=4)
+        else:
+            sf = _e8m0_to_f32(scale_groups) * 64.0  # [G, BN]
+            sf = tl.reshape(tl.broadcast_to(sf[:, None, :], [G, 16, BN]), [G * 16, BN])
+            lo, hi = _fp4_to_e4m3(b)
+            even = (lo.to(tl.float32) * sf).to(DOT)
+            odd = (hi.to(tl.float32) * sf).to(DOT)
+        return even, odd
+
     @triton.jit
     def _qdot(acc, a_rows, a_ok, w_ptr, s_ptr, slot, offs_n, n_ok, N, K,
-              FMT: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+              FMT: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, ASM: tl.constexpr):
         """acc [BM, BN] += A [BM, K] @ dequant(w[slot, offs_n, :])^T, dequantised in registers.
 
-        a_rows [BM, 1]: pointers to the A rows (x or h, in the dot dtype, K contiguous), a_ok [BM];
+        a_rows [BM, 1]: pointers to the A rows (x or h, in the dot dtype), a_ok [BM];
         FMT 1: w fp8 e4m3 [P_local, N, K], s [P_local, N/128, K/128] (BLOCK_K divides 128, so each
-        partial product has one scale per column: applied to it in fp32);
+        partial product has one scale per column: applied to it in fp32); A rows in natural order.
         FMT 2: w packed e2m1 uint8 [P_local, N, K/2], s [P_local, N, K/32]: even and odd inputs are
-        two dots over the low and high nibbles (no interleave), each value scaled in registers."""
+        two dots over the low and high nibbles, so A rows are stored split: [even inputs | odd inputs]
+        (no interleave in registers; BLOCK_K must be a multiple of 32)."""
         DOT = a_rows.dtype.element_ty
         slot64 = slot.to(tl.int64)
         n64 = offs_n.to(tl.int64)[None, :]  # [1, BN]
@@ -608,25 +664,35 @@ if triton is not None:
             w_rows = w_ptr + slot64 * N * KH + n64 * KH  # [1, BN] packed rows
             s_rows = s_ptr + slot64 * N * SK + n64 * SK  # [1, BN]
             offs_j = tl.arange(0, BLOCK_K // 2)  # byte j holds inputs 2j (low nibble), 2j+1 (high)
+            offs_g = tl.arange(0, BLOCK_K // 32)  # scale groups of the tile
             for k0 in range(0, K, BLOCK_K):
                 j = k0 // 2 + offs_j  # [BK/2]
                 j_ok = j < KH
                 a_mask = a_ok[:, None] & j_ok[None, :]
-                a_even = tl.load(a_rows + 2 * j[None, :], mask=a_mask, other=0.0)  # [BM, BK/2]
-                a_odd = tl.load(a_rows + 2 * j[None, :] + 1, mask=a_mask, other=0.0)
-                w_mask = j_ok[:, None] & n_ok[None, :]
-                b = tl.load(w_rows + j[:, None], mask=w_mask, other=0)  # [BK/2, BN] uint8
-                scale = _e8m0_to_f32(tl.load(s_rows + j[:, None] // 16, mask=w_mask, other=0)) * 64.0
-                lo, hi = _fp4_to_e4m3(b)
-                acc = tl.dot(a_even, (lo.to(tl.float32) * scale).to(DOT), acc, input_precision=PRECISION)
-                acc = tl.dot(a_odd, (hi.to(tl.float32) * scale).to(DOT), acc, input_precision=PRECISION)
+                a_even = tl.load(a_rows + j[None, :], mask=a_mask, other=0.0)  # [BM, BK/2]
+                a_odd = tl.load(a_rows + KH + j[None, :], mask=a_mask, other=0.0)
+                b = tl.load(w_rows + j[:, None], mask=j_ok[:, None] & n_ok[None, :], other=0)  # [BK/2, BN]
+                g = k0 // 32 + offs_g  # [BK/32]
+                sg = tl.load(s_rows + g[:, None], mask=(g < SK)[:, None] & n_ok[None, :], other=0)  # [BK/32, BN]
+                even, odd = _fp4_tile(b, sg, DOT, ASM)
+                acc = tl.dot(a_even, even, acc, input_precision=PRECISION)
+                acc = tl.dot(a_odd, odd, acc, input_precision=PRECISION)
         return acc
+
+    @triton.jit
+    def _h_column(offs_n, I, FMT: tl.constexpr):
+        """Where feature n of h is stored: in place, or for fp4's down projection split into
+        [even features | odd features] (see _qdot)."""
+        if FMT == 2:
+            return (offs_n % 2) * (I // 2) + offs_n // 2
+        else:
+            return offs_n
 
     @triton.jit
     def _swiglu_tile(x_ptr, stride_xt, w1_ptr, w3_ptr, s1_ptr, s3_ptr, rw_ptr, pair, pair_ok, slot, offs_n,
                      w_off, n_ok, offs_k, D, I, top_k, limit, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
-                     FMT: tl.constexpr):
+                     FMT: tl.constexpr, ASM: tl.constexpr):
         """One up-projection tile: silu(min(x w1, limit)) * clamp(x w3, +-limit) * routing weight
         for BM pairs (pair [BM], token = pair // top_k) x BN features of one slot (w_off [BK, BN]
         = the slot's w1/w3 rows, transposed; quantised formats (FMT 1 fp8, 2 fp4) use slot, offs_n
@@ -640,9 +706,9 @@ if triton is not None:
         if FMT != 0:
             a_rows = x_ptr + tok.to(tl.int64)[:, None] * stride_xt  # [BM, 1]
             acc_g = _qdot(acc_g, a_rows, pair_ok, w1_ptr, s1_ptr, slot, offs_n, n_ok, I, D, FMT, BLOCK_K,
-                          PRECISION)
+                          PRECISION, ASM)
             acc_u = _qdot(acc_u, a_rows, pair_ok, w3_ptr, s3_ptr, slot, offs_n, n_ok, I, D, FMT, BLOCK_K,
-                          PRECISION)
+                          PRECISION, ASM)
         else:
             for k0 in range(0, D, BLOCK_K):
                 if EVEN_K:
@@ -687,7 +753,8 @@ if triton is not None:
     def _moe_up_kernel(x_ptr, stride_xt, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, rw_ptr, pairs_ptr, slot_ptr,
                        N, D, I, top_k, limit, num_n,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       EVEN_K: tl.constexpr, PRECISION: tl.constexpr, FMT: tl.constexpr):
+                       EVEN_K: tl.constexpr, PRECISION: tl.constexpr, FMT: tl.constexpr,
+                       ASM: tl.constexpr):
         # I-tiles of one block are adjacent in launch order: x rows are gathered once into L2
         pid = tl.program_id(0)
         pid_m = pid // num_n
@@ -704,14 +771,15 @@ if triton is not None:
         w_off = slot.to(tl.int64) * I * D + offs_n.to(tl.int64)[None, :] * D + offs_k[:, None]
         h = _swiglu_tile(x_ptr, stride_xt, w1_ptr, w3_ptr, s1_ptr, s3_ptr, rw_ptr, pair, pair_ok, slot, offs_n,
                          w_off, n_ok, offs_k, D, I, top_k, limit, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PRECISION,
-                         FMT)
-        h_ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * I + offs_n[None, :]
+                         FMT, ASM)
+        h_ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * I + _h_column(offs_n, I, FMT)[None, :]
         tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=pair_ok[:, None] & n_ok[None, :])
 
     @triton.jit
     def _moe_down_kernel(h_ptr, w2_ptr, s2_ptr, y_ptr, pairs_ptr, slot_ptr, N, D, I, num_n,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         EVEN_K: tl.constexpr, PRECISION: tl.constexpr, FMT: tl.constexpr):
+                         EVEN_K: tl.constexpr, PRECISION: tl.constexpr, FMT: tl.constexpr,
+                       ASM: tl.constexpr):
         pid = tl.program_id(0)
         pid_m = pid // num_n
         pid_n = pid % num_n
@@ -731,7 +799,7 @@ if triton is not None:
             acc = _down_tile(a_ptrs, b_ptrs, pair_ok, n_ok, offs_k, I, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PRECISION)
         else:
             acc = _qdot(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), h_ptr + offs_m.to(tl.int64)[:, None] * I,
-                        pair_ok, w2_ptr, s2_ptr, slot, offs_n, n_ok, D, I, FMT, BLOCK_K, PRECISION)
+                        pair_ok, w2_ptr, s2_ptr, slot, offs_n, n_ok, D, I, FMT, BLOCK_K, PRECISION, ASM)
         y_ptrs = y_ptr + pair.to(tl.int64)[:, None] * D + offs_n[None, :]
         tl.store(y_ptrs, acc, mask=pair_ok[:, None] & n_ok[None, :])
 
@@ -759,7 +827,7 @@ if triton is not None:
                             N, D, I, top_k, limit, slot_offset, num_n,
                             NP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                            PRECISION: tl.constexpr, FMT: tl.constexpr):
+                            PRECISION: tl.constexpr, FMT: tl.constexpr, ASM: tl.constexpr):
         # program = (slot, I-tile); the slot's pairs found by scanning ids; h indexed by pair
         pid = tl.program_id(0)
         slot = pid // num_n
@@ -774,15 +842,15 @@ if triton is not None:
             pair_ok = pair < N
             h = _swiglu_tile(x_ptr, stride_xt, w1_ptr, w3_ptr, s1_ptr, s3_ptr, rw_ptr, pair, pair_ok, slot, offs_n,
                              w_off, n_ok, offs_k, D, I, top_k, limit, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
-                             PRECISION, FMT)
-            h_ptrs = h_ptr + pair.to(tl.int64)[:, None] * I + offs_n[None, :]
+                             PRECISION, FMT, ASM)
+            h_ptrs = h_ptr + pair.to(tl.int64)[:, None] * I + _h_column(offs_n, I, FMT)[None, :]
             tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=pair_ok[:, None] & n_ok[None, :])
 
     @triton.jit
     def _moe_down_scan_kernel(h_ptr, w2_ptr, s2_ptr, y_ptr, ids_ptr, N, D, I, slot_offset, num_n,
                               NP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                              PRECISION: tl.constexpr, FMT: tl.constexpr):
+                              PRECISION: tl.constexpr, FMT: tl.constexpr, ASM: tl.constexpr):
         pid = tl.program_id(0)
         slot = pid // num_n
         pid_n = pid % num_n
@@ -801,7 +869,7 @@ if triton is not None:
                                  PRECISION)
             else:
                 acc = _qdot(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), h_ptr + pair.to(tl.int64)[:, None] * I,
-                            pair_ok, w2_ptr, s2_ptr, slot, offs_n, n_ok, D, I, FMT, BLOCK_K, PRECISION)
+                            pair_ok, w2_ptr, s2_ptr, slot, offs_n, n_ok, D, I, FMT, BLOCK_K, PRECISION, ASM)
             y_ptrs = y_ptr + pair.to(tl.int64)[:, None] * D + offs_n[None, :]
             tl.store(y_ptrs, acc, mask=pair_ok[:, None] & n_ok[None, :])
 
@@ -889,6 +957,10 @@ def expert_shapes(fmt, rows, cols):
     return (rows, cols), None
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def _contiguous(*tensors):
     return [t if t.is_contiguous() else t.contiguous() for t in tensors]
 
@@ -921,6 +993,8 @@ def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0,
         dot_dtype = torch.float32 if x.dtype == torch.float32 else torch.float16
     if x.dtype != dot_dtype:
         x = x.to(dot_dtype)
+    if fmt == "fp4":  # rows split [even inputs | odd inputs], as the fp4 dots read them
+        x = torch.cat([x[:, 0::2], x[:, 1::2]], dim=1)
     if x.stride(1) != 1:
         x = x.contiguous()
     if weights.dtype != torch.float32 or not weights.is_contiguous():
@@ -943,17 +1017,21 @@ def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0,
         raise ValueError(f"fp8 experts need BLOCK_K dividing 128, got {BK}, {BK2}")
     num_n, num_n2 = -(-I // BN), -(-D // BN2)
     FMT = _FMT_CODE[fmt]
+    # fp4 dequantises with inline PTX on the GPU (the interpreter cannot run it)
+    asm = fmt == "fp4" and dot_dtype == torch.float16 and x.is_cuda and not _interpreting()
+    if fmt == "fp4" and (BK % 32 or BK2 % 32):
+        raise ValueError(f"fp4 experts need BLOCK_K a multiple of 32, got {BK}, {BK2}")
     if scan:
         NP = max(16, _next_pow2(N))
         h = torch.empty((N, I), dtype=dot_dtype, device=dev)  # [T*K, I] by pair
         _moe_up_scan_kernel[(P_local * num_n,)](
             x, x.stride(0), w1, w3, s1, s3, h, weights, ids, N, D, I, K, limit, slot_offset, num_n,
-            NP=NP, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, EVEN_K=D % BK == 0, PRECISION=precision, FMT=FMT,
+            NP=NP, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, EVEN_K=D % BK == 0, PRECISION=precision, FMT=FMT, ASM=asm,
             num_warps=warps, num_stages=_stages(BM, BN, BK, 2, esize))
         _moe_down_scan_kernel[(P_local * num_n2,)](
             h, w2, s2, y, ids, N, D, I, slot_offset, num_n2,
             NP=NP, BLOCK_M=BM, BLOCK_N=BN2, BLOCK_K=BK2, EVEN_K=I % BK2 == 0,
-            PRECISION=precision, FMT=FMT, num_warps=warps2, num_stages=_stages(BM, BN2, BK2, 1, esize))
+            PRECISION=precision, FMT=FMT, ASM=asm, num_warps=warps2, num_stages=_stages(BM, BN2, BK2, 1, esize))
     else:
         sorted_pairs, block_slot = _moe_align(ids, slot_offset, P_local, BM)
         num_blocks = block_slot.shape[0]
@@ -961,10 +1039,10 @@ def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0,
         _moe_up_kernel[(num_blocks * num_n,)](
             x, x.stride(0), w1, w3, s1, s3, h, weights, sorted_pairs, block_slot, N, D, I, K,
             limit, num_n, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, EVEN_K=D % BK == 0,
-            PRECISION=precision, FMT=FMT, num_warps=warps, num_stages=_stages(BM, BN, BK, 2, esize))
+            PRECISION=precision, FMT=FMT, ASM=asm, num_warps=warps, num_stages=_stages(BM, BN, BK, 2, esize))
         _moe_down_kernel[(num_blocks * num_n2,)](
             h, w2, s2, y, sorted_pairs, block_slot, N, D, I, num_n2,
-            BLOCK_M=BM, BLOCK_N=BN2, BLOCK_K=BK2, EVEN_K=I % BK2 == 0, PRECISION=precision, FMT=FMT,
+            BLOCK_M=BM, BLOCK_N=BN2, BLOCK_K=BK2, EVEN_K=I % BK2 == 0, PRECISION=precision, FMT=FMT, ASM=asm,
             num_warps=warps2, num_stages=_stages(BM, BN2, BK2, 1, esize))
     SUM_N = min(1024, _next_pow2(D))
     _moe_sum_kernel[(T, -(-D // SUM_N))](
