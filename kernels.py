@@ -578,14 +578,23 @@ if triton is not None:
         hi = ((b >> 2) & 0x1C) | (b & 0x80)
         return lo.to(tl.float8e4nv, bitcast=True), hi.to(tl.float8e4nv, bitcast=True)
 
-    # The same conversion on 4 packed bytes (8 values) per instance, in 32-bit registers: 9 integer
-    # ops give the 8 e4m3 bytes, 4 cvt make 4 f16x2 pairs, 4 mul.f16x2 apply the scale (x 64).
-    # Inputs: $4 = 4 weight bytes, $5 $6 = their f16 scales (2 per register); outputs $0 $1 = the 4
-    # even (low-nibble) values, $2 $3 = the 4 odd ones. Needs sm_89+ (cvt from e4m3x2).
+    # The same conversion on 4 packed bytes (8 values) per instance, in 32-bit registers. Inputs:
+    # $4 = 4 weight bytes, $5 = their 4 e8m0 scale bytes (equal: one 16-byte group); outputs $0 $1 =
+    # the 4 even (low-nibble) values as f16x2 pairs, $2 $3 = the 4 odd ones. 9 integer ops give the
+    # 8 e4m3 bytes (value * 2^-6), 4 cvt make f16x2 pairs (sm_89+), the scale becomes an f16x2 of
+    # 2^(s - 127) * 64 (exponent field s - 106, s clamped to [107, 136]: scales 2^-20 .. 2^9; trained
+    # weights sit far inside) and 4 mul.f16x2 apply it.
     _FP4_F16_ASM = tl.constexpr("""
     {
-    .reg .b32 lo, hi, t;
+    .reg .b32 lo, hi, t, sc, lim;
     .reg .b16 l0, l1, h0, h1;
+    and.b32 sc, $5, 0x00FF00FF;
+    mov.b32 lim, 0x006B006B;
+    max.u16x2 sc, sc, lim;
+    mov.b32 lim, 0x00880088;
+    min.u16x2 sc, sc, lim;
+    shl.b32 sc, sc, 10;
+    sub.u32 sc, sc, 0x1A801A80;
     shl.b32 t, $4, 2;
     and.b32 lo, t, 0x1C1C1C1C;
     shl.b32 t, $4, 4;
@@ -601,10 +610,10 @@ if triton is not None:
     cvt.rn.f16x2.e4m3x2 $1, l1;
     cvt.rn.f16x2.e4m3x2 $2, h0;
     cvt.rn.f16x2.e4m3x2 $3, h1;
-    mul.rn.f16x2 $0, $0, $5;
-    mul.rn.f16x2 $1, $1, $6;
-    mul.rn.f16x2 $2, $2, $5;
-    mul.rn.f16x2 $3, $3, $6;
+    mul.rn.f16x2 $0, $0, sc;
+    mul.rn.f16x2 $1, $1, sc;
+    mul.rn.f16x2 $2, $2, sc;
+    mul.rn.f16x2 $3, $3, sc;
     }
     """)
 
@@ -613,17 +622,14 @@ if triton is not None:
         """Packed e2m1 tile b uint8 [BK/2, BN] and its e8m0 scale bytes per 16-byte group
         [BK/32, BN] -> (even inputs, odd inputs) as DOT [BK/2, BN] each.
 
-        ASM (fp16 on a GPU): _FP4_F16_ASM with the scale as fp16 (2^(s-127) * 64, groups of scale
-        below 2^-20 flush to 0, above 2^9 saturate: far outside trained weights); otherwise plain
-        Triton (the interpreter), the same values through fp32."""
+        ASM (fp16 on a GPU): _FP4_F16_ASM; otherwise plain Triton (the interpreter), the same
+        values through fp32."""
         G: tl.constexpr = scale_groups.shape[0]
         BN: tl.constexpr = scale_groups.shape[1]
         if ASM:
-            e = tl.minimum(tl.maximum(scale_groups.to(tl.int32) - 106, 0), 30)  # fp16 exponent field
-            sf = (e << 10).to(tl.int16).to(tl.float16, bitcast=True)  # [G, BN]
-            sf = tl.reshape(tl.broadcast_to(sf[:, None, :], [G, 16, BN]), [G * 16, BN])
+            sb = tl.reshape(tl.broadcast_to(scale_groups[:, None, :], [G, 16, BN]), [G * 16, BN])
             even, odd = tl.inline_asm_elementwise(
-                _FP4_F16_ASM, "=r,=r,=r,=r,r,r,r", [b, sf], dtype=(tl.float16, tl.float16),
+                _FP4_F16_ASM, "=r,=r,=r,=r,r,r", [b, sb], dtype=(tl.float16, tl.float16),
                 is_pure=True, pack=4)
         else:
             sf = _e8m0_to_f32(scale_groups) * 64.0  # [G, BN]
@@ -635,15 +641,18 @@ if triton is not None:
 
     @triton.jit
     def _qdot(acc, a_rows, a_ok, w_ptr, s_ptr, slot, offs_n, n_ok, N, K,
-              FMT: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, ASM: tl.constexpr):
+              FMT: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+              ASM: tl.constexpr):
         """acc [BM, BN] += A [BM, K] @ dequant(w[slot, offs_n, :])^T, dequantised in registers.
 
         a_rows [BM, 1]: pointers to the A rows (x or h, in the dot dtype), a_ok [BM];
-        FMT 1: w fp8 e4m3 [P_local, N, K], s [P_local, N/128, K/128] (BLOCK_K divides 128, so each
-        partial product has one scale per column: applied to it in fp32); A rows in natural order.
+        FMT 1: w fp8 e4m3 [P_local, N, K], s [P_local, N/128, K/128] (BLOCK_K divides 128, so a
+        tile has one scale per column: applied to the fp32 partial product for few rows, to the
+        weights for many); A rows in natural order.
         FMT 2: w packed e2m1 uint8 [P_local, N, K/2], s [P_local, N, K/32]: even and odd inputs are
         two dots over the low and high nibbles, so A rows are stored split: [even inputs | odd inputs]
-        (no interleave in registers; BLOCK_K must be a multiple of 32)."""
+        (no interleave in registers; BLOCK_K must be a multiple of 32). EVEN_K: K % BLOCK_K == 0
+        (no K masks)."""
         DOT = a_rows.dtype.element_ty
         slot64 = slot.to(tl.int64)
         n64 = offs_n.to(tl.int64)[None, :]  # [1, BN]
@@ -654,11 +663,14 @@ if triton is not None:
             offs_k = tl.arange(0, BLOCK_K)
             for k0 in range(0, K, BLOCK_K):
                 k = k0 + offs_k  # [BK]
-                k_ok = k < K
+                k_ok = (k < K) | EVEN_K
                 a = tl.load(a_rows + k[None, :], mask=a_ok[:, None] & k_ok[None, :], other=0.0)
                 w = tl.load(w_rows + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # [BK, BN]
                 scale = _e8m0_to_f32(tl.load(s_rows + k0 // 128, mask=n_ok[None, :], other=0))  # [1, BN]
-                acc += tl.dot(a, w.to(DOT), input_precision=PRECISION) * scale
+                if acc.shape[0] <= 16:  # decode: scaling the [BM, BN] partial product is cheapest
+                    acc += tl.dot(a, w.to(DOT), input_precision=PRECISION) * scale
+                else:  # prefill: scale the weights, so the MMA keeps accumulating in place
+                    acc = tl.dot(a, w.to(DOT) * scale.to(DOT), acc, input_precision=PRECISION)
         else:
             KH, SK = K // 2, K // 32
             w_rows = w_ptr + slot64 * N * KH + n64 * KH  # [1, BN] packed rows
@@ -667,13 +679,13 @@ if triton is not None:
             offs_g = tl.arange(0, BLOCK_K // 32)  # scale groups of the tile
             for k0 in range(0, K, BLOCK_K):
                 j = k0 // 2 + offs_j  # [BK/2]
-                j_ok = j < KH
+                j_ok = (j < KH) | EVEN_K
                 a_mask = a_ok[:, None] & j_ok[None, :]
                 a_even = tl.load(a_rows + j[None, :], mask=a_mask, other=0.0)  # [BM, BK/2]
                 a_odd = tl.load(a_rows + KH + j[None, :], mask=a_mask, other=0.0)
                 b = tl.load(w_rows + j[:, None], mask=j_ok[:, None] & n_ok[None, :], other=0)  # [BK/2, BN]
                 g = k0 // 32 + offs_g  # [BK/32]
-                sg = tl.load(s_rows + g[:, None], mask=(g < SK)[:, None] & n_ok[None, :], other=0)  # [BK/32, BN]
+                sg = tl.load(s_rows + g[:, None], mask=((g < SK) | EVEN_K)[:, None] & n_ok[None, :], other=0)  # [BK/32, BN]
                 even, odd = _fp4_tile(b, sg, DOT, ASM)
                 acc = tl.dot(a_even, even, acc, input_precision=PRECISION)
                 acc = tl.dot(a_odd, odd, acc, input_precision=PRECISION)
@@ -706,9 +718,9 @@ if triton is not None:
         if FMT != 0:
             a_rows = x_ptr + tok.to(tl.int64)[:, None] * stride_xt  # [BM, 1]
             acc_g = _qdot(acc_g, a_rows, pair_ok, w1_ptr, s1_ptr, slot, offs_n, n_ok, I, D, FMT, BLOCK_K,
-                          PRECISION, ASM)
+                          EVEN_K, PRECISION, ASM)
             acc_u = _qdot(acc_u, a_rows, pair_ok, w3_ptr, s3_ptr, slot, offs_n, n_ok, I, D, FMT, BLOCK_K,
-                          PRECISION, ASM)
+                          EVEN_K, PRECISION, ASM)
         else:
             for k0 in range(0, D, BLOCK_K):
                 if EVEN_K:
@@ -799,7 +811,7 @@ if triton is not None:
             acc = _down_tile(a_ptrs, b_ptrs, pair_ok, n_ok, offs_k, I, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PRECISION)
         else:
             acc = _qdot(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), h_ptr + offs_m.to(tl.int64)[:, None] * I,
-                        pair_ok, w2_ptr, s2_ptr, slot, offs_n, n_ok, D, I, FMT, BLOCK_K, PRECISION, ASM)
+                        pair_ok, w2_ptr, s2_ptr, slot, offs_n, n_ok, D, I, FMT, BLOCK_K, EVEN_K, PRECISION, ASM)
         y_ptrs = y_ptr + pair.to(tl.int64)[:, None] * D + offs_n[None, :]
         tl.store(y_ptrs, acc, mask=pair_ok[:, None] & n_ok[None, :])
 
@@ -869,7 +881,7 @@ if triton is not None:
                                  PRECISION)
             else:
                 acc = _qdot(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), h_ptr + pair.to(tl.int64)[:, None] * I,
-                            pair_ok, w2_ptr, s2_ptr, slot, offs_n, n_ok, D, I, FMT, BLOCK_K, PRECISION, ASM)
+                            pair_ok, w2_ptr, s2_ptr, slot, offs_n, n_ok, D, I, FMT, BLOCK_K, EVEN_K, PRECISION, ASM)
             y_ptrs = y_ptr + pair.to(tl.int64)[:, None] * D + offs_n[None, :]
             tl.store(y_ptrs, acc, mask=pair_ok[:, None] & n_ok[None, :])
 
@@ -893,11 +905,13 @@ SCAN_MAX_TILE = 16384  # ... and while a BLOCK_M x next_pow2(N) compaction tile 
 _FMT_CODE = {"bf16": 0, "fp8": 1, "fp4": 2}  # the kernels' FMT constexpr
 # Quantised block configs: (BLOCK_N, BLOCK_K, warps) per GEMM. fp8 needs BLOCK_K | 128 (one scale
 # per partial product); fp4's BLOCK_K counts unpacked inputs (BLOCK_K / 2 bytes per row per step).
+# Decode tiles picked from sm_90 SASS of the inner loops (triton 3.6, compiled ahead of time on a CPU):
+# 128 x 128 gives the fewest instructions per weight (fp4 ~4.1, fp8 ~2.2; bf16's 64 x 256 is ~1.4).
 QUANT_CFG = {
-    "fp8": dict(decode=dict(BLOCK_M=16, up=(64, 128, 4), down=(64, 128, 4)),
+    "fp8": dict(decode=dict(BLOCK_M=16, up=(128, 128, 4), down=(128, 128, 4)),
                 mid=dict(BLOCK_M=64, up=(64, 64, 4), down=(128, 64, 4)),
                 prefill=dict(BLOCK_M=128, up=(128, 64, 8), down=(128, 64, 8))),
-    "fp4": dict(decode=dict(BLOCK_M=16, up=(64, 256, 4), down=(64, 256, 4)),
+    "fp4": dict(decode=dict(BLOCK_M=16, up=(128, 128, 4), down=(128, 128, 4)),
                 mid=dict(BLOCK_M=64, up=(64, 64, 4), down=(128, 64, 4)),
                 prefill=dict(BLOCK_M=128, up=(128, 64, 8), down=(128, 64, 8))),
 }
@@ -923,10 +937,12 @@ def _moe_config(N: int, P_local: int, elem_size: int, I: int = 2048, fmt: str = 
     return cfg
 
 
-def _stages(BLOCK_M, BLOCK_N, BLOCK_K, mats, elem_size):
-    """Pipeline depth that fits ~160 KB of shared memory (H200 has 227 KB per block)."""
-    per_stage = (BLOCK_M * BLOCK_K + mats * BLOCK_K * BLOCK_N) * elem_size
-    return max(2, min(4, 160_000 // per_stage))
+def _stages(BLOCK_M, BLOCK_N, BLOCK_K, mats, elem_size, weight_size=None):
+    """Pipeline depth that fits ~160 KB of shared memory (H200 has 227 KB per block).
+    weight_size: bytes per weight value when it differs from the activations' (fp8 1, fp4 0.5)."""
+    weight_size = elem_size if weight_size is None else weight_size
+    per_stage = BLOCK_M * BLOCK_K * elem_size + mats * BLOCK_K * BLOCK_N * weight_size
+    return max(2, min(4, int(160_000 // per_stage)))
 
 
 def _checkexpert_shapes(x, w1, w3, w2, scales, fmt):
@@ -1003,6 +1019,7 @@ def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0,
         ids = ids.to(torch.int32).contiguous()
     N = T * K
     esize = torch.empty((), dtype=dot_dtype).element_size()
+    wsize = {"bf16": esize, "fp8": 1, "fp4": 0.5}[fmt]  # bytes per weight value, for the pipeline depth
     cfg = _moe_config(N, P_local, esize, I, fmt)
     if config:
         cfg = {**cfg, **config}
@@ -1027,11 +1044,11 @@ def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0,
         _moe_up_scan_kernel[(P_local * num_n,)](
             x, x.stride(0), w1, w3, s1, s3, h, weights, ids, N, D, I, K, limit, slot_offset, num_n,
             NP=NP, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, EVEN_K=D % BK == 0, PRECISION=precision, FMT=FMT, ASM=asm,
-            num_warps=warps, num_stages=_stages(BM, BN, BK, 2, esize))
+            num_warps=warps, num_stages=_stages(BM, BN, BK, 2, esize, wsize))
         _moe_down_scan_kernel[(P_local * num_n2,)](
             h, w2, s2, y, ids, N, D, I, slot_offset, num_n2,
             NP=NP, BLOCK_M=BM, BLOCK_N=BN2, BLOCK_K=BK2, EVEN_K=I % BK2 == 0,
-            PRECISION=precision, FMT=FMT, ASM=asm, num_warps=warps2, num_stages=_stages(BM, BN2, BK2, 1, esize))
+            PRECISION=precision, FMT=FMT, ASM=asm, num_warps=warps2, num_stages=_stages(BM, BN2, BK2, 1, esize, wsize))
     else:
         sorted_pairs, block_slot = _moe_align(ids, slot_offset, P_local, BM)
         num_blocks = block_slot.shape[0]
@@ -1039,11 +1056,11 @@ def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0,
         _moe_up_kernel[(num_blocks * num_n,)](
             x, x.stride(0), w1, w3, s1, s3, h, weights, sorted_pairs, block_slot, N, D, I, K,
             limit, num_n, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, EVEN_K=D % BK == 0,
-            PRECISION=precision, FMT=FMT, ASM=asm, num_warps=warps, num_stages=_stages(BM, BN, BK, 2, esize))
+            PRECISION=precision, FMT=FMT, ASM=asm, num_warps=warps, num_stages=_stages(BM, BN, BK, 2, esize, wsize))
         _moe_down_kernel[(num_blocks * num_n2,)](
             h, w2, s2, y, sorted_pairs, block_slot, N, D, I, num_n2,
             BLOCK_M=BM, BLOCK_N=BN2, BLOCK_K=BK2, EVEN_K=I % BK2 == 0, PRECISION=precision, FMT=FMT, ASM=asm,
-            num_warps=warps2, num_stages=_stages(BM, BN2, BK2, 1, esize))
+            num_warps=warps2, num_stages=_stages(BM, BN2, BK2, 1, esize, wsize))
     SUM_N = min(1024, _next_pow2(D))
     _moe_sum_kernel[(T, -(-D // SUM_N))](
         y, ids, out, D, K, slot_offset, slot_offset + P_local, BLOCK_N=SUM_N, num_warps=4)
