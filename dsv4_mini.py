@@ -7,7 +7,8 @@ KV cache -> build / load / save / generate.
 The math follows DeepSeek's reference `inference/model.py` (see shared/reference/dsv4_architecture.md
 §2). Module and parameter names are the official checkpoint names, except the routed experts, which
 are slot-stacked per layer (`layers.L.ffn.experts.w1 [P_local, I, d]`) so that expert-parallel load
-balancing (eplb.py) can move weights between physical slots in place.
+balancing (eplb.py) can move weights between physical slots in place. Routed experts may stay in the
+release's FP4 / FP8 formats (`expert_dtype`, see RoutedExperts), with slot-stacked scales beside them.
 
 Deliberately not modelled:
 * QAT simulation (FP8 quant-dequant of the kv nope dims, Hadamard + FP4 of the indexer q/k): the

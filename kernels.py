@@ -7,6 +7,11 @@ GPU, score_topk may pick differently where two experts' scores tie to within GPU
 Public functions dispatch: Triton for CUDA tensors, torch otherwise; env `DSV4_KERNELS=torch|triton`
 forces one (Triton on CPU tensors needs `TRITON_INTERPRET=1` set before triton is imported).
 
+Routed experts may be held quantised (dsv4_mini.RoutedExperts): moe_experts takes their format from
+w1.dtype (uint8 = packed fp4 e2m1, float8_e4m3fn = fp8, else unquantised) and scales=(s1, s3, s2) of
+ue8m0 bytes; the Triton kernels dequantise tile by tile in registers, the torch twin dequantises each
+used slot with checkpoint's reference functions.
+
 Shapes: T tokens, E logical experts, K top-k, V vocab, P physical slots, X max replicas per expert,
 d hidden, I expert intermediate size, P_local slots held by this rank.
 """
@@ -685,7 +690,8 @@ if triton is not None:
                 a_odd = tl.load(a_rows + KH + j[None, :], mask=a_mask, other=0.0)
                 b = tl.load(w_rows + j[:, None], mask=j_ok[:, None] & n_ok[None, :], other=0)  # [BK/2, BN]
                 g = k0 // 32 + offs_g  # [BK/32]
-                sg = tl.load(s_rows + g[:, None], mask=((g < SK) | EVEN_K)[:, None] & n_ok[None, :], other=0)  # [BK/32, BN]
+                g_ok = (g < SK) | EVEN_K
+                sg = tl.load(s_rows + g[:, None], mask=g_ok[:, None] & n_ok[None, :], other=0)  # [BK/32, BN]
                 even, odd = _fp4_tile(b, sg, DOT, ASM)
                 acc = tl.dot(a_even, even, acc, input_precision=PRECISION)
                 acc = tl.dot(a_odd, odd, acc, input_precision=PRECISION)
@@ -791,7 +797,7 @@ if triton is not None:
     def _moe_down_kernel(h_ptr, w2_ptr, s2_ptr, y_ptr, pairs_ptr, slot_ptr, N, D, I, num_n,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          EVEN_K: tl.constexpr, PRECISION: tl.constexpr, FMT: tl.constexpr,
-                       ASM: tl.constexpr):
+                         ASM: tl.constexpr):
         pid = tl.program_id(0)
         pid_m = pid // num_n
         pid_n = pid % num_n
@@ -810,8 +816,9 @@ if triton is not None:
         if FMT == 0:
             acc = _down_tile(a_ptrs, b_ptrs, pair_ok, n_ok, offs_k, I, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PRECISION)
         else:
-            acc = _qdot(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), h_ptr + offs_m.to(tl.int64)[:, None] * I,
-                        pair_ok, w2_ptr, s2_ptr, slot, offs_n, n_ok, D, I, FMT, BLOCK_K, EVEN_K, PRECISION, ASM)
+            h_rows = h_ptr + offs_m.to(tl.int64)[:, None] * I  # [BM, 1]
+            acc = _qdot(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), h_rows, pair_ok, w2_ptr, s2_ptr, slot,
+                        offs_n, n_ok, D, I, FMT, BLOCK_K, EVEN_K, PRECISION, ASM)
         y_ptrs = y_ptr + pair.to(tl.int64)[:, None] * D + offs_n[None, :]
         tl.store(y_ptrs, acc, mask=pair_ok[:, None] & n_ok[None, :])
 
@@ -880,8 +887,9 @@ if triton is not None:
                 acc = _down_tile(a_ptrs, b_ptrs, pair_ok, n_ok, offs_k, I, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
                                  PRECISION)
             else:
-                acc = _qdot(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), h_ptr + pair.to(tl.int64)[:, None] * I,
-                            pair_ok, w2_ptr, s2_ptr, slot, offs_n, n_ok, D, I, FMT, BLOCK_K, EVEN_K, PRECISION, ASM)
+                h_rows = h_ptr + pair.to(tl.int64)[:, None] * I  # [BM, 1]
+                acc = _qdot(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), h_rows, pair_ok, w2_ptr, s2_ptr, slot,
+                            offs_n, n_ok, D, I, FMT, BLOCK_K, EVEN_K, PRECISION, ASM)
             y_ptrs = y_ptr + pair.to(tl.int64)[:, None] * D + offs_n[None, :]
             tl.store(y_ptrs, acc, mask=pair_ok[:, None] & n_ok[None, :])
 

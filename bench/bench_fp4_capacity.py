@@ -148,10 +148,11 @@ def main():
         print(f"{fmt:>7} {r['per_layer_gib']:>10.2f} {r['base_gib']:>10.2f} {r['full_model_gib']:>14.1f} "
               f"{r['layers_fit']:>11}")
     if result:
+        step_ms = result["decode_step_ms_median"] or float("nan")
         print(f"built and ran {result['layers']} layers with {args.expert_dtype} experts: "
               f"{result['allocated_gib']:.1f} GiB allocated after build, peak {result['peak_gib']:.1f} GiB, "
               f"reserved {result['reserved_gib']:.1f} GiB; build {result['build_s']:.0f} s; batch {args.batch}: "
-              f"prefill {result['prefill_s']:.2f} s, decode step {result['decode_step_ms_median'] or float('nan'):.1f} ms "
+              f"prefill {result['prefill_s']:.2f} s, decode step {step_ms:.1f} ms "
               f"(first {result['decode_step_ms_first']:.0f} ms with JIT); logits finite: {result['logits_finite']}")
         if result["layers"] < meta["layers_by_memory"]:
             print(f"(the time budget, not memory, bounded the build: memory allows {meta['layers_by_memory']})")
