@@ -224,6 +224,21 @@ def _pow2_scale(amax: Tensor, qmax: float) -> Tensor:
     return torch.ldexp(torch.ones_like(ratio), exp.clamp(-127, 127))
 
 
+def _to_e8m0(scale: Tensor) -> Tensor:
+    """Exact powers of two (fp32, from _pow2_scale) -> float8_e8m0fnu, by their exponent bits: a view,
+    so no e8m0 conversion kernel is needed on any device (2^-127 is the fp32 subnormal with field 0)."""
+    return ((scale.view(torch.int32) >> 23) & 0xFF).to(torch.uint8).view(torch.float8_e8m0fnu)
+
+
+def scale_values(scale: Tensor) -> Tensor:
+    """A ue8m0 scale (float8_e8m0fnu, or its uint8 exponent bytes) as fp32 values 2^(byte - 127); a float
+    scale as fp32. Computed with ldexp, so it runs wherever fp32 does."""
+    if scale.dtype in (torch.uint8, torch.float8_e8m0fnu):
+        exponent = scale.view(torch.uint8).to(torch.int32) - 127
+        return torch.ldexp(torch.ones(exponent.shape, device=scale.device), exponent)
+    return scale.float()
+
+
 def _block_expand(scale: Tensor, shape: tuple[int, int], block: tuple[int, int]) -> Tensor:
     """[ceil(m/bm), ceil(n/bn)] per-block values -> [m, n] (edge blocks may be partial)."""
     s = scale.repeat_interleave(block[0], dim=0).repeat_interleave(block[1], dim=1)
@@ -242,17 +257,17 @@ def quantize_fp8_blockwise(w: Tensor, block: int = FP8_BLOCK) -> tuple[Tensor, T
     amax = padded.view(bm, block, bn, block).amax(dim=(1, 3))
     scale = _pow2_scale(amax, FP8_MAX)
     q = (wf / _block_expand(scale, (m, n), (block, block))).clamp(-FP8_MAX, FP8_MAX)
-    return q.to(torch.float8_e4m3fn), scale.to(torch.float8_e8m0fnu)
+    return q.to(torch.float8_e4m3fn), _to_e8m0(scale)
 
 
 def dequantize_fp8_blockwise(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """q float8_e4m3fn [m, n], scale e8m0 (or float) [ceil(m/128), ceil(n/128)] -> [m, n] dtype."""
+    """q float8_e4m3fn [m, n], scale e8m0 / uint8 e8m0 bytes / float [ceil(m/128), ceil(n/128)] -> [m, n] dtype."""
     m, n = q.shape
     bm, bn = math.ceil(m / FP8_BLOCK), math.ceil(n / FP8_BLOCK)
     if tuple(scale.shape) != (bm, bn):
         raise ValueError(f"FP8 scale shape {list(scale.shape)} does not fit weight {[m, n]} "
                          f"(expected {[bm, bn]} for {FP8_BLOCK}x{FP8_BLOCK} blocks)")
-    w = q.float() * _block_expand(scale.float(), (m, n), (FP8_BLOCK, FP8_BLOCK))
+    w = q.float() * _block_expand(scale_values(scale), (m, n), (FP8_BLOCK, FP8_BLOCK))
     return w.to(dtype)
 
 
@@ -272,11 +287,12 @@ def quantize_fp4_packed(w: Tensor, block: int = FP4_BLOCK) -> tuple[Tensor, Tens
     code = code | ((x < 0).long() << 3)
     code = code.to(torch.uint8)
     packed = code[:, 0::2] | (code[:, 1::2] << 4)
-    return packed.view(torch.int8), scale.to(torch.float8_e8m0fnu)
+    return packed.view(torch.int8), _to_e8m0(scale)
 
 
 def dequantize_fp4_packed(packed: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """packed int8 [m, n/2] (or float4_e2m1fn_x2), scale e8m0 [m, n/32] -> [m, n] dtype."""
+    """packed int8 / uint8 [m, n/2] (or float4_e2m1fn_x2), scale e8m0 / uint8 e8m0 bytes / float [m, n/32]
+    -> [m, n] dtype."""
     m, half = packed.shape
     n = 2 * half
     if tuple(scale.shape) != (m, n // FP4_BLOCK) or n % FP4_BLOCK:
@@ -284,7 +300,7 @@ def dequantize_fp4_packed(packed: Tensor, scale: Tensor, dtype: torch.dtype = to
                          f"(expected {[m, n // FP4_BLOCK]}: one scale per {FP4_BLOCK} inputs)")
     b = packed.view(torch.uint8).long()
     codes = torch.stack([b & 0xF, b >> 4], dim=-1).view(m, n)  # low nibble = even element
-    w = FP4_TABLE.to(packed.device)[codes].view(m, n // FP4_BLOCK, FP4_BLOCK) * scale.float().unsqueeze(-1)
+    w = FP4_TABLE.to(packed.device)[codes].view(m, n // FP4_BLOCK, FP4_BLOCK) * scale_values(scale).unsqueeze(-1)
     return w.view(m, n).to(dtype)
 
 

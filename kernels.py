@@ -186,10 +186,9 @@ def dequantize_slot(w, scale, slot: int, dtype):
     """One slot of a quantised slot-stacked weight -> [rows, cols] `dtype`, through checkpoint's
     reference dequantisers. w: fp4 uint8 [P_local, rows, cols/2] with scale uint8 e8m0
     [P_local, rows, cols/32], or fp8 e4m3 [P_local, rows, cols] with scale [P_local, rows/128, cols/128]."""
-    e8m0 = scale[slot].view(torch.float8_e8m0fnu)
     if w.dtype == torch.uint8:
-        return checkpoint.dequantize_fp4_packed(w[slot], e8m0, dtype)
-    return checkpoint.dequantize_fp8_blockwise(w[slot], e8m0, dtype)
+        return checkpoint.dequantize_fp4_packed(w[slot], scale[slot], dtype)
+    return checkpoint.dequantize_fp8_blockwise(w[slot], scale[slot], dtype)
 
 
 def _check_scales(w1, scales):

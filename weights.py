@@ -109,8 +109,7 @@ def expert_in_format(weight: Tensor, scale: Tensor | None, expert_dtype: str, dt
         if stored == "bf16":
             return weight, None
         return (weight.view(torch.uint8) if stored == "fp4" else weight), checkpoint.e8m0_bytes(scale)
-    dense = weight if scale is None else checkpoint.dequantize(
-        "expert", weight, checkpoint.e8m0_bytes(scale).view(torch.float8_e8m0fnu), torch.float32)
+    dense = weight if scale is None else checkpoint.dequantize("expert", weight, scale, torch.float32)
     if expert_dtype == "bf16":
         return dense.to(dtype), None
     return quantize_expert(dense.float(), expert_dtype)
