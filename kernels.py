@@ -644,10 +644,12 @@ if triton is not None:
         return even, odd
 
     @triton.jit
-    def _qdot(acc, a_rows, a_ok, w_ptr, s_ptr, slot, offs_n, n_ok, N, K,
+    def _qdot(acc, acc2, a_rows, a_ok, w_ptr, s_ptr, w2_ptr, s2_ptr, slot, offs_n, n_ok, N, K,
               FMT: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
-              ASM: tl.constexpr):
-        """acc [BM, BN] += A [BM, K] @ dequant(w[slot, offs_n, :])^T, dequantised in registers.
+              ASM: tl.constexpr, TWO: tl.constexpr):
+        """acc [BM, BN] += A [BM, K] @ dequant(w[slot, offs_n, :])^T, dequantised in registers; with
+        TWO also acc2 += A @ dequant(w2[slot, offs_n, :])^T in the same K loop (w1 and w3 share
+        every A tile). -> (acc, acc2).
 
         a_rows [BM, 1]: pointers to the A rows (x or h, in the dot dtype), a_ok [BM];
         FMT 1: w fp8 e4m3 [P_local, N, K], s [P_local, N/128, K/128] (BLOCK_K divides 128, so a
@@ -657,28 +659,27 @@ if triton is not None:
         two dots over the low and high nibbles, so A rows are stored split: [even inputs | odd inputs]
         (no interleave in registers; BLOCK_K must be a multiple of 32). EVEN_K: K % BLOCK_K == 0
         (no K masks)."""
-        DOT = a_rows.dtype.element_ty
         slot64 = slot.to(tl.int64)
         n64 = offs_n.to(tl.int64)[None, :]  # [1, BN]
         if FMT == 1:
             SK = (K + 127) // 128
-            w_rows = w_ptr + slot64 * N * K + n64 * K  # [1, BN]
-            s_rows = s_ptr + slot64 * ((N + 127) // 128) * SK + (n64 // 128) * SK  # [1, BN]
+            w_off = slot64 * N * K + n64 * K  # [1, BN]
+            s_off = slot64 * ((N + 127) // 128) * SK + (n64 // 128) * SK  # [1, BN]
             offs_k = tl.arange(0, BLOCK_K)
             for k0 in range(0, K, BLOCK_K):
                 k = k0 + offs_k  # [BK]
                 k_ok = (k < K) | EVEN_K
                 a = tl.load(a_rows + k[None, :], mask=a_ok[:, None] & k_ok[None, :], other=0.0)
-                w = tl.load(w_rows + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # [BK, BN]
-                scale = _e8m0_to_f32(tl.load(s_rows + k0 // 128, mask=n_ok[None, :], other=0))  # [1, BN]
-                if acc.shape[0] <= 16:  # decode: scaling the [BM, BN] partial product is cheapest
-                    acc += tl.dot(a, w.to(DOT), input_precision=PRECISION) * scale
-                else:  # prefill: scale the weights, so the MMA keeps accumulating in place
-                    acc = tl.dot(a, w.to(DOT) * scale.to(DOT), acc, input_precision=PRECISION)
+                w_mask = k_ok[:, None] & n_ok[None, :]
+                acc = _fp8_step(acc, a, w_ptr + w_off + k[:, None], s_ptr + s_off + k0 // 128, w_mask, n_ok,
+                                PRECISION)
+                if TWO:
+                    acc2 = _fp8_step(acc2, a, w2_ptr + w_off + k[:, None], s2_ptr + s_off + k0 // 128, w_mask,
+                                     n_ok, PRECISION)
         else:
             KH, SK = K // 2, K // 32
-            w_rows = w_ptr + slot64 * N * KH + n64 * KH  # [1, BN] packed rows
-            s_rows = s_ptr + slot64 * N * SK + n64 * SK  # [1, BN]
+            w_off = slot64 * N * KH + n64 * KH  # [1, BN] packed rows
+            s_off = slot64 * N * SK + n64 * SK  # [1, BN]
             offs_j = tl.arange(0, BLOCK_K // 2)  # byte j holds inputs 2j (low nibble), 2j+1 (high)
             offs_g = tl.arange(0, BLOCK_K // 32)  # scale groups of the tile
             for k0 in range(0, K, BLOCK_K):
@@ -687,14 +688,36 @@ if triton is not None:
                 a_mask = a_ok[:, None] & j_ok[None, :]
                 a_even = tl.load(a_rows + j[None, :], mask=a_mask, other=0.0)  # [BM, BK/2]
                 a_odd = tl.load(a_rows + KH + j[None, :], mask=a_mask, other=0.0)
-                b = tl.load(w_rows + j[:, None], mask=j_ok[:, None] & n_ok[None, :], other=0)  # [BK/2, BN]
                 g = k0 // 32 + offs_g  # [BK/32]
-                g_ok = (g < SK) | EVEN_K
-                sg = tl.load(s_rows + g[:, None], mask=g_ok[:, None] & n_ok[None, :], other=0)  # [BK/32, BN]
-                even, odd = _fp4_tile(b, sg, DOT, ASM)
-                acc = tl.dot(a_even, even, acc, input_precision=PRECISION)
-                acc = tl.dot(a_odd, odd, acc, input_precision=PRECISION)
+                w_mask = j_ok[:, None] & n_ok[None, :]  # [BK/2, BN]
+                s_mask = ((g < SK) | EVEN_K)[:, None] & n_ok[None, :]  # [BK/32, BN]
+                acc = _fp4_step(acc, a_even, a_odd, w_ptr + w_off + j[:, None], s_ptr + s_off + g[:, None],
+                                w_mask, s_mask, PRECISION, ASM)
+                if TWO:
+                    acc2 = _fp4_step(acc2, a_even, a_odd, w2_ptr + w_off + j[:, None], s2_ptr + s_off + g[:, None],
+                                     w_mask, s_mask, PRECISION, ASM)
+        return acc, acc2
+
+    @triton.jit
+    def _fp8_step(acc, a, w_ptrs, s_ptrs, w_mask, n_ok, PRECISION: tl.constexpr):
+        """One K tile of an fp8 weight: w_ptrs [BK, BN] e4m3, s_ptrs [1, BN] its block scales."""
+        DOT = a.dtype
+        w = tl.load(w_ptrs, mask=w_mask, other=0.0)  # [BK, BN]
+        scale = _e8m0_to_f32(tl.load(s_ptrs, mask=n_ok[None, :], other=0))  # [1, BN]
+        if acc.shape[0] <= 16:  # decode: scaling the [BM, BN] partial product is cheapest
+            acc += tl.dot(a, w.to(DOT), input_precision=PRECISION) * scale
+        else:  # prefill: scale the weights, so the MMA keeps accumulating in place
+            acc = tl.dot(a, w.to(DOT) * scale.to(DOT), acc, input_precision=PRECISION)
         return acc
+
+    @triton.jit
+    def _fp4_step(acc, a_even, a_odd, w_ptrs, s_ptrs, w_mask, s_mask, PRECISION: tl.constexpr, ASM: tl.constexpr):
+        """One K tile of a packed fp4 weight: w_ptrs [BK/2, BN] bytes, s_ptrs [BK/32, BN] their scales."""
+        b = tl.load(w_ptrs, mask=w_mask, other=0)  # [BK/2, BN] uint8
+        sg = tl.load(s_ptrs, mask=s_mask, other=0)  # [BK/32, BN]
+        even, odd = _fp4_tile(b, sg, a_even.dtype, ASM)
+        acc = tl.dot(a_even, even, acc, input_precision=PRECISION)
+        return tl.dot(a_odd, odd, acc, input_precision=PRECISION)
 
     @triton.jit
     def _h_column(offs_n, I, FMT: tl.constexpr):
@@ -722,10 +745,8 @@ if triton is not None:
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if FMT != 0:
             a_rows = x_ptr + tok.to(tl.int64)[:, None] * stride_xt  # [BM, 1]
-            acc_g = _qdot(acc_g, a_rows, pair_ok, w1_ptr, s1_ptr, slot, offs_n, n_ok, I, D, FMT, BLOCK_K,
-                          EVEN_K, PRECISION, ASM)
-            acc_u = _qdot(acc_u, a_rows, pair_ok, w3_ptr, s3_ptr, slot, offs_n, n_ok, I, D, FMT, BLOCK_K,
-                          EVEN_K, PRECISION, ASM)
+            acc_g, acc_u = _qdot(acc_g, acc_u, a_rows, pair_ok, w1_ptr, s1_ptr, w3_ptr, s3_ptr, slot, offs_n,
+                                 n_ok, I, D, FMT, BLOCK_K, EVEN_K, PRECISION, ASM, True)
         else:
             for k0 in range(0, D, BLOCK_K):
                 if EVEN_K:
@@ -816,8 +837,9 @@ if triton is not None:
             acc = _down_tile(a_ptrs, b_ptrs, pair_ok, n_ok, offs_k, I, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PRECISION)
         else:
             h_rows = h_ptr + offs_m.to(tl.int64)[:, None] * I  # [BM, 1]
-            acc = _qdot(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), h_rows, pair_ok, w2_ptr, s2_ptr, slot,
-                        offs_n, n_ok, D, I, FMT, BLOCK_K, EVEN_K, PRECISION, ASM)
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            acc, _ = _qdot(acc, acc, h_rows, pair_ok, w2_ptr, s2_ptr, w2_ptr, s2_ptr, slot, offs_n, n_ok, D, I,
+                           FMT, BLOCK_K, EVEN_K, PRECISION, ASM, False)
         y_ptrs = y_ptr + pair.to(tl.int64)[:, None] * D + offs_n[None, :]
         tl.store(y_ptrs, acc, mask=pair_ok[:, None] & n_ok[None, :])
 
@@ -887,8 +909,9 @@ if triton is not None:
                                  PRECISION)
             else:
                 h_rows = h_ptr + pair.to(tl.int64)[:, None] * I  # [BM, 1]
-                acc = _qdot(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), h_rows, pair_ok, w2_ptr, s2_ptr, slot,
-                            offs_n, n_ok, D, I, FMT, BLOCK_K, EVEN_K, PRECISION, ASM)
+                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                acc, _ = _qdot(acc, acc, h_rows, pair_ok, w2_ptr, s2_ptr, w2_ptr, s2_ptr, slot, offs_n, n_ok, D, I,
+                               FMT, BLOCK_K, EVEN_K, PRECISION, ASM, False)
             y_ptrs = y_ptr + pair.to(tl.int64)[:, None] * D + offs_n[None, :]
             tl.store(y_ptrs, acc, mask=pair_ok[:, None] & n_ok[None, :])
 
