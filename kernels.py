@@ -936,7 +936,8 @@ _FMT_CODE = {"bf16": 0, "fp8": 1, "fp4": 2}  # the kernels' FMT constexpr
 # Quantised block configs: (BLOCK_N, BLOCK_K, warps) per GEMM. fp8 needs BLOCK_K | 128 (one scale
 # per partial product); fp4's BLOCK_K counts unpacked inputs (BLOCK_K / 2 bytes per row per step).
 # Decode tiles picked from sm_90 SASS of the inner loops (triton 3.6, compiled ahead of time on a CPU):
-# 128 x 128 gives the fewest instructions per weight (fp4 ~4.1, fp8 ~2.2; bf16's 64 x 256 is ~1.4).
+# 128 x 128 gives about the fewest instructions per weight value (fp4 ~3.9 up / ~4.2 down, fp8 ~2.2;
+# bf16's 64 x 256 is ~1.4): fp4 decode is near the H200's issue rate at full memory bandwidth.
 QUANT_CFG = {
     "fp8": dict(decode=dict(BLOCK_M=16, up=(128, 128, 4), down=(128, 128, 4)),
                 mid=dict(BLOCK_M=64, up=(64, 64, 4), down=(128, 64, 4)),
