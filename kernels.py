@@ -1065,8 +1065,9 @@ def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0,
         raise ValueError(f"fp8 experts need BLOCK_K dividing 128, got {BK}, {BK2}")
     num_n, num_n2 = -(-I // BN), -(-D // BN2)
     FMT = _FMT_CODE[fmt]
-    # fp4 dequantises with inline PTX on the GPU (the interpreter cannot run it)
-    asm = fmt == "fp4" and dot_dtype == torch.float16 and x.is_cuda and not _interpreting()
+    # fp4 dequantises with inline PTX on the GPU (cvt from e4m3 needs sm_89+; the interpreter cannot run it)
+    asm = (fmt == "fp4" and dot_dtype == torch.float16 and x.is_cuda and not _interpreting()
+           and torch.cuda.get_device_capability(dev) >= (8, 9))
     if fmt == "fp4" and (BK % 32 or BK2 % 32):
         raise ValueError(f"fp4 experts need BLOCK_K a multiple of 32, got {BK}, {BK2}")
     if scan:
