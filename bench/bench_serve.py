@@ -2,6 +2,8 @@
 
     python bench/bench_serve.py                                 # CPU, mini, concurrency 1..64, EPLB off and on
     python bench/bench_serve.py --device cuda --preset flash --num-layers 4 --hf-baseline
+    python bench/bench_serve.py --device cuda --preset flash --num-layers 8 --concurrency 64 \
+        --eplb-modes off --expert-dtype bf16 fp4      # routed experts kept in FP4 vs bf16
 
 For each EPLB setting and concurrency C: C clients each send `requests_per_client` streaming
 completions (fixed seed, ignore_eos, fixed prompt/output lengths). Reports output tok/s, TTFT and
@@ -9,6 +11,8 @@ per-output-token latency p50/p99, and the server's EPLB balancedness. The baseli
 `generate` on the same weights as one static batch of C prompts (where the HF model is available).
 `--preset flash` draws the random weights on the GPU (`--init-device model`, the default there), in the
 server and for the baseline alike.
+`--expert-dtype A B ...` runs the whole sweep once per routed-expert format (serve.py --expert-dtype) and
+adds each row's tok/s ratio to the first format's row at the same EPLB mode and concurrency.
 Prints a table; writes JSON to $OUT/bench_serve.json when OUT is set.
 """
 from __future__ import annotations
@@ -36,15 +40,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args, eplb: str) -> tuple[subprocess.Popen, str, float]:
+def start_server(args, eplb: str, expert_dtype: str | None = None) -> tuple[subprocess.Popen, str, float]:
     """eplb: "off"; "record" (count load on every step, never move: P = E, one rank, so the only
-    difference from "off" is the counting); "on" (EP ranks, redundant slots, rebalance every 50 steps)."""
+    difference from "off" is the counting); "on" (EP ranks, redundant slots, rebalance every 50 steps).
+    expert_dtype: serve.py --expert-dtype (None: the server's default)."""
     port = free_port()
     flags = ["--preset", args.preset, "--device", args.device, "--port", str(port), "--log-level", "warning",
              "--max-batch-size", str(max(args.concurrency)), "--max-seq-len", str(args.prompt_len + args.output_len + 8)]
     if args.num_layers:
         flags += ["--num-layers", str(args.num_layers)]
     flags += ["--init-device", args.init_device]
+    if expert_dtype:
+        flags += ["--expert-dtype", expert_dtype]
     if eplb == "record":
         flags += ["--eplb", "--eplb-rebalance-num-iterations", str(10**9)]
     elif eplb == "on":
@@ -186,6 +193,40 @@ def hf_baseline(args, concurrency: int) -> float | None:
         return None
 
 
+def sweep_server(args, eplb: str, expert_dtype: str | None, meta: dict) -> list[dict]:
+    """Start one server (EPLB mode, expert format), warm it up, run every concurrency; its rows."""
+    rows = []
+    proc, url, ready_s = start_server(args, eplb, expert_dtype)
+    model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+    meta[f"ready_seconds_eplb_{eplb}" + (f"_{expert_dtype}" if expert_dtype else "")] = ready_s
+    try:
+        sweep_point(url, model, 2, argparse.Namespace(**{**vars(args), "output_len": 4}))  # warm-up
+        for c in args.concurrency:
+            row = sweep_point(url, model, c, args)
+            row["eplb"], row["expert_dtype"] = eplb, expert_dtype
+            if eplb != "off":
+                row["balancedness"] = httpx.get(url + "/eplb/state").json().get("balancedness")
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    return rows
+
+
+def add_format_ratios(rows: list[dict]) -> None:
+    """row["tok_s_vs_first_format"]: output tok/s over the first expert format's row at the same EPLB
+    mode and concurrency (only when several formats ran)."""
+    formats = list(dict.fromkeys(r["expert_dtype"] for r in rows))
+    if len(formats) < 2:
+        return
+    base = {(r["eplb"], r["concurrency"]): r["output_tok_s"] for r in rows if r["expert_dtype"] == formats[0]}
+    for r in rows:
+        ref = base.get((r["eplb"], r["concurrency"]))
+        if ref:
+            r["tok_s_vs_first_format"] = r["output_tok_s"] / ref
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -205,40 +246,34 @@ def main() -> None:
     p.add_argument("--init-device", choices=("cpu", "model"), default=None,
                    help="serve.py --init-device: where the random weights are drawn (default: model for "
                         "--preset flash, cpu otherwise); the HF baseline uses the same init")
+    p.add_argument("--expert-dtype", nargs="+", choices=("bf16", "fp8", "fp4"), default=None,
+                   help="serve.py --expert-dtype, one sweep per format (e.g. bf16 fp4); default: the server's")
     args = p.parse_args()
     if args.init_device is None:
         args.init_device = "model" if args.preset == "flash" else "cpu"
 
     rows, meta = [], {"args": vars(args)}
-    for eplb in args.eplb_modes:
-        proc, url, ready_s = start_server(args, eplb)
-        model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-        meta[f"ready_seconds_eplb_{eplb}"] = ready_s
-        try:
-            sweep_point(url, model, 2, argparse.Namespace(**{**vars(args), "output_len": 4}))  # warm-up
-            for c in args.concurrency:
-                row = sweep_point(url, model, c, args)
-                row["eplb"] = eplb
-                if eplb != "off":
-                    row["balancedness"] = httpx.get(url + "/eplb/state").json().get("balancedness")
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
+    for expert_dtype in args.expert_dtype or [None]:
+        for eplb in args.eplb_modes:
+            rows += sweep_server(args, eplb, expert_dtype, meta)
+    add_format_ratios(rows)
     if args.hf_baseline:
         for row in rows:
-            if row["eplb"] == "off":
+            if row["eplb"] == "off" and row["expert_dtype"] in (None, "bf16"):  # transformers runs bf16 experts
                 row["hf_generate_tok_s"] = hf_baseline(args, row["concurrency"])
 
-    header = f"{'eplb':>6} {'conc':>4} {'out tok/s':>10} {'ttft p50':>9} {'ttft p99':>9} {'tpot p50':>9} {'tpot p99':>9} {'bal':>5} {'hf tok/s':>9}"
+    header = (f"{'experts':>7} {'eplb':>6} {'conc':>4} {'out tok/s':>10} {'x fmt0':>6} {'ttft p50':>9} {'ttft p99':>9} "
+              f"{'tpot p50':>9} {'tpot p99':>9} {'bal':>5} {'hf tok/s':>9}")
     print("\n" + header)
     for r in rows:
-        hf = r.get("hf_generate_tok_s")
-        print(f"{r['eplb']:>6} {r['concurrency']:>4} {r['output_tok_s']:>10.1f} "
+        hf, ratio = r.get("hf_generate_tok_s"), r.get("tok_s_vs_first_format")
+        print(f"{r['expert_dtype'] or '-':>7} {r['eplb']:>6} {r['concurrency']:>4} {r['output_tok_s']:>10.1f} "
+              f"{ratio if ratio is not None else float('nan'):>6.2f} "
               f"{r['ttft_p50'] * 1e3:>7.0f}ms {r['ttft_p99'] * 1e3:>7.0f}ms {r['tpot_p50'] * 1e3:>7.1f}ms "
               f"{r['tpot_p99'] * 1e3:>7.1f}ms {r.get('balancedness') or float('nan'):>5.2f} "
               f"{hf if hf is not None else float('nan'):>9.1f}")
+    if args.expert_dtype and len(args.expert_dtype) > 1:
+        print(f"x fmt0: output tok/s over the {args.expert_dtype[0]} row at the same EPLB mode and concurrency")
     if os.environ.get("OUT"):
         out = Path(os.environ["OUT"]) / "bench_serve.json"
         out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

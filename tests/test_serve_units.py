@@ -298,3 +298,14 @@ def test_fuzz_openapi_schema_finds_no_5xx(client):
     run()
     assert not failures, failures[:3]
     assert json.loads(client.get("/openapi.json").text)["paths"]["/v1/completions"]
+
+
+# ---------------------------------------------------------------- CLI: --expert-dtype
+
+@pytest.mark.parametrize("fmt, weight_dtype", [("fp4", torch.uint8), ("fp8", torch.float8_e4m3fn), (None, torch.float32)])
+def test_expert_dtype_flag_reaches_the_routed_experts(fmt, weight_dtype):
+    argv = ["--preset", "tiny"] + (["--expert-dtype", fmt] if fmt else [])
+    model = serve.build_model_for_rank(serve.parse_args(argv), "cpu", torch.float32)
+    experts = model.layers[0].ffn.experts
+    assert experts.w1.dtype == weight_dtype and model.layers[0].attn.wkv.weight.dtype == torch.float32
+    assert len(model.expert_weights(0)) == (3 if fmt is None else 6)  # quantised slots move with their scales
