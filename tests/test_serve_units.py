@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from hypothesis import given, settings, strategies as st
 
 import serve
-from engine import EngineStats, QueueFull, SamplingParams, sample_next
+from engine import EngineStats, QueueFull, SamplingParams
 
 TOKENIZER = serve.TextTokenizer(serve.builtin_tokenizer(512))
 
@@ -59,21 +59,6 @@ def test_held_back_prefix_is_released_when_it_cannot_match():
     stream = serve.TextStream(TOKENIZER, stop=["STOP"])
     text = "".join(stream.push(t) for t in TOKENIZER.encode("a STX", add_bos=False)) + stream.finish()
     assert text == "a STX" and not stream.stopped
-
-
-# ---------------------------------------------------------------- sampler
-
-def test_sampler_greedy_topk_topp_and_seed():
-    logits = torch.tensor([0.1, 2.0, 1.9, -1.0])
-    assert sample_next(logits, SamplingParams(temperature=0), None) == 1
-    assert sample_next(logits, SamplingParams(temperature=1.5, top_k=1), torch.Generator()) == 1
-    assert sample_next(logits, SamplingParams(temperature=1.0, top_p=1e-6), torch.Generator()) == 1
-    draws = lambda seed: [sample_next(logits, SamplingParams(temperature=1.0), g)  # noqa: E731
-                          for g in [torch.Generator().manual_seed(seed)] for _ in range(20)]
-    assert draws(7) == draws(7) and len(set(draws(7))) > 1
-    top2 = {sample_next(logits, SamplingParams(temperature=5.0, top_k=2), torch.Generator().manual_seed(s))
-            for s in range(50)}
-    assert top2 == {1, 2}
 
 
 # ---------------------------------------------------------------- CLI: --init-device
