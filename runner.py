@@ -194,7 +194,7 @@ class ModelRunner:
 
     def admit(self, seq) -> None:
         """A request got cache slot seq.slot (its cache state is reset by the engine)."""
-        self.sampler.admit(seq.slot, seq.params, self.model.config.vocab_size)
+        self.sampler.admit(seq.slot, seq.params, seq.seed, self.model.config.vocab_size)
 
     # ------------------------------------------------------------ forward steps
 

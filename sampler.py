@@ -83,28 +83,29 @@ class TokenLogprobs:
 
 def _fmix32(h):
     """murmur3's finalizer on uint32 values held in int64 (Python ints or tensors)."""
-    h ^= h >> 16
+    h = h ^ (h >> 16)
     h = _mul32(h, _FMIX1)
-    h ^= h >> 13
+    h = h ^ (h >> 13)
     h = _mul32(h, _FMIX2)
     return h ^ (h >> 16)
 
 
-def noise_keys(seed: int, position: int) -> tuple[int, int]:
-    """The two 32-bit keys of one row's draw: a request's seed and the index in its sequence of the
-    token being drawn (each position gets fresh, independent noise). Plain ints, on the host."""
-    seed &= SEED_MASK
+def noise_keys(seed, position):
+    """The two 32-bit keys of a row's draw, from the request's seed (non-negative int64) and the index in
+    its sequence of the token being drawn (each position gets fresh, independent noise). Python ints or
+    int64 tensors [B]: key_a = fmix32(position·0x9E3779B1 ^ seed_lo), key_b = fmix32(key_a ^ seed_hi ^ salt)."""
     key_a = _fmix32(_mul32(position & _M32, _GOLDEN) ^ (seed & _M32))
     key_b = _fmix32(key_a ^ (seed >> 32) ^ _SEED_SALT)
     return key_a, key_b
 
 
-def gumbel_noise(key_a: Tensor, key_b: Tensor, V: int) -> Tensor:
-    """[B] int64 keys -> [B, V] fp32 Gumbel noise −log(−log u), u = (h >> 9 + 0.5) / 2^23 ∈ (0, 1).
+def gumbel_noise(seed: Tensor, position: Tensor, V: int) -> Tensor:
+    """[B] int64 seeds and positions -> [B, V] fp32 Gumbel noise −log(−log u), u = (h >> 9 + 0.5) / 2^23.
 
     h = fmix32(fmix32(i·0x9E3779B1 ^ key_a) ^ key_b) for column i: all 32-bit arithmetic, so the
     Triton kernel computes the same bits."""
-    cols = torch.arange(V, device=key_a.device)  # [V]
+    key_a, key_b = noise_keys(seed, position)  # [B]
+    cols = torch.arange(V, device=seed.device)  # [V]
     h = _fmix32(_mul32(cols, _GOLDEN)[None, :] ^ key_a[:, None])  # [B, V]
     h = _fmix32(h ^ key_b[:, None])
     u = ((h >> 9).float() + 0.5) * (1.0 / 8388608.0)  # 23 bits: the +0.5 stays exact, u < 1
@@ -115,30 +116,27 @@ def gumbel_noise(key_a: Tensor, key_b: Tensor, V: int) -> Tensor:
 # Per-row parameters on the device
 # ---------------------------------------------------------------------------------------------------
 
+def float_params(params: SamplingParams) -> tuple[float, float, float]:
+    """(1 / temperature or 0 for greedy, top_p, log(min_p) or -inf): how the kernels read them."""
+    inv_t = 0.0 if params.greedy else 1.0 / params.temperature
+    return inv_t, params.top_p, math.log(params.min_p) if params.min_p > 0 else -math.inf
+
+
 @dataclass
 class RowParams:
-    """The sampling parameters of B rows, as device tensors (what the kernels read)."""
+    """The sampling parameters of B rows, as contiguous device tensors (what the kernels read)."""
     inv_temperature: Tensor  # [B] fp32, 0 = greedy
     top_p: Tensor            # [B] fp32, >= 1 = off
     log_min_p: Tensor        # [B] fp32, log(min_p); -inf = off
     top_k: Tensor            # [B] int64, <= 0 = off
-    key_a: Tensor            # [B] int64: noise keys (noise_keys)
-    key_b: Tensor            # [B] int64
+    seed: Tensor             # [B] int64, non-negative
+    position: Tensor         # [B] int64: index in its sequence of the token drawn
 
     @classmethod
-    def from_host(cls, rows: list[tuple[SamplingParams, int, int]], device, pin: bool = False) -> "RowParams":
-        """rows: (params, seed, position of the token drawn) per row. One copy per dtype to the device;
-        `pin`: through pinned memory, so the copy does not wait for queued GPU work."""
-        floats, ints = [], []
-        for params, seed, position in rows:
-            inv_t = 0.0 if params.greedy else 1.0 / params.temperature
-            log_min_p = math.log(params.min_p) if params.min_p > 0 else -math.inf
-            floats.append((inv_t, params.top_p, log_min_p))
-            ints.append((params.top_k, *noise_keys(seed, position)))
-        f = torch.tensor(list(zip(*floats)), dtype=torch.float32, pin_memory=pin)  # [3, B]
-        i = torch.tensor(list(zip(*ints)), dtype=torch.int64, pin_memory=pin)  # [3, B]
-        f, i = f.to(device, non_blocking=pin), i.to(device, non_blocking=pin)
-        return cls(inv_temperature=f[0], top_p=f[1], log_min_p=f[2], top_k=i[0], key_a=i[1], key_b=i[2])
+    def from_host(cls, params: list[SamplingParams], seeds: list[int], positions: list[int], device="cpu") -> "RowParams":
+        f = torch.tensor(list(zip(*map(float_params, params))), dtype=torch.float32, device=device)  # [3, B]
+        i = torch.tensor([[p.top_k for p in params], [s & SEED_MASK for s in seeds], positions], device=device)  # [3, B]
+        return cls(f[0], f[1], f[2], i[0], i[1], i[2])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -175,7 +173,7 @@ def sample_torch(logits: Tensor, V: int, p: RowParams) -> Tensor:
             continue
         x = row * inv_t[b]
         tau = _truncation_threshold(x, top_k[b], top_p[b], log_min_p[b])
-        score = torch.where(x >= tau, x + gumbel_noise(p.key_a[b:b + 1], p.key_b[b:b + 1], V)[0], -math.inf)
+        score = torch.where(x >= tau, x + gumbel_noise(p.seed[b:b + 1], p.position[b:b + 1], V)[0], -math.inf)
         out[b] = score.argmax()
     return out
 
@@ -196,8 +194,10 @@ if triton is not None:
         return h
 
     @triton.jit
-    def _gumbel_tl(cols, key_a, key_b):
-        """Same bits as gumbel_noise for columns `cols` of a row with keys (key_a, key_b) (uint32)."""
+    def _gumbel_tl(cols, seed, position):
+        """Same bits as gumbel_noise for columns `cols` of a row (seed, position: int64 scalars)."""
+        key_a = _fmix32_tl((position.to(tl.uint32) * 0x9E3779B1) ^ seed.to(tl.uint32))  # low 32 bits
+        key_b = _fmix32_tl(key_a ^ (seed >> 32).to(tl.uint32) ^ 0x2545F491)
         h = _fmix32_tl((cols.to(tl.uint32) * 0x9E3779B1) ^ key_a)
         h = _fmix32_tl(h ^ key_b)
         u = ((h >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
@@ -243,7 +243,7 @@ if triton is not None:
 
     @triton.jit
     def _sample_kernel(logits_ptr, stride, V, inv_t_ptr, top_p_ptr, log_min_p_ptr, top_k_ptr,
-                       key_a_ptr, key_b_ptr, out_ptr, NPIV: tl.constexpr, BLOCK: tl.constexpr):
+                       seed_ptr, position_ptr, out_ptr, NPIV: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         row_ptr = logits_ptr + row.to(tl.int64) * stride
         inv_t = tl.load(inv_t_ptr + row)
@@ -276,14 +276,14 @@ if triton is not None:
                 floor_key = _search_threshold(row_ptr, V, inv_t, m, floor_key, floor_key, hi,
                                               top_p * total, True, NPIV, BLOCK)
             # the race among the kept tokens
-            key_a = tl.load(key_a_ptr + row).to(tl.uint32)
-            key_b = tl.load(key_b_ptr + row).to(tl.uint32)
+            seed = tl.load(seed_ptr + row)
+            position = tl.load(position_ptr + row)
             best_score = float("-inf")
             for start in range(0, V, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")) * inv_t
                 kept = (cols < V) & (_order_key(x) >= floor_key)
-                score = tl.where(kept, x + _gumbel_tl(cols, key_a, key_b), float("-inf"))
+                score = tl.where(kept, x + _gumbel_tl(cols, seed, position), float("-inf"))
                 block_max = tl.max(score, axis=0)
                 block_idx = start + tl.argmax(score, axis=0, tie_break_left=True)
                 token = tl.where(block_max > best_score, block_idx.to(tl.int64), token)
@@ -305,7 +305,7 @@ def sample_triton(logits: Tensor, V: int, p: RowParams) -> Tensor:
     block = min(SAMPLE_CFG["block"], _next_pow2(V))
     # no FMA contraction: the kernel rounds x·(1/T) + g and max·(1/T) + log(min_p) like the twin
     _sample_kernel[(B,)](logits, logits.stride(0), V, p.inv_temperature, p.top_p, p.log_min_p, p.top_k,
-                         p.key_a, p.key_b, out, NPIV=SAMPLE_CFG["npiv"], BLOCK=block,
+                         p.seed, p.position, out, NPIV=SAMPLE_CFG["npiv"], BLOCK=block,
                          num_warps=8 if block >= 1024 else 4, enable_fp_fusion=False)
     return out
 
@@ -351,63 +351,65 @@ class StepSample:
 
 
 class Sampler:
-    """Samples the rows of a step on the device (no host sync): per-row parameters from the requests,
-    penalties from per-slot counts of the tokens generated so far, logprobs when a row asks.
+    """Samples the rows of a step on the device, without a host sync.
 
-    counts [num_slots, logit width] int32 exists from the first penalized request on; a penalized
-    request's row is zeroed when it is admitted and every sampled token of a step that has a penalized
-    row adds one (rows of other requests may count garbage: they are zeroed before they are read).
+    Each request's parameters are written once, at admission, into per-slot tables on the device; a
+    step sends only its rows' slots and positions. Penalties use per-slot counts of the tokens
+    generated so far: counts [num_slots, logit width] int32 exists from the first penalized request
+    on; a penalized request's row is zeroed when it is admitted, and every kept token of a step that
+    has a penalized row adds one (other requests' rows may count garbage: zeroed before they are read).
     """
 
     def __init__(self, num_slots: int, num_token_ids: int | None, device):
         self.num_slots, self.num_token_ids, self.device = num_slots, num_token_ids, torch.device(device)
+        self.pin = self.device.type == "cuda"  # host->device copies that do not wait for queued GPU work
+        self.float_table = torch.zeros(3, num_slots, device=self.device)  # float_params per slot
+        self.int_table = torch.zeros(2, num_slots, dtype=torch.int64, device=self.device)  # top_k, seed
         self.counts: Tensor | None = None
 
-    def admit(self, slot: int, params: SamplingParams, vocab_size: int) -> None:
-        if not params.penalized:
-            return
-        if self.counts is None:
-            self.counts = torch.zeros(self.num_slots, vocab_size, dtype=torch.int32, device=self.device)
-        self.counts[slot].zero_()
+    def admit(self, slot: int, params: SamplingParams, seed: int, vocab_size: int) -> None:
+        self.float_table[:, slot].copy_(self._to_device(float_params(params), torch.float32))
+        self.int_table[:, slot].copy_(self._to_device((params.top_k, seed & SEED_MASK), torch.int64))
+        if params.penalized:
+            if self.counts is None:
+                self.counts = torch.zeros(self.num_slots, vocab_size, dtype=torch.int32, device=self.device)
+            self.counts[slot].zero_()
 
     def sample(self, logits: Tensor, seqs: list, counted: list[bool]) -> StepSample:
-        """logits [B, V'] fp32 of rows `seqs` (engine.Sequence: params, seed, slot, num_tokens = the index
-        of the token drawn) -> StepSample. `counted[b]`: row b's token is kept (its penalty count grows)."""
+        """logits [B, V'] fp32 of rows `seqs` (engine.Sequence: params, slot, num_tokens = the index of
+        the token drawn; admitted) -> StepSample. `counted[b]`: row b's token is kept (counts for penalties)."""
         V = self.num_token_ids or logits.shape[1]
         raw = logits[:, :V]  # [B, V]
         params = [s.params for s in seqs]
         penalized = self.counts is not None and any(p.penalized for p in params)
+        greedy = all(p.greedy for p in params)
+        slots = None
+        if penalized or not greedy:
+            slots, positions = self._to_device(([s.slot for s in seqs], [s.num_tokens for s in seqs]), torch.int64)
         if penalized:
-            raw = self._penalize(raw, seqs)
-        if all(p.greedy for p in params):
+            raw = self._penalize(raw, seqs, slots)
+        if greedy:
             tokens = raw.argmax(-1)  # [B]
         else:
-            rows = RowParams.from_host([(s.params, s.seed, s.num_tokens) for s in seqs], self.device,
-                                       pin=self.device.type == "cuda")
-            tokens = sample(raw, V, rows)
-        if penalized:
-            self._count(seqs, tokens, counted)
+            f, i = self.float_table[:, slots], self.int_table[:, slots]  # [3, B], [2, B]
+            tokens = sample(raw, V, RowParams(f[0], f[1], f[2], i[0], i[1], positions))
+        if penalized:  # counts[slot, token] += 1 for the kept rows (atomics: no sync, graph-safe)
+            flat = slots * self.counts.shape[1] + tokens  # [B]
+            self.counts.view(-1).scatter_add_(0, flat, self._to_device(counted, torch.int32))
         out = StepSample(tokens)
         if any(p.logprobs is not None for p in params):
             out.top_k = max(p.logprobs or 0 for p in params)
             out.logprobs = logprobs_of(logits[:, :V], tokens, out.top_k)  # the model's, before penalties
         return out
 
-    def _slot_ids(self, seqs: list) -> Tensor:
-        pin = self.device.type == "cuda"
-        return torch.tensor([s.slot for s in seqs], pin_memory=pin).to(self.device, non_blocking=pin)
+    def _to_device(self, values, dtype) -> Tensor:
+        return torch.tensor(values, dtype=dtype, pin_memory=self.pin).to(self.device, non_blocking=self.pin)
 
-    def _penalize(self, logits: Tensor, seqs: list) -> Tensor:
-        pin = self.device.type == "cuda"
-        f = torch.tensor([[s.params.frequency_penalty, s.params.presence_penalty] for s in seqs],
-                         dtype=torch.float32, pin_memory=pin).to(self.device, non_blocking=pin)  # [B, 2]
-        counts = self.counts[self._slot_ids(seqs), :logits.shape[1]]  # [B, V]
-        return apply_penalties(logits.float(), counts, f[:, 0:1], f[:, 1:2])
-
-    def _count(self, seqs: list, tokens: Tensor, counted: list[bool]) -> None:
-        pin = self.device.type == "cuda"
-        ones = torch.tensor(counted, dtype=torch.int32, pin_memory=pin).to(self.device, non_blocking=pin)
-        self.counts.index_put_((self._slot_ids(seqs), tokens), ones, accumulate=True)
+    def _penalize(self, logits: Tensor, seqs: list, slots: Tensor) -> Tensor:
+        penalties = self._to_device([[s.params.frequency_penalty for s in seqs],
+                                     [s.params.presence_penalty for s in seqs]], torch.float32)  # [2, B]
+        counts = self.counts[slots, :logits.shape[1]]  # [B, V]
+        return apply_penalties(logits.float(), counts, penalties[0, :, None], penalties[1, :, None])
 
     def prompt_logprobs(self, logits: Tensor, targets: list[int], k: int) -> list[TokenLogprobs]:
         """logits [N, V'] of N prompt positions, targets: the next prompt token of each -> their logprobs

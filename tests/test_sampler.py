@@ -29,7 +29,7 @@ class Row:
 
 
 def rows_params(settings, seeds, positions) -> RowParams:
-    return RowParams.from_host(list(zip(settings, seeds, positions)), "cpu")
+    return RowParams.from_host(list(settings), list(seeds), list(positions))
 
 
 def truncated_softmax(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -64,8 +64,9 @@ def test_noise_keys_and_uniforms_match_their_python_spec():
         s = seed & (2**63 - 1)
         key_a = py_fmix32((((position & M32) * 0x9E3779B1) & M32) ^ (s & M32))
         key_b = py_fmix32(key_a ^ (s >> 32) ^ 0x2545F491)
-        assert sampler.noise_keys(seed, position) == (key_a, key_b)
-        got = sampler.gumbel_noise(torch.tensor([key_a]), torch.tensor([key_b]), 50)[0]
+        assert sampler.noise_keys(s, position) == (key_a, key_b)
+        assert [k.item() for k in sampler.noise_keys(torch.tensor([s]), torch.tensor([position]))] == [key_a, key_b]
+        got = sampler.gumbel_noise(torch.tensor([s]), torch.tensor([position]), 50)[0]
         for i in (0, 1, 17, 49):
             h = py_fmix32(py_fmix32(((i * 0x9E3779B1) & M32) ^ key_a) ^ key_b)
             u = ((h >> 9) + 0.5) / 2**23
@@ -153,7 +154,8 @@ def test_sampler_counts_its_own_tokens_and_penalizes_greedy_rows():
     s = Sampler(num_slots=2, num_token_ids=None, device="cpu")
     params = SamplingParams(temperature=0, frequency_penalty=100.0)
     rows = [Row(params, slot=1), Row(SamplingParams(temperature=0), slot=0)]
-    s.admit(1, params, V)
+    s.admit(1, params, 0, V)
+    s.admit(0, rows[1].params, 0, V)
     logits = torch.tensor([[5.0, 4, 3, 2, 1, 0, -1, -2], [0.0, 1, 2, 3, 4, 5, 6, 7]])
     seen = []
     for _ in range(V):
@@ -163,7 +165,7 @@ def test_sampler_counts_its_own_tokens_and_penalizes_greedy_rows():
     assert sorted(seen) == list(range(V))  # every token once, in order of the logits
     assert seen == list(range(V))
     assert s.counts[1].tolist() == [1] * V
-    s.admit(1, params, V)
+    s.admit(1, params, 0, V)
     assert s.counts[1].sum() == 0
 
 
@@ -176,7 +178,7 @@ def test_logprobs_are_the_models_before_penalties_and_temperature():
             Row(SamplingParams(temperature=0, logprobs=0), slot=1),
             Row(SamplingParams(temperature=1.0), seed=3, slot=2)]
     for r in rows:
-        s.admit(r.slot, r.params, V + 2)
+        s.admit(r.slot, r.params, r.seed, V + 2)
     out = s.sample(logits, rows, [True] * 3)
     chosen, top_ids, top_values = out.logprobs
     want = torch.log_softmax(logits[:, :V].double(), -1)
@@ -225,3 +227,24 @@ def test_triton_noise_matches_twin():
     logits = torch.zeros(16, V)  # all tied: the winner is decided by the noise alone
     p = rows_params([SamplingParams(temperature=1.0)] * 16, range(16), range(16))
     assert sampler.sample_triton(logits, V, p).tolist() == sampler.sample_torch(logits, V, p).tolist()
+
+
+def test_sampler_tables_give_the_rows_own_parameters():
+    """Sampler reads each row's parameters from per-slot tables written at admission: it draws what
+    sample_torch draws from the same rows' parameters, whatever the order of the rows."""
+    V = 30
+    g = torch.Generator().manual_seed(9)
+    logits = torch.randn(4, V, generator=g) * 2
+    rows = [Row(SamplingParams(temperature=0.8, top_k=6), seed=41, slot=3, num_tokens=10),
+            Row(SamplingParams(temperature=1.2, top_p=0.7), seed=2**62 + 5, slot=0, num_tokens=3),
+            Row(SamplingParams(temperature=0), seed=7, slot=2, num_tokens=8),
+            Row(SamplingParams(temperature=1.0, min_p=0.2), seed=9, slot=1, num_tokens=1)]
+    s = Sampler(num_slots=4, num_token_ids=None, device="cpu")
+    for r in rows:
+        s.admit(r.slot, r.params, r.seed, V)
+    want = sampler.sample_torch(logits, V, rows_params([r.params for r in rows], [r.seed for r in rows],
+                                                       [r.num_tokens for r in rows]))
+    assert s.sample(logits, rows, [True] * 4).tokens.tolist() == want.tolist()
+    order = [2, 0, 3, 1]
+    got = s.sample(logits[order], [rows[i] for i in order], [True] * 4).tokens
+    assert got.tolist() == want[order].tolist()
