@@ -636,7 +636,7 @@ class Gate(nn.Module):
 
 
 class SharedExpert(nn.Module):
-    """The shared expert: SwiGLU with the same clamp as the routed experts (REF since 2b2bebc)."""
+    """The shared expert: SwiGLU with the same clamp as the routed experts (as the official reference does)."""
 
     def __init__(self, dim: int, inter: int, limit: float, dtype, device):
         super().__init__()
@@ -751,6 +751,11 @@ class Block(nn.Module):
         return hc_post(self.ffn(self.ffn_norm(x), ctx, layer_idx), h, post, comb)
 
 
+def slots_split_evenly(num_physical_experts: int, ep_size: int) -> bool:
+    """Every rank holds the same number of expert slots (P/G), so slot s lives on rank s // (P/G)."""
+    return num_physical_experts % ep_size == 0
+
+
 class DSV4Model(nn.Module):
     def __init__(self, config: ModelConfig, num_physical_experts: int | None = None, ep_rank: int = 0,
                  ep_size: int = 1, dtype=torch.float32, device=None):
@@ -758,7 +763,7 @@ class DSV4Model(nn.Module):
         c = config
         L, E = c.num_hidden_layers, c.n_routed_experts
         P = E if num_physical_experts is None else num_physical_experts
-        if P < E or P % ep_size or not 0 <= ep_rank < ep_size:
+        if P < E or not slots_split_evenly(P, ep_size) or not 0 <= ep_rank < ep_size:
             raise ValueError(f"need num_physical_experts >= n_routed_experts ({E}), divisible by ep_size "
                              f"({ep_size}), and 0 <= ep_rank < ep_size; got P={P}, ep_rank={ep_rank}")
         self.config, self.num_physical_experts, self.ep_rank, self.ep_size = c, P, ep_rank, ep_size

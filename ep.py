@@ -5,9 +5,10 @@ tokenizer, scheduler and sampling; every rank runs the same forward on the same 
 its own P/G expert slots (`kernels.moe_experts(..., slot_offset)`) and the partial MoE outputs are
 summed with all-reduce inside the model. This file holds what needs more than one process:
 
-1. `init_expert_parallel`, `serving_group` – the process group (gloo on CPU, NCCL on CUDA): a long
-     timeout while ranks load, then a group with a short one, so a dead or hung rank turns into an
-     error (`RankFailure`), never a silent hang.
+1. `setup_rank` – one process's start: join the process group (gloo on CPU, NCCL on CUDA) with a
+     long timeout while ranks load, build the model with only this rank's slots, then serve on a
+     group with a short timeout, so a dead or hung rank turns into an error (`RankFailure`), never
+     a silent hang. Rank 0 and the workers start the same way (`RankContext`).
 2. `StepChannel` – rank 0 broadcasts each step's work (forward, cache reset, layer move, idle, stop);
      `LockstepModel` / `LockstepCache` / `LockstepMover` are rank 0's side, `run_worker` the others',
      so every rank runs the same steps and collectives in the same order.
@@ -22,12 +23,29 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
+from dsv4_mini import MoETimer
+
 
 STARTUP_TIMEOUT_S = 1800.0  # loading a big checkpoint can take long on one node; serving steps cannot
+
+
+def torchrun_rank() -> int:
+    """This process's RANK in the torchrun job (0 outside torchrun)."""
+    return int(os.environ.get("RANK", 0))
+
+
+def torchrun_world_size() -> int:
+    """Processes in the torchrun job (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", 1)) if "RANK" in os.environ else 1
+
+
+def launched_by_torchrun() -> bool:
+    return torchrun_world_size() > 1
 
 
 def init_expert_parallel(device: torch.device) -> tuple[int, int]:
@@ -45,8 +63,28 @@ def serving_group(timeout_s: float):
     return dist.new_group(timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def launched_by_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+@dataclass
+class RankContext:
+    """One torchrun process, ready to run steps: rank 0 wraps it in `LockstepModel`/`LockstepMover`,
+    the other ranks hand it to `run_worker`."""
+    rank: int
+    world_size: int
+    model: Any                  # holds only this rank's P/G expert slots
+    group: Any                  # the serving group (short timeout)
+    channel: StepChannel        # rank 0 → every rank: what the next step is
+    mover: DistributedMover     # this rank's part of a cross-rank expert move
+
+
+def setup_rank(device: torch.device | str, build_model: Callable[[int, int], Any], timeout_s: float) -> RankContext:
+    """The same start on every rank. `build_model(rank, world_size)` returns the model holding only
+    this rank's expert slots; `timeout_s` is how long a serving collective may wait for a peer."""
+    device = torch.device(device)
+    rank, world = init_expert_parallel(device)
+    model = build_model(rank, world)
+    group = serving_group(timeout_s)
+    # The MoE layers all-reduce their partial outputs over `group`; the timer shows a straggler rank.
+    model.ep_group, model.moe_timer = group, MoETimer()
+    return RankContext(rank, world, model, group, StepChannel(group, device), DistributedMover(rank, world, group))
 
 
 # ---------------------------------------------------------------- lock-step batches

@@ -325,9 +325,7 @@ if triton is not None:
 # score_key64: top-K by int64 (value, id) keys instead of argmax rounds (both exact).
 # *_hist: count load with a per-program register histogram (else one atomic per pair);
 # score_waves: programs per SM for score (0: one program per row block, no persistent loop).
-# Defaults from H200 sweeps at T=1M (bench --sweep): hash 128 rows / 4 warps / 4 waves 0.235 ms
-# (256 rows 0.317); score 2 rows x 256 experts / 1 warp, one program per block 1.85 ms (16 rows /
-# 4 warps 3.77, persistent + histogram 4.07, int64 keys 3.0-4.0).
+# The defaults are the fastest of `python bench/bench_kernels.py --sweep` on an H200 (BENCHMARKS.md).
 ROUTE_CFG = dict(hash_rows=128, hash_warps=4, score_elems=512, score_warps=1, waves=4,
                  score_key64=False, score_hist=False, score_waves=0)
 _NUM_SMS = {}
@@ -715,7 +713,7 @@ def _moe_config(N: int, P_local: int, elem_size: int, I: int = 2048):
     BLOCK_M keeps padding cheap and the scan path skips the align step; prefill uses 128-row
     tiles for the tensor cores. (BLOCK_N, BLOCK_K, warps) per GEMM."""
     per_slot = N / max(P_local, 1)
-    if per_slot <= 32:  # decode: a weight stream; up BN=32 where 64 leaves SMs idle (H200 sweep)
+    if per_slot <= 32:  # decode: a weight stream; a narrow up tile where a wide one leaves SMs idle
         cfg = dict(BLOCK_M=16, up=(32 if P_local * I < 64 * 1024 else 64, 256, 4),
                    down=(64, 128, 4))
     elif per_slot <= 64:

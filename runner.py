@@ -32,8 +32,7 @@ def batch_buckets(max_batch_size: int) -> list[int]:
 class DecodeGraphs:
     """Decode steps (one new token per row) replayed from CUDA graphs, one graph per batch bucket.
 
-    Why: a mini decode step is thousands of small kernels (~4,000 measured on an H200 before the fused
-    mHC kernels removed the ~1,300 of the Sinkhorn loops); launched one by one from Python the GPU
+    Why: a decode step is thousands of small kernels; launched one by one from Python, the GPU
     waits on the host most of the time. A CUDA graph replays the whole step with one launch. Captured
     work must have fixed shapes, fixed addresses and no host syncs, hence:
     * the batch is padded up to a bucket size (batch_buckets); padded rows decode token 0 at

@@ -192,6 +192,27 @@ def test_routing_launch_variants(monkeypatch, cfg):
     check_routing(a, b, la, lb)
 
 
+@pytest.mark.parametrize("nv", [0, 1, 37, 130])
+def test_row_count_as_a_tensor_counts_like_the_int(nv):
+    # under a CUDA graph the number of real (unpadded) rows is data: a [1] int32 tensor the kernels
+    # read at run time; it must count exactly what the same Python int counts, on both kernels
+    T, E, K = 130, 33, 4
+    logits, bias, log2phy, logcnt, load = routing_inputs(T, E, K, 4, True, seed=11)
+    tid2eid = torch.stack([torch.randperm(E, generator=torch.Generator().manual_seed(i))[:K] for i in range(7)]).int()
+    input_ids = torch.randint(0, 7, (T,), generator=torch.Generator().manual_seed(3))
+    count = torch.tensor([nv], dtype=torch.int32)
+    for torch_fn, triton_fn, args in [
+            (kernels.hash_topk_torch, kernels.hash_topk_triton, (logits, input_ids, tid2eid, 1.5)),
+            (kernels.score_topk_torch, kernels.score_topk_triton, (logits, bias, K, 2.5))]:
+        by_int = load.clone()
+        want = torch_fn(*args, log2phy, logcnt, by_int, nv)
+        for fn in (torch_fn, triton_fn):
+            by_tensor = load.clone()
+            got = fn(*args, log2phy, logcnt, by_tensor, count)
+            check_routing(want, got, by_int, by_tensor)
+        assert torch.equal(by_int, expected_load(want[1], nv, load))
+
+
 def test_routing_without_load_and_maps_returns_logical_ids():
     logits = torch.randn(9, 6)
     w, ids = kernels.score_topk_triton(logits, None, 2, 1.0)

@@ -1,5 +1,5 @@
-"""Server pieces without a model: tokenizer, text streaming, sampler, and the app's error surface
-(with a small fake engine that lives only in this file)."""
+"""Server pieces without a model: tokenizer and text streaming (text.py), the CLI (serve.py), and
+the app's error surface (app.py, with a small fake engine that lives only in this file)."""
 import asyncio
 import json
 
@@ -9,19 +9,21 @@ from fastapi.testclient import TestClient
 from hypothesis import given, settings, strategies as st
 
 import serve
+from app import Runtime, create_app
 from engine import EngineStats, QueueFull, SamplingParams
+from text import ASSISTANT, BOS, THINK_END, USER, TextStream, TextTokenizer, builtin_tokenizer
 
-TOKENIZER = serve.TextTokenizer(serve.builtin_tokenizer(512))
+TOKENIZER = TextTokenizer(builtin_tokenizer(512))
 
 
 # ---------------------------------------------------------------- tokenizer and text stream
 
 def test_builtin_tokenizer_is_deterministic_and_has_chat_tokens():
-    again = serve.TextTokenizer(serve.builtin_tokenizer(512))
+    again = TextTokenizer(builtin_tokenizer(512))
     assert again.tokenizer.to_str() == TOKENIZER.tokenizer.to_str()
     assert TOKENIZER.vocab_size <= 512 and TOKENIZER.has_chat_tokens and TOKENIZER.eos_ids
     prompt = TOKENIZER.render_chat([("system", "be brief"), ("user", "hi")])
-    assert prompt == f"{serve.BOS}be brief{serve.USER}hi{serve.ASSISTANT}{serve.THINK_END}"
+    assert prompt == f"{BOS}be brief{USER}hi{ASSISTANT}{THINK_END}"
 
 
 @settings(max_examples=60, deadline=None)
@@ -33,7 +35,7 @@ def test_builtin_tokenizer_is_lossless(text):
 @settings(max_examples=40, deadline=None)
 @given(st.text(min_size=1))
 def test_stream_deltas_are_whole_characters_and_add_up(text):
-    stream = serve.TextStream(TOKENIZER, stop=[])
+    stream = TextStream(TOKENIZER, stop=[])
     ids = TOKENIZER.encode(text, add_bos=False)
     deltas = [stream.push(t) for t in ids] + [stream.finish()]
     assert "".join(deltas) == text
@@ -41,14 +43,14 @@ def test_stream_deltas_are_whole_characters_and_add_up(text):
 
 
 def test_stream_holds_back_a_split_emoji():
-    stream = serve.TextStream(TOKENIZER, stop=[])
+    stream = TextStream(TOKENIZER, stop=[])
     emoji_bytes = [TOKENIZER.tokenizer.token_to_id(c) for c in "ðŁĺĢ"]   # byte tokens of 😀
     assert None not in emoji_bytes
     assert [stream.push(t) for t in emoji_bytes] == ["", "", "", "😀"]
 
 
 def test_stop_string_is_held_back_then_cut():
-    stream = serve.TextStream(TOKENIZER, stop=["STOP"])
+    stream = TextStream(TOKENIZER, stop=["STOP"])
     out = [stream.push(t) for t in TOKENIZER.encode("abc ST", add_bos=False)]
     assert "".join(out) == "abc "            # "ST" may still become "STOP": held back
     out += [stream.push(t) for t in TOKENIZER.encode("OP tail", add_bos=False)]
@@ -56,7 +58,7 @@ def test_stop_string_is_held_back_then_cut():
 
 
 def test_held_back_prefix_is_released_when_it_cannot_match():
-    stream = serve.TextStream(TOKENIZER, stop=["STOP"])
+    stream = TextStream(TOKENIZER, stop=["STOP"])
     text = "".join(stream.push(t) for t in TOKENIZER.encode("a STX", add_bos=False)) + stream.finish()
     assert text == "a STX" and not stream.stopped
 
@@ -80,8 +82,8 @@ def test_init_device_flag_is_documented_checked_and_reaches_build_model(capsys, 
     args = serve.parse_args(["--preset", "tiny", "--init-device", "model"])
     assert args.init_device == "model" and serve.parse_args([]).init_device == "cpu"
     # on a CPU model, "model" is the CPU init: the same weights as the default
-    a, _ = serve.build_model_for_rank(args, "cpu", torch.float32)
-    b, _ = serve.build_model_for_rank(serve.parse_args(["--preset", "tiny"]), "cpu", torch.float32)
+    a = serve.build_model_for_rank(args, "cpu", torch.float32)
+    b = serve.build_model_for_rank(serve.parse_args(["--preset", "tiny"]), "cpu", torch.float32)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
@@ -122,8 +124,8 @@ class FakeEngine:
 
 def make_client(engine=None, **kwargs):
     engine = engine or FakeEngine()
-    runtime = serve.Runtime(engine=engine, tokenizer=TOKENIZER, model_name="m", max_seq_len=64, vocab_size=512)
-    app = serve.create_app(lambda: runtime, **kwargs)
+    runtime = Runtime(engine=engine, tokenizer=TOKENIZER, model_name="m", max_seq_len=64, vocab_size=512)
+    app = create_app(lambda: runtime, **kwargs)
     client = TestClient(app)
     client.__enter__()
     for _ in range(200):
@@ -249,8 +251,8 @@ def test_api_key_guards_v1_and_eplb_but_not_health():
 def test_health_is_503_while_loading():
     import threading
     gate = threading.Event()
-    runtime = serve.Runtime(engine=FakeEngine(), tokenizer=TOKENIZER, model_name="m", max_seq_len=64, vocab_size=512)
-    app = serve.create_app(lambda: (gate.wait(10), runtime)[1])
+    runtime = Runtime(engine=FakeEngine(), tokenizer=TOKENIZER, model_name="m", max_seq_len=64, vocab_size=512)
+    app = create_app(lambda: (gate.wait(10), runtime)[1])
     with TestClient(app) as c:
         assert c.get("/health").status_code == 503
         assert_error(c.post("/v1/completions", json=BASE), 503, code="not_ready")
