@@ -186,6 +186,7 @@ class ModelRunner:
         if decode_graphs:
             self.decoder = DecodeGraphs(model, cache, max_batch_size)
             self.decoder.capture_all()
+        self.sampler.warm_up(model.config.vocab_size)
         self.run_ahead = run_ahead and self.decoder is not None
         self.ahead: AheadStep | None = None
         self._ahead_load: Tensor | None = None  # [L, P] the ahead step's counts (one step ahead at most)

@@ -210,11 +210,14 @@ if triton is not None:
         return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)
 
     @triton.jit
-    def _stat_at_pivots(row_ptr, V, inv_t, m, floor_key, pivots, MASS: tl.constexpr,
+    def _stat_at_pivots(row_ptr, V, inv_t, m, floor_key, pivots, lo, hi, MASS: tl.constexpr,
                         NPIV: tl.constexpr, BLOCK: tl.constexpr):
-        """[NPIV] fp32: for each pivot key p, how many tokens (MASS=False) or how much unnormalized
-        probability exp(x - m) (MASS=True) the row has at keys >= max(p, floor_key). One pass."""
+        """One pass over the row -> (stat [NPIV], lowest and highest key of the tokens in [lo, hi)).
+        stat: for each pivot key p, how many tokens (MASS=False) or how much unnormalized probability
+        exp(x - m) (MASS=True) the row has at keys >= max(p, floor_key)."""
         acc = tl.zeros([NPIV], dtype=tl.float32)
+        data_lo = tl.full([BLOCK], 0x7FFFFFFFFFFFFFFF, tl.int64)
+        data_hi = tl.full([BLOCK], -0x7FFFFFFFFFFFFFFF, tl.int64)
         for start in range(0, V, BLOCK):
             cols = start + tl.arange(0, BLOCK)  # [BLOCK]
             x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")) * inv_t
@@ -225,20 +228,28 @@ if triton is not None:
             else:
                 w = kept.to(tl.float32)
             acc += tl.sum(tl.where(key[:, None] >= pivots[None, :], w[:, None], 0.0), axis=0)
-        return acc
+            inside = kept & (key >= lo) & (key < hi)
+            data_lo = tl.minimum(data_lo, tl.where(inside, key, 0x7FFFFFFFFFFFFFFF))
+            data_hi = tl.maximum(data_hi, tl.where(inside, key, -0x7FFFFFFFFFFFFFFF))
+        return acc, tl.min(data_lo, axis=0), tl.max(data_hi, axis=0)
 
     @triton.jit
     def _search_threshold(row_ptr, V, inv_t, m, floor_key, lo, hi, target, MASS: tl.constexpr,
                           NPIV: tl.constexpr, BLOCK: tl.constexpr):
         """The largest key t in [lo, hi) with stat(t) >= target, given stat(lo) >= target > stat(hi)
-        (stat: _stat_at_pivots). Each pass tests NPIV pivots spread over (lo, hi): the bracket
-        shrinks ~NPIV+1 times per pass (a 32-bit range takes about 8 passes with NPIV = 16)."""
+        (stat: _stat_at_pivots). Each pass tests NPIV pivots spread over (lo, hi), and moves the
+        bracket's ends onto the lowest and highest token inside it (that changes neither stat), so
+        it shrinks ~NPIV+1 times per pass and stops once one token value is left in it."""
         j = tl.arange(0, NPIV).to(tl.int64) + 1  # [NPIV]
         while hi - lo > 1:
             pivots = lo + ((hi - lo) * j) // (NPIV + 1)  # [NPIV] in [lo, hi)
-            ok = _stat_at_pivots(row_ptr, V, inv_t, m, floor_key, pivots, MASS, NPIV, BLOCK) >= target
-            lo = tl.maximum(lo, tl.max(tl.where(ok, pivots, lo), axis=0))
-            hi = tl.minimum(hi, tl.min(tl.where(ok, hi, pivots), axis=0))
+            stat, data_lo, data_hi = _stat_at_pivots(row_ptr, V, inv_t, m, floor_key, pivots, lo, hi,
+                                                     MASS, NPIV, BLOCK)
+            ok = stat >= target
+            lo = tl.maximum(tl.where(data_lo <= data_hi, tl.maximum(lo, data_lo), lo),
+                            tl.max(tl.where(ok, pivots, lo), axis=0))
+            hi = tl.minimum(tl.where(data_lo <= data_hi, tl.minimum(hi, data_hi + 1), hi),
+                            tl.min(tl.where(ok, hi, pivots), axis=0))
         return lo
 
     @triton.jit
@@ -266,13 +277,15 @@ if triton is not None:
             floor_key = _order_key(m + tl.load(log_min_p_ptr + row))  # min_p
             everything = tl.full([NPIV], 0, tl.int64) + floor_key
             if top_k > 0:
-                n_kept = tl.max(_stat_at_pivots(row_ptr, V, inv_t, m, floor_key, everything, False, NPIV, BLOCK), 0)
+                n_kept = tl.max(_stat_at_pivots(row_ptr, V, inv_t, m, floor_key, everything, floor_key, hi,
+                                                False, NPIV, BLOCK)[0], 0)
                 if n_kept > top_k.to(tl.float32):
                     floor_key = _search_threshold(row_ptr, V, inv_t, m, floor_key, floor_key, hi,
                                                   top_k.to(tl.float32), False, NPIV, BLOCK)
             if top_p < 1.0:
                 everything = tl.full([NPIV], 0, tl.int64) + floor_key
-                total = tl.max(_stat_at_pivots(row_ptr, V, inv_t, m, floor_key, everything, True, NPIV, BLOCK), 0)
+                total = tl.max(_stat_at_pivots(row_ptr, V, inv_t, m, floor_key, everything, floor_key, hi,
+                                               True, NPIV, BLOCK)[0], 0)
                 floor_key = _search_threshold(row_ptr, V, inv_t, m, floor_key, floor_key, hi,
                                               top_p * total, True, NPIV, BLOCK)
             # the race among the kept tokens
@@ -366,6 +379,14 @@ class Sampler:
         self.float_table = torch.zeros(3, num_slots, device=self.device)  # float_params per slot
         self.int_table = torch.zeros(2, num_slots, dtype=torch.int64, device=self.device)  # top_k, seed
         self.counts: Tensor | None = None
+
+    def warm_up(self, vocab_size: int) -> None:
+        """Compile the sampling kernel now (server start), not on the first sampled request. CUDA only."""
+        if self.device.type != "cuda":
+            return
+        logits = torch.zeros(1, vocab_size, device=self.device)
+        rows = RowParams.from_host([SamplingParams(top_k=2, top_p=0.5)], [0], [0], self.device)
+        sample(logits, self.num_token_ids or vocab_size, rows)
 
     def admit(self, slot: int, params: SamplingParams, seed: int, vocab_size: int) -> None:
         self.float_table[:, slot].copy_(self._to_device(float_params(params), torch.float32))
