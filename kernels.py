@@ -947,7 +947,7 @@ QUANT_CFG = {
     "fp8": dict(decode=dict(BLOCK_M=16, up=(128, 128, 4), down=(128, 128, 4)),
                 mid=dict(BLOCK_M=64, up=(64, 64, 4), down=(128, 64, 4)),
                 prefill=dict(BLOCK_M=128, up=(128, 64, 8), down=(128, 64, 8))),
-    "fp4": dict(decode=dict(BLOCK_M=16, up=(128, 128, 4), down=(128, 128, 4)),
+    "fp4": dict(decode=dict(BLOCK_M=16, up=(64, 128, 4), down=(64, 128, 4)),  # H200: 1.63 ms vs 1.94 at 128 x 128
                 mid=dict(BLOCK_M=64, up=(64, 64, 4), down=(128, 64, 4)),
                 prefill=dict(BLOCK_M=128, up=(128, 64, 8), down=(128, 64, 8))),
 }
