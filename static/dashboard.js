@@ -296,7 +296,8 @@ function renderRebalances(state) {
   const body = $("rebalance-table").querySelector("tbody");
   const rows = [];
   if (state.rebalance_in_progress) rows.push(inProgressRow(state.rebalance_in_progress));
-  for (const record of [...state.rebalances].reverse()) rows.push(recordRow(record));
+  const newest = state.rebalances.length - 1;
+  state.rebalances.forEach((record, i) => rows.unshift(recordRow(record, i < newest)));
   body.replaceChildren(...rows);
   const c = state.counters;
   $("rebalance-note").textContent = `${c.rebalances_total} done, ${c.rebalances_skipped_total || 0} skipped; `
@@ -319,18 +320,20 @@ function inProgressRow(progress) {
   return tr;
 }
 
-function recordStatus(record) {
+// superseded: a later rebalance started before this one's measuring window was over.
+function recordStatus(record, superseded) {
   if (record.skipped) return `skipped: ${record.reason || "no reason given"}`;
   if (record.finished_step === null) return "moving";
-  if (record.balancedness_measured === null) return "measuring…";
-  return record.forced ? "done (forced)" : "done";
+  const done = record.forced ? "done (forced)" : "done";
+  if (record.balancedness_measured === null) return superseded ? `${done}, not measured` : "measuring…";
+  return done;
 }
 
-function recordRow(record) {
+function recordRow(record, superseded) {
   const tr = document.createElement("tr");
   if (record.skipped) tr.className = "skipped";
   const measured = record.balancedness_measured;
-  tr.append(cell(formatCount(record.step)), cell(recordStatus(record)), cell(formatNumber(record.balancedness_before)),
+  tr.append(cell(formatCount(record.step)), cell(recordStatus(record, superseded)), cell(formatNumber(record.balancedness_before)),
     cell(formatNumber(record.balancedness_predicted)),
     cell(formatNumber(measured), measured !== null && measured > record.balancedness_before ? "better" : ""),
     cell(record.skipped ? "–" : formatCount(record.slots_changed)), cell(record.skipped ? "–" : formatMiB(record.bytes_moved)),
