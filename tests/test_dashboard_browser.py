@@ -3,7 +3,7 @@ server (`python serve.py --eplb ...` on a free loopback port). Traffic, a rebala
 page's own button, then the page must show what /eplb/state says, follow a token, and log no errors.
 It writes the README's screenshot, docs/dashboard.png.
 
-The browser comes from apt (tests/browser_setup.py installs it when missing). Under CI=true this test
+The browser comes from apt (tests/system_tools.py installs it when missing). Under CI=true this test
 never skips; elsewhere it skips only when the browser cannot be installed (no root or no apt-get).
 """
 import os
@@ -18,7 +18,7 @@ import httpx
 import pytest
 from playwright.sync_api import sync_playwright
 
-from browser_setup import LAUNCH_ARGS, BrowserUnavailable, chromium_path
+from system_tools import LAUNCH_ARGS, ToolUnavailable, chromium_path, in_ci
 from test_serve import free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,8 +33,8 @@ WAIT_MS = 60_000     # generous: other test runs share the two cores
 def chromium():
     try:
         return chromium_path()
-    except BrowserUnavailable as error:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+    except ToolUnavailable as error:
+        if in_ci():
             pytest.fail(f"CI must run the browser test: {error}")
         pytest.skip(str(error))
 
@@ -161,7 +161,7 @@ def check_page_matches_state(page, state: dict) -> None:
     assert measured, "the traffic after the forced rebalance should have measured it"
     row = rows.nth(len(records) - 1 - records.index(measured[-1]))          # the table is newest first
     cells = [row.locator("td").nth(i).text_content() for i in range(5)]
-    assert cells[0] == str(measured[-1]["step"])
+    assert cells[0].replace("\u2009", "") == str(measured[-1]["step"])     # thin-space thousands
     assert cells[2:] == [f"{measured[-1][k]:.3f}" for k in ("balancedness_before", "balancedness_predicted",
                                                             "balancedness_measured")]
     changed = int(page.locator("#heat-placement").evaluate("c => c.dataset.changed"))
