@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import kernels
+from eplb import ExpertLocation
 
 # ---------------------------------------------------------------------------------------------------
 # Config
@@ -796,15 +797,12 @@ class DSV4Model(nn.Module):
             self.reset_expert_maps()
 
     def reset_expert_maps(self) -> None:
-        """Trivial placement: slot p holds expert p % E (in place)."""
-        L, E, P = self.config.num_hidden_layers, self.config.n_routed_experts, self.num_physical_experts
-        slots = torch.arange(P)
-        self.phy2log.copy_((slots % E).expand(L, P))
-        log2phy = torch.full((E, P - E + 1), -1, dtype=torch.int32)
-        for p in range(P):
-            log2phy[p % E, p // E] = p
-        self.log2phy.copy_(log2phy.expand(L, -1, -1))
-        self.logcnt.copy_(torch.bincount(slots % E, minlength=E).to(torch.int32).expand(L, E))
+        """Trivial placement (eplb.ExpertLocation.trivial: slot p holds expert p % E), in place."""
+        c = self.config
+        trivial = ExpertLocation.trivial(c.num_hidden_layers, c.n_routed_experts, self.num_physical_experts,
+                                         self.ep_size, device=self.phy2log.device)
+        for buffer, value in zip((self.phy2log, self.log2phy, self.logcnt), (trivial.phy2log, trivial.log2phy, trivial.logcnt)):
+            buffer.copy_(value)
 
     def expert_weights(self, layer_idx: int) -> list[Tensor]:
         e = self.layers[layer_idx].ffn.experts
