@@ -341,6 +341,7 @@ def create_app(load: Callable[[], Runtime], *, api_key: str | None = None,
     app.state.metrics = Metrics()
     app.state.api_key = api_key
     app.add_middleware(BodySizeLimit, limit=max_body_bytes)
+    app.state.metrics.registry.register(dashboard.EPLBMoveMetrics(app.state.metrics))
     app.include_router(router)
     app.include_router(dashboard.page_router)                           # public: the page holds no data
     app.include_router(dashboard.api_router, dependencies=protected)

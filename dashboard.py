@@ -10,6 +10,10 @@ Two routers, so that app.py decides who may call what:
   asks for the key once and sends it with every data request.
 * `api_router`: `POST /dashboard/route` ("follow one token"), included behind the API key.
 
+Two Prometheus series the dashboard's questions need (`EPLBMoveMetrics`, registered by app.py):
+`dsv4_eplb_rebalance_in_progress` and the histogram `dsv4_eplb_move_step_seconds` (each forward-step
+gap spent moving expert weights: the stall a rebalance costs the requests in flight).
+
 Follow one token: `RouteRecorder` runs a short greedy generation on the engine thread, one forward per
 `Engine.call`, so normal requests keep stepping in between. It borrows a free KV-cache slot of the
 engine and records, for every token fed through the model, each layer's route: router kind (hash or
@@ -27,6 +31,8 @@ from pathlib import Path
 import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
@@ -60,6 +66,28 @@ async def dashboard_asset(name: str):
     if name not in ASSETS:
         raise HTTPException(404, f"no dashboard file {name!r}")
     return FileResponse(STATIC_DIR / name, media_type=f"{ASSETS[name]}; charset=utf-8", headers=PAGE_HEADERS)
+
+
+# ====================================================================== Prometheus
+
+class EPLBMoveMetrics:
+    """A collector on app.py's per-app registry. It reads `Metrics.snapshot`, which the /metrics
+    handler refreshes on the engine thread right before each scrape (EPLBManager.metrics())."""
+
+    def __init__(self, metrics):
+        self.metrics = metrics
+
+    def collect(self):
+        eplb = self.metrics.snapshot.get("eplb")
+        if not eplb or "move_step_seconds" not in eplb:
+            return
+        yield GaugeMetricFamily("dsv4_eplb_rebalance_in_progress", "1 while a rebalance is moving expert weights",
+                                value=eplb["rebalance_in_progress"])
+        histogram = eplb["move_step_seconds"]
+        buckets = [(bound if bound == "+Inf" else floatToGoString(bound), count) for bound, count in histogram["buckets"]]
+        yield HistogramMetricFamily("dsv4_eplb_move_step_seconds", "Seconds of each forward-step gap spent moving "
+                                    "expert weights (requests in flight wait that long)", buckets=buckets,
+                                    sum_value=histogram["sum"])
 
 
 # ====================================================================== follow one token

@@ -2,7 +2,7 @@
 // Drawing is in dashboard_draw.js, pure helpers in dashboard_lib.js.
 import * as draw from "./dashboard_draw.js";
 import {
-  argmax, balancedness, balancednessColor, changedSlots, countTrue, expertColor, formatCount, formatMiB, formatMs,
+  argmax, balancedness, balancednessColor, changedSlotMask, countTrue, expertColor, formatCount, formatMiB, formatMs,
   formatNumber, loadRatioColor, LOAD_RATIO_MAX, mean, normalizeRowsByMax, normalizeRowsByMean, rankColor,
   ratioToUnit, replicaColor, REPLICA_COLORS, shareColor,
 } from "./dashboard_lib.js";
@@ -10,7 +10,6 @@ import {
 const POLL_MS = 1000;
 const REQUEST_TIMEOUT_MS = 8000;
 const KEY_STORAGE = "dsv4-dashboard-api-key";
-const WORST_HISTORY_LIMIT = 512;
 
 const $ = (id) => document.getElementById(id);
 
@@ -18,11 +17,7 @@ const $ = (id) => document.getElementById(id);
 const view = {
   state: null,
   polling: false,
-  placementBase: null,      // phy2log before the latest placement change seen by this page
-  placementSeen: null,      // phy2log of the previous poll
-  moving: false,            // the previous poll saw a rebalance in progress
   changed: null,            // [layer][slot] booleans: slots changed by the last rebalance
-  worstHistory: [],         // [[step, worst layer balancedness]] seen by this page (see worstLayerSeries)
   hover: {},                // canvas id -> {geometry, describe(row, col)}
   routes: null,
   selectedToken: 0,
@@ -96,8 +91,7 @@ function render(state) {
   $("eplb-off").hidden = state.enabled;
   for (const panel of document.querySelectorAll(".eplb-only")) panel.hidden = !state.enabled;
   if (!state.enabled) return;
-  trackPlacement(state);
-  trackWorstLayer(state);
+  view.changed = changedSlotMask(state.changed_slots, state.num_physical);
   renderSummary(state);
   renderHistory(state);
   renderRankBars(state);
@@ -108,34 +102,8 @@ function render(state) {
   document.body.dataset.renderedStep = String(state.step);
 }
 
-// The slots the last rebalance changed. The server's previous placement when it sends one; else
-// what this page saw before the placement last changed (nothing to show if it changed before the
-// page was opened).
-function trackPlacement(state) {
-  const current = state.phy2log;
-  const seen = view.placementSeen;
-  const moving = Boolean(state.rebalance_in_progress);
-  if (seen && JSON.stringify(seen) !== JSON.stringify(current) && !view.moving) view.placementBase = seen;
-  view.moving = moving;
-  view.placementSeen = current;
-  const base = state.previous_phy2log || view.placementBase;
-  view.changed = changedSlots(base, current);
-}
-
-// The worst layer's balancedness over time: the server's per-layer history when it has one, else
-// the samples this page took while open.
-function trackWorstLayer(state) {
-  const last = view.worstHistory[view.worstHistory.length - 1];
-  if (state.window_steps > 0 && (!last || last[0] !== state.step)) {
-    view.worstHistory.push([state.step, Math.min(...state.balancedness_per_layer)]);
-    if (view.worstHistory.length > WORST_HISTORY_LIMIT) view.worstHistory.shift();
-  }
-}
-
 function worstLayerSeries(state) {
-  const perLayer = state.layer_balancedness_history;
-  if (perLayer && perLayer.length) return perLayer.map(([step, values]) => [step, Math.min(...values)]);
-  return view.worstHistory;
+  return state.layer_balancedness_history.map(([step, perLayer]) => [step, Math.min(...perLayer)]);
 }
 
 function renderSummary(state) {
@@ -245,7 +213,8 @@ function drawRatioLegend() {
 function renderPlacement(state) {
   const slotsPerRank = state.num_physical / state.num_ranks;
   const changed = view.changed;
-  $("changed-count").textContent = changed ? `${countTrue(changed)} slots` : "shown after the next rebalance";
+  const anyMove = state.counters.rebalances_total > 0 || state.rebalance_in_progress;
+  $("changed-count").textContent = anyMove ? `${countTrue(changed)} slots` : "no rebalance yet";
   const canvas = $("heat-placement");
   canvas.dataset.changed = String(changed ? countTrue(changed) : -1);
   const geometry = draw.drawHeatmap(canvas, {

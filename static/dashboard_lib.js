@@ -140,10 +140,15 @@ export function rankOfSlot(slot, numPhysical, numRanks) {
   return Math.floor(slot / (numPhysical / numRanks));
 }
 
-// [layer][slot] booleans: true where the two placements differ (null when there is nothing to compare).
-export function changedSlots(previous, current) {
-  if (!previous || !current || previous.length !== current.length) return null;
-  return current.map((row, layer) => row.map((expert, slot) => previous[layer][slot] !== expert));
+// [layer][slot] booleans from /eplb/state's changed_slots (per layer, the slots the latest rebalance
+// rewrites); null when the server sent none.
+export function changedSlotMask(changedSlots, numPhysical) {
+  if (!changedSlots) return null;
+  return changedSlots.map((slots) => {
+    const row = new Array(numPhysical).fill(false);
+    for (const slot of slots) row[slot] = true;
+    return row;
+  });
 }
 
 export function countTrue(matrix) {

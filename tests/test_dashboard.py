@@ -18,7 +18,7 @@ import serve
 import weights
 from app import create_app
 from engine import Engine
-from eplb import ExpertLocation
+from eplb import EPLBConfig, EPLBManager, ExpertLocation, SecondsHistogram
 from system_tools import ToolUnavailable, in_ci, node_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,3 +223,37 @@ def test_route_endpoint_needs_the_key_and_answers_per_token_routes(eplb_client):
 def test_route_endpoint_rejects_bad_bodies(eplb_client, body):
     answer = eplb_client.post("/dashboard/route", json=body, headers={"Authorization": f"Bearer {KEY}"})
     assert answer.status_code == 400 and answer.json()["error"]["message"]
+
+
+def test_metrics_show_the_move_in_progress_gauge_and_the_move_step_histogram(eplb_client):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    done = eplb_client.post("/v1/completions", headers=auth, json={"model": "dsv4-tiny", "prompt": "warm up the load",
+                                                                   "max_tokens": 4, "ignore_eos": True})
+    assert done.status_code == 200
+    assert eplb_client.post("/eplb/rebalance", headers=auth).json()["status"] == "started"
+    lines = eplb_client.get("/metrics").text.splitlines()
+    assert "dsv4_eplb_rebalance_in_progress 0.0" in lines          # all layers moved in one step
+    count = next(float(line.split()[1]) for line in lines if line.startswith("dsv4_eplb_move_step_seconds_count"))
+    assert count >= 1 and any(line.startswith('dsv4_eplb_move_step_seconds_bucket{le="+Inf"}') for line in lines)
+    state = eplb_client.get("/eplb/state", headers=auth).json()
+    changed = sum(len(slots) for slots in state["changed_slots"])
+    assert changed == state["rebalances"][-1]["slots_changed"]
+
+
+def test_balancedness_histories_are_bounded(model):
+    manager = EPLBManager(model, EPLBConfig(num_ranks=NUM_RANKS, rebalance_num_iterations=10_000, window=10, history=5))
+    for step in range(40):
+        manager.load[:, step % model.num_physical_experts] += 1   # some load, so the numbers move
+        manager.after_step()
+    state = manager.state()
+    assert len(state["balancedness_history"]) == len(state["layer_balancedness_history"]) == 5
+    assert [step for step, _ in state["layer_balancedness_history"]] == [36, 37, 38, 39, 40]
+    for (step, mean), (_, per_layer) in zip(state["balancedness_history"], state["layer_balancedness_history"]):
+        assert len(per_layer) == model.config.num_hidden_layers and mean == pytest.approx(sum(per_layer) / len(per_layer), abs=1e-4)
+
+
+def test_move_step_histogram_counts_into_cumulative_buckets():
+    histogram = SecondsHistogram((0.01, 0.1))
+    for seconds in (0.005, 0.01, 0.05, 3.0):
+        histogram.observe(seconds)
+    assert histogram.snapshot() == {"buckets": [[0.01, 2], [0.1, 3], ["+Inf", 4]], "sum": pytest.approx(3.065), "count": 4}

@@ -3,7 +3,7 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 
 import {
-  argmax, balancedness, balancednessColor, cellSize, changedSlots, clamp, countTrue, expertColor, formatCount,
+  argmax, balancedness, balancednessColor, cellSize, changedSlotMask, clamp, countTrue, expertColor, formatCount,
   formatMiB, formatMs, formatNumber, interpolateStops, linearScale, loadRatioColor, niceTicks, normalizeRowsByMax,
   normalizeRowsByMean, rankColor, rankOfSlot, ratioToUnit, replicaColor, shareColor, textColorOn,
 } from "../../static/dashboard_lib.js";
@@ -80,11 +80,11 @@ test("slots map to ranks in equal consecutive blocks", () => {
   assert.equal(rankOfSlot(35, 36, 4), 3);
 });
 
-test("changed slots compare two placements cell by cell", () => {
-  const changed = changedSlots([[0, 1, 2], [2, 1, 0]], [[0, 2, 2], [2, 1, 0]]);
-  assert.deepEqual(changed, [[false, true, false], [false, false, false]]);
-  assert.equal(countTrue(changed), 1);
-  assert.equal(changedSlots(null, [[0]]), null);
+test("changed slots become a layer x slot mask", () => {
+  const mask = changedSlotMask([[1], [], [0, 2]], 3);
+  assert.deepEqual(mask, [[false, true, false], [false, false, false], [true, false, true]]);
+  assert.equal(countTrue(mask), 3);
+  assert.equal(changedSlotMask(undefined, 3), null);
   assert.equal(countTrue(null), 0);
 });
 
