@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 import torch.nn.functional as F
 from fastapi.testclient import TestClient
 
@@ -217,6 +218,24 @@ def test_route_endpoint_needs_the_key_and_answers_per_token_routes(eplb_client):
     assert after["step"] == before["step"]            # no engine step ran for it: EPLB counted nothing
 
 
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=40),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                           max_leaves=6)
+ROUTE_BODIES = st.one_of(
+    st.fixed_dictionaries({"prompt": st.text(max_size=60)}, optional={"max_tokens": st.integers(-3, 40)}),
+    st.dictionaries(st.sampled_from(["prompt", "max_tokens", "model", "stream"]), JSON_VALUES, max_size=3),
+    JSON_VALUES)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=ROUTE_BODIES)
+def test_route_endpoint_answers_hostile_bodies_without_5xx(eplb_client, body):
+    answer = eplb_client.post("/dashboard/route", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert answer.status_code in (200, 400), answer.text
+    if answer.status_code == 400:
+        assert answer.json()["error"]["message"]
+
+
 @pytest.mark.parametrize("body", [{"prompt": "", "max_tokens": 2}, {"prompt": "x", "max_tokens": 33},
                                   {"prompt": "x", "max_tokens": "2"}, {"prompt": "x", "temperature": 1},
                                   {"prompt": "x" * 300, "max_tokens": 2}])
@@ -257,3 +276,9 @@ def test_move_step_histogram_counts_into_cumulative_buckets():
     for seconds in (0.005, 0.01, 0.05, 3.0):
         histogram.observe(seconds)
     assert histogram.snapshot() == {"buckets": [[0.01, 2], [0.1, 3], ["+Inf", 4]], "sum": pytest.approx(3.065), "count": 4}
+
+
+def test_start_up_log_line_links_the_dashboard():
+    assert serve.dashboard_url(serve.parse_args(["--port", "9000"])) == "http://127.0.0.1:9000/dashboard"
+    assert serve.dashboard_url(serve.parse_args(["--host", "0.0.0.0"])) == "http://localhost:8000/dashboard"
+    assert serve.dashboard_url(serve.parse_args(["--host", "::1", "--port", "81"])) == "http://[::1]:81/dashboard"
