@@ -30,6 +30,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import dashboard
 from engine import Engine, QueueFull, SamplingParams, Sequence
 from text import TextStream, TextTokenizer
 
@@ -368,7 +369,10 @@ def create_app(load: Callable[[], Runtime], *, api_key: str | None = None,
     app.state.metrics = Metrics()
     app.state.api_key = api_key
     app.add_middleware(BodySizeLimit, limit=max_body_bytes)
+    app.state.metrics.registry.register(dashboard.EPLBMoveMetrics(app.state.metrics))
     app.include_router(router)
+    app.include_router(dashboard.page_router)                           # public: the page holds no data
+    app.include_router(dashboard.api_router, dependencies=protected)
     return app
 
 

@@ -740,17 +740,22 @@ class MoE(nn.Module):
                                      expert_dtype)
         self.shared_experts = SharedExpert(config.hidden_size, config.moe_intermediate_size, config.swiglu_limit, dtype, device)
 
-    def forward(self, x: Tensor, ctx: ForwardContext, layer_idx: int) -> Tensor:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])  # [T,d], T = B*S row-major (the replica hash's token index)
+    def route(self, x: Tensor, ctx: ForwardContext, layer_idx: int, load: Tensor | None) -> tuple[Tensor, Tensor]:
+        """x [T,d] -> (weights [T,K] fp32, PHYSICAL slot ids [T,K] int32); adds each valid choice to
+        `load` [P] when given. Also what dashboard.RouteRecorder replays (with load=None) to show a
+        token's route."""
         logits = F.linear(x.float(), self.gate.weight.float())  # [T,E] fp32
-        load = ctx.load[layer_idx] if ctx.load is not None else None  # [P]: this layer's counts
         # the routing kernel is the one place that counts load: each valid (token, k) choice adds 1
         route = (ctx.log2phy[layer_idx], ctx.logcnt[layer_idx], load, ctx.num_valid_tokens)
         if self.is_hash:
-            weights, ids = kernels.hash_topk(logits, ctx.input_ids.reshape(-1), self.gate.tid2eid, self.scale, *route)
-        else:
-            weights, ids = kernels.score_topk(logits, self.gate.bias, self.top_k, self.scale, *route)
+            return kernels.hash_topk(logits, ctx.input_ids.reshape(-1), self.gate.tid2eid, self.scale, *route)
+        return kernels.score_topk(logits, self.gate.bias, self.top_k, self.scale, *route)
+
+    def forward(self, x: Tensor, ctx: ForwardContext, layer_idx: int) -> Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [T,d], T = B*S row-major (the replica hash's token index)
+        load = ctx.load[layer_idx] if ctx.load is not None else None  # [P]: this layer's counts
+        weights, ids = self.route(x, ctx, layer_idx, load)
         e = self.experts
         if ctx.moe_timer is not None:
             ctx.moe_timer.start(x.device)

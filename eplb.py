@@ -22,6 +22,8 @@ eplb_demo.py.
 from __future__ import annotations
 
 import argparse
+import bisect
+import itertools
 import logging
 import os
 import time
@@ -39,7 +41,7 @@ log = logging.getLogger("dsv4.eplb")
 
 __all__ = [
     "ExpertLocation", "initial_location", "ExpertLoadRecorder", "SlotTransfer", "slot_sources", "copy_schedule",
-    "LocalMover", "MoveStats", "Rebalancer", "EPLBConfig", "RebalanceRecord", "EPLBManager",
+    "LocalMover", "SecondsHistogram", "MoveStats", "Rebalancer", "EPLBConfig", "RebalanceRecord", "EPLBManager",
 ]
 
 # =============================================================================================
@@ -317,6 +319,31 @@ class LocalMover:
         return slot_bytes * len(transfers)  # the spare's copies are not moves
 
 
+# Upper bounds (seconds) of the move-step histogram: a step that moves expert weights is a stall for
+# every request in flight, from sub-millisecond (one small layer) to seconds (all layers of a big model).
+MOVE_STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class SecondsHistogram:
+    """Durations counted into fixed buckets (Prometheus `le` semantics): memory stays one count per
+    bucket however many steps are observed."""
+
+    def __init__(self, bounds: tuple[float, ...] = MOVE_STEP_BUCKETS):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)   # the last one: above every bound (+Inf)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.sum += seconds
+
+    def snapshot(self) -> dict:
+        """{"buckets": [[upper bound or "+Inf", cumulative count], ...], "sum", "count"}."""
+        cumulative = list(itertools.accumulate(self.counts))
+        bounds = [*self.bounds, "+Inf"]
+        return {"buckets": [[b, c] for b, c in zip(bounds, cumulative)], "sum": self.sum, "count": cumulative[-1]}
+
+
 @dataclass
 class MoveStats:
     layers: int = 0
@@ -341,6 +368,8 @@ class Rebalancer:
         self.pending: list[int] = []
         self.layers_per_step: int | None = None
         self.stats = MoveStats()
+        self.changed_slots: list[list[int]] = []      # per layer: slots the latest move rewrites
+        self.step_seconds = SecondsHistogram()         # every moving step's duration, all moves
 
     @property
     def busy(self) -> bool:
@@ -351,6 +380,8 @@ class Rebalancer:
             raise RuntimeError("a rebalance is already in progress")
         changed = target.changed_slots(self.location)
         self.target, self.layers_per_step, self.stats = target, layers_per_step, MoveStats()
+        differs = (target.phy2log.cpu() != self.location.phy2log.cpu())
+        self.changed_slots = [row.nonzero().flatten().tolist() for row in differs]
         self.pending = [layer for layer in range(self.location.num_layers) if changed[layer] > 0]
 
     def apply_layer(self, layer: int) -> None:
@@ -371,6 +402,7 @@ class Rebalancer:
             self.apply_layer(layer)
         _synchronize(self.location.phy2log.device)
         seconds = time.perf_counter() - t0
+        self.step_seconds.observe(seconds)
         self.stats.seconds += seconds
         self.stats.longest_step_seconds = max(self.stats.longest_step_seconds, seconds)
         return len(chunk)
@@ -409,7 +441,7 @@ class EPLBConfig:
     refine: bool = True
     preserve_slots: bool = True
     init_expert_location: str | None = None
-    history: int = 256  # balancedness samples kept for /eplb/state
+    history: int = 256  # balancedness samples kept for /eplb/state (mean and per layer)
 
 
 @dataclass
@@ -461,6 +493,7 @@ class EPLBManager:
         self.last_check = 0
         self.records: deque[RebalanceRecord] = deque(maxlen=32)
         self.history: deque[tuple[int, float]] = deque(maxlen=config.history)
+        self.layer_history: deque[tuple[int, list[float]]] = deque(maxlen=config.history)  # [L] per sample
         self.counters = {"rebalances_total": 0, "rebalances_skipped_total": 0, "rebalance_seconds_total": 0.0,
                          "bytes_moved_total": 0, "slots_changed_total": 0}
         if config.init_expert_location not in (None, "trivial"):
@@ -484,7 +517,9 @@ class EPLBManager:
         if not self.rebalancer.busy and self.step_count - self.last_check >= self.config.rebalance_num_iterations:
             self.rebalance()
         if self.step_count % max(1, self.window // 10) == 0:
-            self.history.append((self.step_count, self.balancedness()))
+            per_layer = self.layer_balancedness()
+            self.history.append((self.step_count, float(per_layer.mean())))
+            self.layer_history.append((self.step_count, per_layer.tolist()))
 
     def balancedness(self, steps: int | None = None) -> float:
         """Measured: mean over layers of the last `steps` steps' per-layer balancedness."""
@@ -571,7 +606,9 @@ class EPLBManager:
         """Flat numbers for Prometheus: counters plus current balancedness (overall and per layer)."""
         per_layer = self.layer_balancedness()
         return {**self.counters, "balancedness": float(per_layer.mean()),
-                "balancedness_per_layer": per_layer.tolist(), "steps": self.step_count}
+                "balancedness_per_layer": per_layer.tolist(), "steps": self.step_count,
+                "rebalance_in_progress": int(self.rebalancer.busy),
+                "move_step_seconds": self.rebalancer.step_seconds.snapshot()}
 
     def state_rank_tokens(self) -> list[int]:
         """[G] routed (token, k) choices each rank served over the window, summed over layers."""
@@ -593,6 +630,9 @@ class EPLBManager:
             "logical_load": logical.tolist(), "rank_load": ranks.long().tolist(),
             "balancedness_per_layer": balancedness(ranks).tolist(),
             "balancedness_history": [list(x) for x in self.history],
+            # [step, [L]] samples; rounded, since the page polls this every second at 43+ layers
+            "layer_balancedness_history": [[step, [round(b, 4) for b in row]] for step, row in self.layer_history],
+            "changed_slots": self.rebalancer.changed_slots,
             "rebalance_in_progress": {"layers_left": len(self.rebalancer.pending)} if self.rebalancer.busy else None,
             "rebalances": [asdict(r) for r in self.records],
             "counters": dict(self.counters),

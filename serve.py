@@ -266,8 +266,8 @@ class HTTPServer(uvicorn.Server):
             self.load_error = error
             self.should_exit = True
             raise
-        log.info("ready in %.1f s: %s on %s, %d slots", time.monotonic() - self.created_at, runtime.model_name,
-                 runtime.engine.device, self.args.max_batch_size)
+        log.info("ready in %.1f s: %s on %s, %d slots; dashboard: %s", time.monotonic() - self.created_at,
+                 runtime.model_name, runtime.engine.device, self.args.max_batch_size, dashboard_url(self.args))
         return runtime
 
     def handle_exit(self, sig, frame):
@@ -277,6 +277,13 @@ class HTTPServer(uvicorn.Server):
         super().handle_exit(sig, frame)
         # uvicorn re-raises the signal after shutdown (exit status -15); a drained shutdown is exit 0.
         self._captured_signals.clear()
+
+
+def dashboard_url(args: argparse.Namespace) -> str:
+    """Where to point a browser: a wildcard bind address is reachable as localhost."""
+    host = "localhost" if args.host in ("0.0.0.0", "::", "") else args.host
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{args.port}/dashboard"
 
 
 def watch_engine(app, poll_s: float = 0.2, grace_s: float = 1.0) -> None:

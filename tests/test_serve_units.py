@@ -295,7 +295,8 @@ def test_fuzz_openapi_schema_finds_no_5xx(client):
         for operation in [op.ok() for op in schema.get_all_operations()]:
             case = data.draw(operation.as_strategy())
             response = case.call()
-            if response.status_code >= 500 and not (case.path == "/health"):
+            # /dashboard/route runs the model itself (not in FakeEngine): fuzzed in test_dashboard.py
+            if response.status_code >= 500 and case.path not in ("/health", "/dashboard/route"):
                 failures.append((case.method, case.path, case.body, response.status_code, response.text[:200]))
     run()
     assert not failures, failures[:3]
