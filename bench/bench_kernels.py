@@ -319,14 +319,17 @@ def moe_rows(copy_gbs, mm_tflops, results):
 
 # ------------------------------------------------------------------------------------ quantised experts
 QMOE_T = (64, 8192)
-QMOE_SWEEP_BUDGET_S = 420  # skip further sweep configs once the run has taken this long
+QMOE_SWEEP_BUDGET_S = float(os.environ.get("QMOE_SWEEP_BUDGET_S", 420))  # skip further sweep configs once the run has taken this long
 QMOE_SWEEP = {  # alternative block configs per (format, phase), timed after the default
     ("fp8", "decode"): [dict(BLOCK_M=16, up=(64, 128, 4), down=(64, 128, 4)),
                         dict(BLOCK_M=16, up=(128, 128, 8), down=(128, 128, 8)),
                         dict(BLOCK_M=16, up=(128, 64, 4), down=(128, 64, 4))],
-    ("fp4", "decode"): [dict(BLOCK_M=16, up=(64, 256, 4), down=(64, 256, 4)),
-                        dict(BLOCK_M=16, up=(128, 128, 8), down=(128, 128, 8)),
-                        dict(BLOCK_M=16, up=(128, 256, 4), down=(128, 256, 4))],
+    ("fp4", "decode"): [dict(BLOCK_M=16, up=(128, 128, 4), down=(128, 128, 4)),
+                        dict(BLOCK_M=16, up=(32, 128, 4), down=(32, 128, 4)),
+                        dict(BLOCK_M=16, up=(64, 128, 2), down=(64, 128, 2)),
+                        dict(BLOCK_M=16, up=(32, 256, 4), down=(32, 256, 4)),
+                        dict(BLOCK_M=16, up=(64, 64, 4), down=(64, 64, 4)),
+                        dict(BLOCK_M=16, up=(32, 128, 2), down=(64, 128, 4))],
     ("fp8", "prefill"): [dict(BLOCK_M=128, up=(128, 128, 8), down=(128, 128, 8)),
                          dict(BLOCK_M=64, up=(128, 64, 4), down=(128, 64, 4))],
     ("fp4", "prefill"): [dict(BLOCK_M=128, up=(128, 128, 8), down=(128, 128, 8)),

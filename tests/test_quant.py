@@ -5,8 +5,11 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # conftest.py sets it too, before any module imports triton
 
+import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import checkpoint
 import kernels
@@ -124,6 +127,153 @@ def test_quantised_triton_default_configs(fmt, pairs_per_slot):
     a = kernels.moe_experts_torch(x, weights, ids, w1, w3, w2, 1.0, 0, scales)
     b = kernels.moe_experts_triton(x, weights, ids, w1, w3, w2, 1.0, 0, scales, config=cfg)
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------- fp4 inline PTX, emulated on the CPU
+class PtxEmu:
+    """Just enough of PTX to run kernels._FP4_F16_ASM on numpy uint32 registers (one lane per case):
+    bitwise ops, shifts, u16x2 min/max, prmt, vector mov, cvt e4m3x2 -> f16x2, mul f16x2. An
+    instruction it does not know fails the test, so a change to the asm has to teach it first."""
+    E4M3_F16 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float16) \
+        .view(torch.int16).numpy().view(np.uint16)
+
+    def __init__(self, operands):
+        self.r = {f"${i}": np.asarray(v, dtype=np.uint32) for i, v in operands.items()}
+
+    def val(self, tok):
+        tok = tok.strip()
+        if tok in self.r:
+            return self.r[tok]
+        return np.uint32(int(tok, 0))
+
+    @staticmethod
+    def lanes(x):
+        return x & np.uint32(0xFFFF), x >> np.uint32(16)
+
+    @staticmethod
+    def join(lo, hi):
+        return (lo.astype(np.uint32) & np.uint32(0xFFFF)) | (hi.astype(np.uint32) << np.uint32(16))
+
+    def f16x2(self, x):
+        lo, hi = self.lanes(x)
+        return lo.astype(np.uint16).view(np.float16), hi.astype(np.uint16).view(np.float16)
+
+    def run(self, text):
+        body = text.strip()
+        assert body.startswith("{") and body.endswith("}")
+        for line in body[1:-1].split(";"):
+            line = line.strip()
+            if not line or line.startswith(".reg"):
+                continue
+            op, args = line.split(None, 1)
+            if op == "mov.b32" and args.lstrip().startswith("{"):  # unpack into two b16
+                dst, src = args.split("}")
+                a, b = (t.strip() for t in dst.strip(" {").split(","))
+                x = self.val(src.strip(" ,"))
+                self.r[a], self.r[b] = self.lanes(x)
+                continue
+            d, *srcs = (t.strip() for t in args.split(","))
+            s = [self.val(t) for t in srcs]
+            u32 = np.uint32
+            if op == "mov.b32":
+                out = s[0] + u32(0)
+            elif op == "and.b32":
+                out = s[0] & s[1]
+            elif op == "or.b32":
+                out = s[0] | s[1]
+            elif op == "shl.b32":
+                out = (s[0].astype(np.uint64) << np.uint64(int(s[1]))).astype(np.uint64) & np.uint64(0xFFFFFFFF)
+            elif op == "shr.b32" or op == "shr.u32":
+                out = s[0] >> u32(s[1])
+            elif op in ("add.u32", "sub.u32"):
+                x = s[0].astype(np.int64) + (1 if op == "add.u32" else -1) * np.int64(s[1])
+                out = x & 0xFFFFFFFF
+            elif op in ("max.u16x2", "min.u16x2"):
+                f = np.maximum if op.startswith("max") else np.minimum
+                (a0, a1), (b0, b1) = self.lanes(s[0] + u32(0)), self.lanes(s[1] + u32(0))
+                out = self.join(f(a0, b0), f(a1, b1))
+            elif op == "prmt.b32":
+                a, b, sel = s[0] + u32(0), s[1] + u32(0), int(s[2])
+                src64 = a.astype(np.uint64) | (b.astype(np.uint64) << np.uint64(32))
+                out = np.zeros_like(a, dtype=np.uint64)
+                for i in range(4):
+                    k = (sel >> (4 * i)) & 0xF
+                    assert k < 8, "prmt sign-replicate mode not emulated"
+                    out |= ((src64 >> np.uint64(8 * k)) & np.uint64(0xFF)) << np.uint64(8 * i)
+            elif op == "cvt.rn.f16x2.e4m3x2":  # byte 0 -> low half, byte 1 -> high half
+                x = s[0] + u32(0)
+                out = self.join(self.E4M3_F16[x & u32(0xFF)], self.E4M3_F16[(x >> u32(8)) & u32(0xFF)])
+            elif op == "mul.rn.f16x2":
+                (a0, a1), (b0, b1) = self.f16x2(s[0] + u32(0)), self.f16x2(s[1] + u32(0))
+                out = self.join((a0 * b0).view(np.uint16), (a1 * b1).view(np.uint16))
+            else:
+                raise AssertionError(f"PtxEmu: unknown instruction {op!r}")
+            self.r[d] = np.asarray(out).astype(np.uint32)
+        return self.r
+
+
+@triton.jit
+def _scale_f16_kernel(s_ptr, out_ptr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    sh = kernels._fp4_scale_f16(tl.load(s_ptr + offs))
+    tl.store(out_ptr + offs, sh)
+
+
+def fp4_scale_f16_table():
+    """kernels._fp4_scale_f16 of every scale byte (interpreter) -> uint16 fp16 bits [256]."""
+    s = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    out = torch.empty(256, dtype=torch.float16)
+    _scale_f16_kernel[(1,)](s, out, BLOCK=256)
+    return out.view(torch.int16).numpy().view(np.uint16).astype(np.uint32)
+
+
+def test_fp4_scale_f16_is_scale_times_64_in_range():
+    sh = fp4_scale_f16_table().astype(np.uint16).view(np.float16).astype(np.float64)
+    s = np.arange(256)
+    inside = (s >= 107) & (s <= 136)
+    assert np.array_equal(sh[inside], np.ldexp(1.0, s[inside] - 127 + 6))
+    assert np.all(np.isfinite(sh)) and np.all(sh > 0)
+
+
+def test_fp4_asm_emulated_matches_dequantise_every_byte_and_scale():
+    # each of the 4 bytes of an instance gets its own byte and scale: every byte value x every
+    # scale in fp16's range at every position (a per-position bijection of the case index)
+    sh = fp4_scale_f16_table()
+    scales = np.arange(107, 137)
+    bi, si = np.meshgrid(np.arange(256), np.arange(len(scales)), indexing="ij")
+    bi, si = bi.ravel(), si.ravel()
+    byte = [(bi + 67 * p) % 256 for p in range(4)]
+    scale = [scales[(si + 11 * p) % len(scales)] for p in range(4)]
+    ops = {4: sum(byte[p].astype(np.uint32) << (8 * p) for p in range(4)),
+           5: sh[scale[0]] | (sh[scale[1]] << 16), 6: sh[scale[2]] | (sh[scale[3]] << 16)}
+    r = PtxEmu(ops).run(kernels._FP4_F16_ASM.value)
+    lanes = lambda x: [x & 0xFFFF, x >> 16]
+    even = lanes(r["$0"]) + lanes(r["$1"])  # fp16 bits of the even value of bytes 0..3
+    odd = lanes(r["$2"]) + lanes(r["$3"])
+    for p in range(4):
+        packed = torch.zeros(len(bi), 16, dtype=torch.uint8)
+        packed[:, 0] = torch.from_numpy(byte[p].astype(np.uint8))
+        s = torch.from_numpy(scale[p].astype(np.uint8))[:, None]
+        ref = checkpoint.dequantize_fp4_packed(packed, s, torch.float32)[:, :2].to(torch.float16)
+        ref = ref.view(torch.int16).numpy().view(np.uint16)
+        got_even = even[p].astype(np.uint16)
+        got_odd = odd[p].astype(np.uint16)
+        bad = np.flatnonzero(got_even != ref[:, 0])
+        assert bad.size == 0, (f"position {p}: even of byte {byte[p][bad[0]]:#04x} scale {scale[p][bad[0]]}: "
+                               f"{got_even[bad[0]]:#06x} != {ref[bad[0], 0]:#06x} ({bad.size} wrong)")
+        bad = np.flatnonzero(got_odd != ref[:, 1])
+        assert bad.size == 0, (f"position {p}: odd of byte {byte[p][bad[0]]:#04x} scale {scale[p][bad[0]]}: "
+                               f"{got_odd[bad[0]]:#06x} != {ref[bad[0], 1]:#06x} ({bad.size} wrong)")
+
+
+def test_fp4_asm_emulated_zero_weights_stay_zero_for_any_scale():
+    # masked tails load weight byte 0 and scale byte 0: the product must be 0, never NaN
+    sh = fp4_scale_f16_table()
+    s = np.arange(256)
+    ops = {4: np.full(256, 0x80008800, dtype=np.uint32), 5: sh[s] | (sh[s] << 16), 6: sh[s] | (sh[s] << 16)}
+    r = PtxEmu(ops).run(kernels._FP4_F16_ASM.value)
+    for k in ("$0", "$1", "$2", "$3"):
+        assert np.all((r[k] & 0x7FFF7FFF) == 0)
 
 
 def test_quantised_shapes_are_checked():
