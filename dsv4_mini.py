@@ -25,6 +25,7 @@ slots, V vocab.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -699,33 +700,62 @@ class RoutedExperts(nn.Module):
 
 class MoETimer:
     """Seconds spent in this rank's own routed experts: the number that shows a straggler rank
-    under expert parallelism. CPU: wall clock. CUDA: events, summed when `take()` is called."""
+    under expert parallelism.
 
-    def __init__(self):
-        self.seconds, self.events, self._t0 = 0.0, [], 0.0
+    CPU: wall clock. CUDA: the GPU's own clock, read by a one-thread kernel before and after the
+    experts (kernels.gpu_clock) into a device counter. That needs no host sync and is captured with
+    the rest of a decode step, so every replay of a CUDA graph adds its own expert time (CUDA events
+    recorded inside a graph cannot be read per replay without a sync). `take_seconds()` returns the
+    seconds since the last take as a [1] float64 tensor on the timer's device, without waiting.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.seconds, self._t0 = 0.0, 0.0
+        self.on_gpu = self.device.type == "cuda"
+        if self.on_gpu:  # fixed buffers: a captured graph keeps their addresses
+            self._clock_t0 = torch.zeros(1, dtype=torch.int64, device=self.device)
+            self._clock_total = torch.zeros_like(self._clock_t0)  # ns in experts since start
+            self._taken = torch.zeros_like(self._clock_t0)        # _clock_total at the last take
+            self.on_gpu = self._clock_works()
+
+    def _clock_works(self) -> bool:
+        """A Triton without the global-timer intrinsic must not take the server down: timing is off."""
+        try:
+            kernels.gpu_clock(self._clock_t0, self._clock_total, stop=False)
+            kernels.gpu_clock(self._clock_t0, self._clock_total, stop=True)
+            torch.cuda.synchronize(self.device)
+            self._clock_total.zero_()
+            return True
+        except Exception as error:  # noqa: BLE001 - compile or launch failure of the clock kernel
+            logging.getLogger("dsv4.model").warning("GPU MoE timer unavailable (%s): per-rank MoE seconds stay 0",
+                                                    error)
+            return False
 
     def start(self, device: torch.device) -> None:
-        if device.type == "cuda":
-            self.events.append(torch.cuda.Event(enable_timing=True))
-            self.events[-1].record()
-        else:
+        if device.type != "cuda":
             self._t0 = time.perf_counter()
+        elif self.on_gpu:
+            kernels.gpu_clock(self._clock_t0, self._clock_total, stop=False)
 
     def stop(self, device: torch.device) -> None:
-        if device.type == "cuda":
-            self.events.append(torch.cuda.Event(enable_timing=True))
-            self.events[-1].record()
-        else:
+        if device.type != "cuda":
             self.seconds += time.perf_counter() - self._t0
+        elif self.on_gpu:
+            kernels.gpu_clock(self._clock_t0, self._clock_total, stop=True)
+
+    def take_seconds(self) -> Tensor:
+        """[1] float64 seconds since the last take, on the timer's device (queued, not waited for)."""
+        if self.on_gpu:
+            delta = (self._clock_total - self._taken).double() / 1e9
+            self._taken.copy_(self._clock_total)
+            return delta
+        seconds, self.seconds = self.seconds, 0.0
+        return torch.tensor([seconds], dtype=torch.float64, device=self.device)
 
     def take(self) -> float:
-        """Seconds since the last take (waits for the timed GPU work to finish)."""
-        if self.events:
-            self.events[-1].synchronize()
-            self.seconds += sum(a.elapsed_time(b) for a, b in zip(self.events[::2], self.events[1::2])) / 1e3
-            self.events.clear()
-        seconds, self.seconds = self.seconds, 0.0
-        return seconds
+        """Seconds since the last take (on CUDA this waits for the timed GPU work)."""
+        return float(self.take_seconds())
 
 
 class MoE(nn.Module):

@@ -100,14 +100,15 @@ class Engine:
         self.cache = model.new_cache(max_batch_size, max_seq_len)
         self.device = next(model.parameters()).device
         # Run-ahead (see runner.ModelRunner): on by default where it pays, i.e. CUDA graphs, whose launch
-        # returns at once. Never with peers (the other ranks follow the steps as they are sent). Under
-        # EPLB a step launched ahead counts its load apart and only once kept, and no step is launched
-        # ahead over an expert move (_may_move_experts).
+        # returns at once. With peers too: the other ranks follow the steps in the order they are sent
+        # (a step launched ahead and then dropped is redone on every rank alike). Under EPLB a step
+        # launched ahead counts its load apart and only once kept, and no step is launched ahead over
+        # an expert move (_may_move_experts).
         if run_ahead is None:
             run_ahead = self.device.type == "cuda"
         self.runner = ModelRunner(model, self.cache, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                                   num_token_ids=num_token_ids, decode_graphs=decode_graphs,
-                                  run_ahead=bool(run_ahead) and peers is None)
+                                  run_ahead=bool(run_ahead))
         self.free_slots = list(range(max_batch_size - 1, -1, -1))   # pop() hands out slot 0 first
         self.running: list[Sequence] = []                            # engine thread only
         # Cross-thread inbox: guarded by one lock, drained at the start of each step.

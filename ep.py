@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from dsv4_mini import MoETimer
 from eplb import ExpertLocation, slot_sources
+from runner import DecodeGraphs
 
 
 STARTUP_TIMEOUT_S = 1800.0  # loading a big checkpoint can take long on one node; serving steps cannot
@@ -46,7 +47,9 @@ def torchrun_world_size() -> int:
 
 
 def launched_by_torchrun() -> bool:
-    return torchrun_world_size() > 1
+    """Any torchrun job, a world of one included: it takes the same expert-parallel path (process
+    group, step channel, all-reduce), so that path's own cost can be measured on one GPU."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def init_expert_parallel(device: torch.device) -> tuple[int, int]:
@@ -84,7 +87,7 @@ def setup_rank(device: torch.device | str, build_model: Callable[[int, int], Any
     model = build_model(rank, world)
     group = serving_group(timeout_s)
     # The MoE layers all-reduce their partial outputs over `group`; the timer shows a straggler rank.
-    model.ep_group, model.moe_timer = group, MoETimer()
+    model.ep_group, model.moe_timer = group, MoETimer(device)
     return RankContext(rank, world, model, group, StepChannel(group, device), DistributedMover(rank, world, group))
 
 
@@ -106,6 +109,8 @@ def collective(fn, *args, **kwargs):
 
 
 STEP_IDLE, STEP_FORWARD, STEP_RESET_SLOT, STEP_NEW_CACHE, STEP_MOVE_LAYER, STEP_STOP = range(6)
+STEP_DECODE_GRAPHS = 6  # build DecodeGraphs over the cache and capture every bucket (all ranks together)
+STEP_DECODE = 7         # one padded one-token step through DecodeGraphs: payload = ids, positions, slots
 
 
 class StepChannel:
@@ -114,6 +119,12 @@ class StepChannel:
     header = [kind, n_parts, len_0, ..., len_7]; the payload is the parts (int64 vectors: a forward's
     input_ids, positions, slot ids, shapes; a layer move's new phy2log row) concatenated, so every
     rank can rebuild exactly what rank 0 runs.
+
+    Rank 0 never waits for the GPU here: the header holds only sizes known on the host and goes up
+    from pinned memory, parts already on the device (a decode step's inputs, maybe this step's sampled
+    tokens) stay there, and NCCL broadcasts are ordered on the stream like kernels. So a decode step
+    can be announced while the previous one still runs (run-ahead). The other ranks read the header
+    on the host (they must know what to run); that wait is theirs alone.
     """
 
     MAX_PARTS = 8
@@ -124,14 +135,21 @@ class StepChannel:
 
     def send(self, kind: int, parts: list[torch.Tensor]) -> None:
         assert len(parts) <= self.MAX_PARTS
-        header = torch.zeros(2 + self.MAX_PARTS, dtype=torch.int64, device=self.device)
-        header[0], header[1] = kind, len(parts)
-        for i, p in enumerate(parts):
-            header[2 + i] = p.numel()
+        lengths = [p.numel() for p in parts] + [0] * (self.MAX_PARTS - len(parts))
+        header = self._on_device(torch.tensor([kind, len(parts), *lengths], dtype=torch.int64))
         collective(dist.broadcast, header, src=0, group=self.group)
         if parts:
-            payload = torch.cat([p.to(self.device, torch.int64).reshape(-1) for p in parts])
+            payload = torch.cat([self._on_device(p).to(torch.int64).reshape(-1) for p in parts])
             collective(dist.broadcast, payload, src=0, group=self.group)
+
+    def _on_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Host or device tensor -> the channel's device, never waiting for queued GPU work: a host
+        tensor goes through pinned memory (a pageable copy would stall the host)."""
+        if tensor.device == self.device:
+            return tensor
+        if self.device.type == "cuda" and tensor.device.type == "cpu":
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
 
     def recv(self) -> tuple[int, list[torch.Tensor]]:
         header = torch.empty(2 + self.MAX_PARTS, dtype=torch.int64, device=self.device)
@@ -235,8 +253,20 @@ class LockstepModel:
 
     def __init__(self, model, channel: StepChannel, group=None):
         self._model, self._channel, self._group = model, channel, group
-        self.rank_moe_seconds = torch.zeros(dist.get_world_size(group), dtype=torch.float64)  # [G] last step
-        self.rank_moe_seconds_total = torch.zeros_like(self.rank_moe_seconds)             # [G] since start
+        # per-rank MoE seconds stay on the device (no host sync per step); read on request
+        world, device = dist.get_world_size(group), model.phy2log.device
+        self._moe_last = torch.zeros(world, dtype=torch.float64, device=device)  # [G] last step
+        self._moe_total = torch.zeros_like(self._moe_last)                       # [G] since start
+
+    @property
+    def rank_moe_seconds(self) -> torch.Tensor:
+        """[G] seconds each rank spent in its own experts during the last step (host copy)."""
+        return self._moe_last.cpu()
+
+    @property
+    def rank_moe_seconds_total(self) -> torch.Tensor:
+        """[G] the same since the server started (host copy)."""
+        return self._moe_total.cpu()
 
     def __getattr__(self, name):
         return getattr(self._model, name)
@@ -253,9 +283,17 @@ class LockstepModel:
         self._channel.send(STEP_FORWARD, [input_ids, start_pos, slot_ids, torch.tensor([B, S, int(last_only)])])
         with fatal_after_broadcast():
             logits = self._model.forward(input_ids, start_pos, cache.inner, slot_ids, load=load, last_only=last_only)
-            self.rank_moe_seconds = gather_moe_seconds(self._model, self._group)
-        self.rank_moe_seconds_total += self.rank_moe_seconds
+            self.after_step()
         return logits
+
+    def after_step(self) -> None:
+        """Every step ends with the all-gather of per-rank MoE seconds (queued on the device)."""
+        self._moe_last = gather_moe_seconds(self._model, self._group)
+        self._moe_total += self._moe_last
+
+    def decode_graphs(self, cache: LockstepCache, max_batch_size: int) -> LockstepDecodeGraphs:
+        """runner.ModelRunner's decode-step driver under expert parallelism (see LockstepDecodeGraphs)."""
+        return LockstepDecodeGraphs(self, cache, max_batch_size)
 
     def idle(self) -> None:
         """Keep the other ranks in step (and prove they are alive) while there is no work."""
@@ -278,6 +316,37 @@ class LockstepCache:
         self._channel.send(STEP_RESET_SLOT, [torch.tensor([slot])])
         with fatal_after_broadcast():
             self.inner.reset(slot)
+
+
+class LockstepDecodeGraphs:
+    """Rank 0's DecodeGraphs: every rank holds the same batch-bucket graphs (captured together, each
+    with the MoE all-reduce inside: NCCL collectives are capturable) and replays the same one per
+    step. `run` broadcasts the step's inputs (device tensors, stream-ordered: no host sync), then
+    replays rank 0's own graph; the other ranks run their DecodeGraphs on the same inputs, so all
+    pad to the same bucket. On CPU (gloo cannot be captured) it is DecodeGraphs' padded eager step.
+    Expert moves rewrite weights and maps in place, so graphs stay valid across rebalances."""
+
+    def __init__(self, lockstep: LockstepModel, cache: LockstepCache, max_batch_size: int):
+        self.lockstep, self.channel = lockstep, lockstep._channel
+        self.channel.send(STEP_DECODE_GRAPHS, [torch.tensor([max_batch_size])])
+        with fatal_after_broadcast():
+            self.inner = DecodeGraphs(lockstep._model, cache.inner, max_batch_size)
+
+    def __getattr__(self, name):  # buckets, new_load_buffer, ...
+        if name == "inner":  # not built (a failed start): no endless lookup
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def capture_all(self) -> None:
+        with fatal_after_broadcast():  # the other ranks capture the same buckets in the same order
+            self.inner.capture_all()
+
+    def run(self, input_ids, start_pos, slot_ids, load=None):
+        self.channel.send(STEP_DECODE, [input_ids.view(-1), start_pos.view(-1), slot_ids.view(-1)])
+        with fatal_after_broadcast():
+            logits = self.inner.run(input_ids, start_pos, slot_ids, load)
+            self.lockstep.after_step()
+        return logits
 
 
 class LockstepMover:
@@ -328,13 +397,16 @@ def shutdown(group) -> None:
 
 
 def gather_moe_seconds(model, group) -> torch.Tensor:
-    """[G] seconds each rank spent in its own expert slots during the last step (also a liveness
-    check: it needs every rank, so a dead or hung rank turns into a timeout error here)."""
-    device = model.phy2log.device  # NCCL only moves CUDA tensors
-    mine = torch.tensor([model.moe_timer.take() if model.moe_timer is not None else 0.0], dtype=torch.float64)
+    """[G] seconds each rank spent in its own expert slots during the last step, on the model's
+    device (NCCL only moves CUDA tensors; on CUDA nothing here waits for the GPU). Also a liveness
+    check: it needs every rank, so a dead or hung rank turns into an error (gloo: here; NCCL: its
+    watchdog, after --ep-timeout, ends the process)."""
+    device = model.phy2log.device
+    timer = model.moe_timer
+    mine = timer.take_seconds().to(device) if timer is not None else torch.zeros(1, dtype=torch.float64, device=device)
     out = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(dist.get_world_size(group))]
-    collective(dist.all_gather, out, mine.to(device), group=group)
-    return torch.cat(out).cpu()
+    collective(dist.all_gather, out, mine, group=group)
+    return torch.cat(out)
 
 
 # ---------------------------------------------------------------- ranks 1..G-1
@@ -343,7 +415,7 @@ def run_worker(model, channel: StepChannel, mover: DistributedMover, canary: boo
     """Follow rank 0 step by step until it says stop. Logits are computed and dropped: rank 0 samples."""
 
     location = ExpertLocation.of_model(model, mover.num_ranks)
-    cache = None
+    cache = decoder = None
     while True:
         kind, parts = channel.recv()
         if kind == STEP_STOP:
@@ -354,6 +426,13 @@ def run_worker(model, channel: StepChannel, mover: DistributedMover, canary: boo
             cache = model.new_cache(num_slots, max_seq_len)
         elif kind == STEP_RESET_SLOT:
             cache.reset(int(parts[0]))
+        elif kind == STEP_DECODE_GRAPHS:
+            decoder = DecodeGraphs(model, cache, int(parts[0]))
+            decoder.capture_all()
+        elif kind == STEP_DECODE:
+            input_ids, start_pos, slot_ids = parts
+            decoder.run(input_ids, start_pos, slot_ids, load=None)
+            gather_moe_seconds(model, mover.group)
         elif kind == STEP_FORWARD:
             B, S, last_only = parts[3].tolist()
             device = model.phy2log.device

@@ -32,7 +32,7 @@ __all__ = [
     "replica_index", "hash_topk", "score_topk", "moe_experts",
     "hash_topk_torch", "hash_topk_triton", "score_topk_torch", "score_topk_triton",
     "moe_experts_torch", "moe_experts_triton", "expert_format", "expert_shapes", "dequantize_slot",
-    "hc_pre_triton", "hc_post_triton",
+    "hc_pre_triton", "hc_post_triton", "gpu_clock",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -1255,6 +1255,28 @@ def hc_post_triton(x, residual, post, comb, *, block_d=None):
         x, residual, _f32c(post), _f32c(comb), out, n, d,
         NP=_next_pow2(n), BLOCK_D=BLOCK_D, num_warps=4)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU clock: time a stretch of device work with no host sync, also inside a CUDA graph
+# ---------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _gpu_clock_kernel(t0_ptr, total_ptr, STOP: tl.constexpr):
+        """One program: start stores the GPU's global nanosecond clock in t0; stop adds now - t0 to
+        total. Stream-ordered like any kernel, so it brackets the kernels launched between the two."""
+        now = tl.extra.cuda.globaltimer()
+        if STOP:
+            tl.store(total_ptr, tl.load(total_ptr) + (now - tl.load(t0_ptr)))
+        else:
+            tl.store(t0_ptr, now)
+
+
+def gpu_clock(t0, total, stop: bool) -> None:
+    """t0, total: int64 [1] CUDA tensors (fixed addresses: a captured graph re-reads them on replay).
+    start (stop=False): t0 = now; stop: total += now - t0 (nanoseconds, the GPU's %globaltimer)."""
+    _gpu_clock_kernel[(1,)](t0, total, STOP=stop, num_warps=1)
 
 
 # ---------------------------------------------------------------------------------------------

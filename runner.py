@@ -45,6 +45,10 @@ class DecodeGraphs:
     EPLB rewrites the expert maps and expert weights in place (never reallocating them), so graphs
     captured earlier stay valid across rebalances.
 
+    Under expert parallelism (model.ep_group) every rank captures the same buckets in the same order,
+    each graph holding the MoE all-reduce (NCCL) and the MoE timer's clock kernels; ep.LockstepDecodeGraphs
+    makes all ranks replay the same bucket with the same inputs.
+
     run(input_ids [B], start_pos [B], slot_ids [B], load [L,P] | None) -> logits [B,V] fp32, a view
     of the bucket's output buffer (valid until the next run). Graphs are captured lazily, on the
     first run of each bucket.
@@ -62,8 +66,6 @@ class DecodeGraphs:
         self.buckets = batch_buckets(self.max_batch_size)
         self.device = model.embed.weight.device
         self.use_graphs = self.device.type == "cuda"
-        if self.use_graphs and (model.ep_group is not None or model.moe_timer is not None):
-            raise ValueError("DecodeGraphs cannot capture collectives or timing events: not under expert parallelism")
         if self.use_graphs and os.environ.get("DSV4_KERNELS") == "torch":
             raise ValueError("DecodeGraphs needs the Triton kernels on CUDA (the torch twins sync the host)")
         self.graphs: dict[int, dict] = {}  # bucket -> {"graph", "inputs", "logits", "load"}
@@ -136,10 +138,22 @@ class DecodeGraphs:
                 self._step(inputs, load)
         torch.cuda.current_stream(dev).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # Under EP: NCCL's watchdog thread polls its events while we capture; a thread-local capture
+        # lets it (a global one would make its calls fail), and nothing of the warm-up is left pending.
+        distributed = self.model.ep_group is not None
+        if distributed:
+            torch.cuda.synchronize(dev)
+        with torch.cuda.graph(graph, capture_error_mode="thread_local" if distributed else "global"):
             logits = self._step(inputs, load)
         self.graphs[size] = g = dict(graph=graph, inputs=inputs, padding=padding, logits=logits, load=load)
         return g
+
+
+def make_decode_graphs(model, cache, max_batch_size: int):
+    """The model's own decode-step driver if it has one (ep.LockstepModel: every rank replays the
+    same bucket), else DecodeGraphs. Both have capture_all(), run(), new_load_buffer()."""
+    own = getattr(model, "decode_graphs", None)
+    return own(cache, max_batch_size) if own is not None else DecodeGraphs(model, cache, max_batch_size)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -164,10 +178,12 @@ class ModelRunner:
     """Runs the model for the engine, on the engine thread. `seqs` are engine.Sequence objects.
 
     decode_graphs: the decode step goes through DecodeGraphs (CUDA graphs on a GPU; on a CPU the same
-    padded step, so a request's rounding never depends on its neighbours). Without it (torchrun: every
-    rank must see each forward) the decode step is a plain eager forward.
+    padded step, so a request's rounding never depends on its neighbours); under torchrun through
+    ep.LockstepDecodeGraphs (every rank replays the same bucket). Without it the decode step is a
+    plain eager forward.
     run_ahead: with decode graphs, queue the next decode step before this step's tokens reach the host
-    (its inputs are this step's tokens, sampled on the device).
+    (its inputs are this step's tokens, sampled on the device; under torchrun they are broadcast from
+    the device, so the other ranks follow without a host sync on rank 0).
 
     Expert load: each forward counts into the `load` [L, P] it is given. A step launched ahead counts
     into its own buffer, which is added to the caller's `load` only when that step is used, so every
@@ -184,7 +200,7 @@ class ModelRunner:
         self.sampler = Sampler(cache.num_slots, num_token_ids, self.device)
         self.decoder = None
         if decode_graphs:
-            self.decoder = DecodeGraphs(model, cache, max_batch_size)
+            self.decoder = make_decode_graphs(model, cache, max_batch_size)
             self.decoder.capture_all()
         self.sampler.warm_up(model.config.vocab_size)
         self.run_ahead = run_ahead and self.decoder is not None

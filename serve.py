@@ -100,6 +100,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e.add_argument("--record-dir", metavar="DIR", help="where /dump_expert_distribution_record writes")
     e.add_argument("--eplb-canary", action="store_true",
                    help="after every cross-rank expert move, check that each slot holds its planned expert")
+    e.add_argument("--eager-decode", action="store_true",
+                   help="decode steps as plain eager forwards: no CUDA graphs (GPU) or padded step (CPU), no "
+                        "run-ahead; for comparisons")
     e.add_argument("--ep-timeout", type=float, default=20.0,
                    help="seconds a collective may wait for a peer rank before the server gives up (torchrun)")
     args = p.parse_args(argv)
@@ -135,7 +138,7 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error(f"experts ({num_experts}) + --ep-num-redundant-experts ({a.ep_num_redundant_experts}) "
                 f"must be a multiple of --ep-size ({a.ep_size})")
     world = ep.torchrun_world_size()
-    if world > 1 and a.ep_size != world:
+    if ep.launched_by_torchrun() and a.ep_size != world:
         p.error(f"--ep-size ({a.ep_size}) must equal the number of torchrun processes ({world})")
     if a.eplb_algorithm == "hierarchical" and not (a.eplb_num_nodes > 1 and a.ep_size % a.eplb_num_nodes == 0):
         p.error(f"--eplb-algorithm hierarchical needs --eplb-num-nodes > 1 dividing --ep-size ({a.ep_size}), "
@@ -223,9 +226,9 @@ def build_runtime(args: argparse.Namespace) -> Runtime:
     engine = Engine(peers or model, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
                     max_queue=args.max_queue, eos_token_ids=tokenizer.eos_ids, prefill_chunk=args.prefill_chunk,
                     seed=args.seed, eplb=eplb_manager, peers=peers,
-                    decode_graphs=peers is None, num_token_ids=tokenizer.vocab_size,
+                    decode_graphs=not args.eager_decode, num_token_ids=tokenizer.vocab_size,
                     prefill_tail=args.prefill_tail if args.prefill_tail >= 0 else
-                    (64 if device != "cpu" and peers is None else 0))
+                    (64 if device != "cpu" and not args.eager_decode else 0))
     return Runtime(engine=engine, tokenizer=tokenizer, model_name=served_model_name(args),
                    max_seq_len=args.max_seq_len, vocab_size=vocab_size, eplb=eplb_manager,
                    record_dir=record_dir, peers=peers)

@@ -1,5 +1,8 @@
 """Expert parallelism over torch.distributed (gloo, CPU): real `torchrun --nproc-per-node 2 serve.py`
 servers against a single-process one, a forced cross-rank rebalance with the canary on, and a killed rank.
+The decode step goes through DecodeGraphs on every rank (ep.LockstepDecodeGraphs; on CPU its padded
+eager step) unless --eager-decode; both give the single process's tokens. A torchrun world of one
+serves through the same EP path.
 
 Plus the mover alone (ep.DistributedMover) in two gloo processes; its sources (eplb.slot_sources, a
 pure function) are tested in test_eplb.py.
@@ -29,12 +32,12 @@ FLAGS = ["--preset", "tiny", "--eplb", "--ep-size", "2", "--eplb-rebalance-num-i
 
 
 class Launch:
-    """One server: plain python (1 process) or torchrun (2 processes, gloo)."""
+    """One server: plain python (1 process) or torchrun (`ranks` processes, gloo)."""
 
-    def __init__(self, torchrun: bool, *flags: str):
+    def __init__(self, torchrun: bool, *flags: str, ranks: int = 2):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        head = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+        head = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
                  "--master-port", str(free_port()), "serve.py"] if torchrun else [sys.executable, "serve.py"])
         self.proc = subprocess.Popen(head + [*FLAGS, *flags, "--port", str(self.port)], cwd=ROOT,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -130,6 +133,28 @@ def test_two_ranks_match_single_process_and_survive_cross_rank_rebalance(single_
         assert torch.equal(measured.to(predicted.dtype), predicted)
         assert len(replay["ranks"]["moe_seconds_total"]) == 2 and min(replay["ranks"]["moe_seconds_total"]) > 0
         assert sum(replay["ranks"]["tokens_window"]) == int(torch.tensor(replay["rank_load"]).sum())
+        assert server.stop() == 0
+    finally:
+        server.stop()
+
+
+def test_eager_ep_decode_gives_the_same_tokens_as_the_graphed_ep_path(single_outputs):
+    # the graphed path (every rank's DecodeGraphs) is the default, checked against one process above;
+    # the eager path is the plain forward broadcast step by step: both must give one process's tokens
+    server = Launch(True, "--eager-decode")
+    try:
+        assert [server.complete(p) for p in PROMPTS] == single_outputs
+        assert server.stop() == 0
+    finally:
+        server.stop()
+
+
+def test_torchrun_world_of_one_serves_through_the_ep_path(single_outputs):
+    server = Launch(True, "--ep-size", "1", ranks=1)
+    try:
+        assert [server.complete(p) for p in PROMPTS] == single_outputs
+        ranks = server.state()["ranks"]  # per-rank MoE seconds exist only on the EP path (LockstepModel)
+        assert len(ranks["moe_seconds_total"]) == 1 and ranks["moe_seconds_total"][0] > 0
         assert server.stop() == 0
     finally:
         server.stop()
