@@ -195,19 +195,22 @@ class ExpertLoadRecorder:
         """[L, P] int64: the last `steps` steps' physical counts, summed."""
         return self._last(self.physical, steps).long().sum(0)
 
-    def restart_decayed(self, steps: int) -> None:
-        """Forget all but the last `steps` (at most a window) steps in the decayed load."""
-        self.decayed = self.decayed_load(0) - self.decayed_load(steps)
-
     def logical_steps(self, steps: int) -> torch.Tensor:
-        """[n, L, E] int64: the logical counts of each of the last n = min(steps, recorded, window) steps, oldest first."""
+        """[n, L, E] int64: each of the last n = min(steps, recorded, window) steps' logical counts, oldest first."""
         return self._last(self.logical, steps)
 
     def decayed_load(self, skip_recent: int = 0) -> torch.Tensor:
         """[L, E] float64: the decayed load of every step but the last `skip_recent` (at most a window)."""
-        recent = self.logical_steps(skip_recent)  # [n, L, E]
+        return (self.decayed - self._decayed_recent(skip_recent)).clamp(min=0)
+
+    def restart_decayed(self, steps: int) -> None:
+        """Forget every step but the last `steps` (at most a window) in the decayed load."""
+        self.decayed.copy_(self._decayed_recent(steps))
+
+    def _decayed_recent(self, steps: int) -> torch.Tensor:
+        recent = self.logical_steps(steps)  # [n, L, E]
         age = torch.arange(recent.shape[0] - 1, -1, -1, dtype=torch.float64, device=recent.device)
-        return (self.decayed - torch.einsum("s,sle->le", self.decay ** age, recent.double())).clamp(min=0)
+        return torch.einsum("s,sle->le", self.decay ** age, recent.double())
 
     def start(self) -> None:
         """sglang /start_expert_distribution_record: clear the session and record into it."""
