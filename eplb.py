@@ -717,9 +717,11 @@ class EPLBManager:
         """The placement to move to: `layers` [L] bool of a plan refitted to the winning load with the
         held-out steps added (more and fresher load, fitted the same way as the plan judged). When the
         recent load won, traffic has changed: the decayed memory restarts from those steps."""
+        load = self.recorder.decayed_load()
         if best.load_name == "recent":
+            load = self.recorder.logical_steps(2 * rec.heldout_steps).sum(0)
             self.recorder.restart_decayed(2 * rec.heldout_steps)
-        plan = self.plan(self.recorder.decayed_load())
+        plan = self.plan(load.cpu())
         slots = plan.changed_slots(self.location)
         rec.layers_planned, rec.slots_planned = int((slots > 0).sum()), int(slots.sum())
         rec.bytes_planned = rec.slots_planned * self.slot_bytes
