@@ -242,6 +242,19 @@ class Metrics:
                                   value=eplb["rebalance_seconds_total"])
         yield CounterMetricFamily("dsv4_eplb_bytes_moved", "Expert weight bytes copied",
                                   value=eplb["bytes_moved_total"])
+        yield CounterMetricFamily("dsv4_eplb_rebalance_checks", "Due or forced rebalance decisions taken",
+                                  value=eplb["rebalance_checks_total"])
+        skipped = CounterMetricFamily("dsv4_eplb_rebalances_skipped", "Rebalances decided against, by reason",
+                                      labels=["reason"])
+        for reason, count in eplb["rebalances_skipped_by_reason"].items():
+            skipped.add_metric([reason], count)
+        yield skipped
+        for key, doc in [("last_gain_predicted", "Last decision: the plan's balancedness gain on held-out steps"),
+                         ("last_gain_margin", "Last decision: the gain a move had to clear (min gain + sigmas x noise)")]:
+            if eplb[key] is not None:
+                yield GaugeMetricFamily(f"dsv4_eplb_{key}", doc, value=eplb[key])
+        yield GaugeMetricFamily("dsv4_eplb_rebalance_layers_left", "Layers a started rebalance still has to move",
+                                value=eplb["rebalance_layers_left"])
         ranks = s.get("ranks", {})
         for key, name, doc, kind in [
                 ("tokens_window", "dsv4_ep_rank_tokens_window", "Routed (token, expert) choices per EP rank "

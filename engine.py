@@ -202,6 +202,8 @@ class Engine:
         try:
             while not self._stopped:
                 if not self.has_work():
+                    if self.eplb is not None and self.eplb.move_pending_layers():
+                        continue  # a started rebalance finishes when traffic stops, one chunk per pass
                     self._wakeup.wait(timeout=0.5)
                     self._wakeup.clear()
                     if self.peers is not None:

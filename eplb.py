@@ -149,21 +149,26 @@ def initial_location(spec: str | None, num_layers: int, num_experts: int, num_ph
 # 2. Load recorder
 # =============================================================================================
 class ExpertLoadRecorder:
-    """Per-step physical counts → a ring of the last `window` steps, kept physical and logical.
+    """Per-step physical counts → a ring of the last `window` steps, kept physical and logical,
+    and a decayed logical total over all steps.
 
     `load` [L, P] int32 is what the engine hands to model.forward(load=...); `step(phy2log)` after
     each forward folds it into the ring through the placement that produced it (so a rebalance in
     the middle of a window is attributed correctly) and zeroes it. The ring always runs (EPLB reads
     it); start/stop/dump are sglang's recording session on top, capped at `session_capacity`.
+    `decayed` [L, E] float64 weighs every step's logical load by 0.5 ** (age / half_life): at small
+    batch one window is mostly sampling noise, a long memory is not (None: no decay).
     """
 
     def __init__(self, num_layers: int, num_physical: int, num_experts: int, window: int,
-                 device: str | torch.device = "cpu", session_capacity: int = 1000):
+                 device: str | torch.device = "cpu", session_capacity: int = 1000, half_life: float | None = None):
         L, P, E = num_layers, num_physical, num_experts
         self.window = window
         self.load = torch.zeros(L, P, dtype=torch.int32, device=device)
         self.physical = torch.zeros(window, L, P, dtype=torch.int32, device=device)  # ring
         self.logical = torch.zeros(window, L, E, dtype=torch.int64, device=device)  # ring
+        self.decay = 0.5 ** (1.0 / half_life) if half_life else 1.0  # per step
+        self.decayed = torch.zeros(L, E, dtype=torch.float64, device=device)
         self.steps = 0  # steps ever recorded into the ring
         self.recording = False
         self.session: deque[torch.Tensor] = deque(maxlen=session_capacity)
@@ -173,6 +178,7 @@ class ExpertLoadRecorder:
         slot = self.steps % self.window
         self.physical[slot].copy_(self.load)
         self.logical[slot].zero_().scatter_add_(1, phy2log.to(self.load.device).long(), self.load.long())
+        self.decayed.mul_(self.decay).add_(self.logical[slot])
         if self.recording:
             self.session.append(self.logical[slot].to("cpu", copy=True))
         self.steps += 1
@@ -190,6 +196,23 @@ class ExpertLoadRecorder:
     def physical_load(self, steps: int | None = None) -> torch.Tensor:
         """[L, P] int64: the last `steps` steps' physical counts, summed."""
         return self._last(self.physical, steps).long().sum(0)
+
+    def logical_steps(self, steps: int) -> torch.Tensor:
+        """[n, L, E] int64: each of the last n = min(steps, recorded, window) steps' logical counts, oldest first."""
+        return self._last(self.logical, steps)
+
+    def decayed_load(self, skip_recent: int = 0) -> torch.Tensor:
+        """[L, E] float64: the decayed load of every step but the last `skip_recent` (at most a window)."""
+        return (self.decayed - self._decayed_recent(skip_recent)).clamp(min=0)
+
+    def restart_decayed(self, steps: int) -> None:
+        """Forget every step but the last `steps` (at most a window) in the decayed load."""
+        self.decayed.copy_(self._decayed_recent(steps))
+
+    def _decayed_recent(self, steps: int) -> torch.Tensor:
+        recent = self.logical_steps(steps)  # [n, L, E]
+        age = torch.arange(recent.shape[0] - 1, -1, -1, dtype=torch.float64, device=recent.device)
+        return torch.einsum("s,sle->le", self.decay ** age, recent.double())
 
     def start(self) -> None:
         """sglang /start_expert_distribution_record: clear the session and record into it."""
@@ -420,7 +443,75 @@ def _synchronize(device: torch.device) -> None:
 
 
 # =============================================================================================
-# 4. Manager: the engine's hook
+# 4. Policy: does a plan pay? (pure functions)
+# =============================================================================================
+class PlanGain(NamedTuple):
+    """A plan's balancedness gain over the current placement, measured on held-out load."""
+    layer_gain: torch.Tensor  # [L] float64: balancedness under the plan minus under the current placement
+    layer_noise: torch.Tensor  # [L] float64: jackknife standard error of layer_gain
+    replicates: torch.Tensor  # [K, L] float64: layer_gain with each block of held-out steps left out
+
+
+class MoveDecision(NamedTuple):
+    layers: torch.Tensor  # [L] bool: the layers to move
+    reason: str  # "plan_pays" | "layers_pay" | "gain_below_margin"
+    gain: float  # the whole plan's gain of the model figure (mean over layers)
+    noise: float  # its jackknife standard error
+    margin: float  # min_gain + noise_sigmas * noise: what `gain` had to exceed for the whole plan to move
+
+
+def blocks_rank_load(blocks: torch.Tensor, phy2log: torch.Tensor, num_ranks: int) -> torch.Tensor:
+    """Rank load of K blocks of logical load under one placement: blocks [K, L, E], phy2log [L, P] -> [K, L, G]."""
+    K, L, E = blocks.shape
+    slot_load = replica_load(blocks.reshape(K * L, E), phy2log.cpu().repeat(K, 1))  # [K*L, P]
+    return rank_load(slot_load, num_ranks).view(K, L, num_ranks)
+
+
+def heldout_gain(current: torch.Tensor, planned: torch.Tensor) -> PlanGain:
+    """How much a plan raises balancedness on load it was not fitted to, and how noisy that figure is.
+
+    current, planned [K, L, G]: rank load of K consecutive blocks of held-out steps under the current
+    placement and under the plan. The gain is taken over all K blocks together; its noise is the
+    jackknife standard error over the blocks (each left out once): it shrinks as held-out load grows
+    and widens with routing noise. K = 1 gives noise 0.
+    """
+    current, planned = current.double(), planned.double()
+    gain = balancedness(planned.sum(0)) - balancedness(current.sum(0))  # [L]
+    replicates = balancedness(planned.sum(0) - planned) - balancedness(current.sum(0) - current)  # [K, L]
+    return PlanGain(gain, _jackknife_error(replicates), replicates)
+
+
+def _jackknife_error(replicates: torch.Tensor) -> torch.Tensor:
+    """Standard error from leave-one-out replicates [K, ...] -> [...]: sqrt((K-1)/K * sum (r - mean)^2)."""
+    K = replicates.shape[0]
+    return ((K - 1) / K * (replicates - replicates.mean(0)).pow(2).sum(0)).sqrt()
+
+
+def layers_worth_moving(gain: PlanGain, changed: torch.Tensor, min_gain: float, noise_sigmas: float,
+                        per_layer: bool) -> MoveDecision:
+    """Which layers of a plan to move, if any: a move must beat the noise of its own estimate.
+
+    gain: from `heldout_gain`; changed [L] bool: the layers the plan changes. The whole plan pays when
+    its model gain (mean over layers) exceeds min_gain + noise_sigmas x its noise; then its changed
+    layers move (per_layer: only those that gain at all, since a layer's move costs its bytes whatever
+    the others gain). Otherwise, per_layer, a layer moves on its own when its gain exceeds
+    min_gain + noise_sigmas x its own noise.
+    """
+    model_gain = float(gain.layer_gain.mean())
+    noise = float(_jackknife_error(gain.replicates.mean(1)))
+    margin = min_gain + noise_sigmas * noise
+    pays = model_gain > margin
+    if per_layer:
+        alone = gain.layer_gain > min_gain + noise_sigmas * gain.layer_noise
+        layers = changed & (alone | (pays & (gain.layer_gain > 0)))
+    else:
+        layers = changed & pays
+    reason = "gain_below_margin" if not bool(layers.any()) else "plan_pays" if pays else "layers_pay"
+    return MoveDecision(layers, reason, model_gain, noise, margin)
+
+
+# =============================================================================================
+# 5. Manager: the engine's hook
 # =============================================================================================
 @dataclass
 class EPLBConfig:
@@ -429,27 +520,41 @@ class EPLBConfig:
     algorithm: "global" (replicate + pack over all ranks) or "hierarchical" (node-local replicas).
     DSV4 has no expert groups, so "hierarchical" uses num_groups = E by default: every expert is its
     own group, experts are balanced over nodes first and replicated only inside their node.
+    The policy (see `layers_worth_moving`): plans are fitted to load that leaves out the last half
+    period of steps and move only where their gain on those steps beats min_gain + gain_noise_sigmas
+    standard errors; min_gain < 0 with gain_noise_sigmas = 0 moves whatever changes.
     """
     num_ranks: int = 1
     rebalance_num_iterations: int = 1000
-    window: int | None = None  # steps of load used to plan; default = rebalance_num_iterations
+    window: int | None = None  # steps kept per step in the ring; default = rebalance_num_iterations
     algorithm: str = "global"
     num_nodes: int = 1
     num_groups: int | None = None
     layers_per_step: int | None = None  # None: all layers at once
     min_balancedness: float = 1.0  # skip when the window's balancedness is already >= this
+    load_half_life: float | None = None  # steps; the decayed load estimate's half-life (None: 4 windows)
+    min_gain: float = 0.01  # a move must raise held-out balancedness by more than this ...
+    gain_noise_sigmas: float = 2.0  # ... plus this many standard errors of that estimate
+    per_layer: bool = True  # decide layer by layer (False: the whole plan or nothing)
     refine: bool = True
     preserve_slots: bool = True
     init_expert_location: str | None = None
     history: int = 256  # balancedness samples kept for /eplb/state (mean and per layer)
 
 
+SKIP_REASONS = ("balanced_enough", "not_enough_steps", "no_change", "gain_below_margin")
+MOVE_REASONS = ("plan_pays", "layers_pay", "forced")
+
+
 @dataclass
 class RebalanceRecord:
+    """One rebalance decision: a move, or a skip and why. Balancedness is the mean over layers of
+    mean / max rank load; gains are differences of it. "Held-out" figures are predicted on the last
+    `heldout_steps` steps, which the plan was not fitted to."""
     step: int
-    balancedness_before: float
-    balancedness_predicted: float
-    balancedness_measured: float | None = None
+    balancedness_before: float  # measured over the window, current placement
+    balancedness_predicted: float | None = None  # held-out: the placement moved to (skipped: the whole plan)
+    balancedness_measured: float | None = None  # over the window after the move
     slots_changed: int = 0
     bytes_moved: int = 0
     plan_seconds: float = 0.0
@@ -458,18 +563,39 @@ class RebalanceRecord:
     layers_moved: int = 0
     finished_step: int | None = None
     forced: bool = False
+    decision: str = "moved"  # "moved" | "skipped"
+    reason: str = ""  # one of MOVE_REASONS / SKIP_REASONS
+    detail: str = ""  # the decision in words (the log line)
+    plan_load: str | None = None  # the load the plan was fitted to: "decayed" | "recent" | "all"
+    heldout_steps: int = 0
+    balancedness_heldout: float | None = None  # held-out: the current placement
+    gain_predicted: float | None = None  # held-out gain of the whole plan
+    gain_noise: float | None = None  # its jackknife standard error
+    gain_margin: float | None = None  # min_gain + gain_noise_sigmas * gain_noise
+    layers_planned: int = 0  # layers the whole plan changes
+    slots_planned: int = 0  # slots, and bytes, the whole plan would move
+    bytes_planned: int = 0
+
+
+class Candidate(NamedTuple):
+    load_name: str  # which load estimate the plan was fitted to
+    plan: ExpertLocation
+    gain: PlanGain
+    heldout_balancedness: float  # the current placement's, on the held-out steps
 
 
 class EPLBManager:
-    """Record → plan → move → measure, driven by `after_step()` once per forward step.
+    """Record → decide → move → measure, driven by `after_step()` once per forward step.
 
     model: a dsv4_mini.DSV4Model (buffers phy2log / log2phy / logcnt, expert_weights(layer)).
     Hand `manager.load` to model.forward(load=...), then call `manager.after_step()`.
     Under torchrun only rank 0 has a manager: it records (every rank routes the same batch, so its
     counts are everyone's), plans, and moves through `ep.LockstepMover`, which announces each layer
     move so the other ranks apply the same rows (`ep.run_worker`).
-    The period (rebalance_num_iterations) counts from the end of the previous move, so the
-    "measured after" window always completes before the next plan.
+    Every period (rebalance_num_iterations, counted from the end of the previous move, so the
+    "measured after" window completes first) it decides whether a new placement pays: plans fitted
+    to load without the last half period are judged on that half period against the current
+    placement; a skip is recorded with its reason like a move.
     """
 
     def __init__(self, model, config: EPLBConfig, mover=None):
@@ -486,16 +612,21 @@ class EPLBManager:
         else:
             self.num_groups, self.num_nodes = 1, 1
         self.window = config.window or config.rebalance_num_iterations
+        self.half_life = config.load_half_life or 4 * self.window
         device = self.location.phy2log.device
-        self.recorder = ExpertLoadRecorder(L, P, E, self.window, device)
+        self.recorder = ExpertLoadRecorder(L, P, E, self.window, device, half_life=self.half_life)
         self.rebalancer = Rebalancer(model, self.location, mover)
+        self.slot_bytes = sum(w[0].numel() * w[0].element_size() for w in model.expert_weights(0))
         self.step_count = 0
         self.last_check = 0
-        self.records: deque[RebalanceRecord] = deque(maxlen=32)
+        self.records: deque[RebalanceRecord] = deque(maxlen=64)
         self.history: deque[tuple[int, float]] = deque(maxlen=config.history)
         self.layer_history: deque[tuple[int, list[float]]] = deque(maxlen=config.history)  # [L] per sample
-        self.counters = {"rebalances_total": 0, "rebalances_skipped_total": 0, "rebalance_seconds_total": 0.0,
-                         "bytes_moved_total": 0, "slots_changed_total": 0}
+        self.counters = {"rebalances_total": 0, "rebalances_skipped_total": 0, "rebalance_checks_total": 0,
+                         "rebalance_seconds_total": 0.0, "bytes_moved_total": 0, "slots_changed_total": 0}
+        self.skipped_by_reason = dict.fromkeys(SKIP_REASONS, 0)
+        self._moving: RebalanceRecord | None = None  # the move in progress
+        self._unmeasured: RebalanceRecord | None = None  # a finished move waiting for its window
         if config.init_expert_location not in (None, "trivial"):
             start = initial_location(config.init_expert_location, L, E, P, config.num_ranks,
                                      self.num_groups, self.num_nodes, config.refine)
@@ -510,16 +641,24 @@ class EPLBManager:
         """Call after every forward step (engine thread, between forwards)."""
         self.recorder.step(self.location.phy2log)
         self.step_count += 1
-        if self.rebalancer.busy:
-            self.rebalancer.step()
-            self._finish_if_done()
+        self.move_pending_layers()
         self._measure_if_due()
-        if not self.rebalancer.busy and self.step_count - self.last_check >= self.config.rebalance_num_iterations:
+        due = self.step_count - self.last_check >= self.config.rebalance_num_iterations
+        if due and self.config.num_ranks > 1 and not self.rebalancer.busy:
             self.rebalance()
         if self.step_count % max(1, self.window // 10) == 0:
             per_layer = self.layer_balancedness()
             self.history.append((self.step_count, float(per_layer.mean())))
             self.layer_history.append((self.step_count, per_layer.tolist()))
+
+    def move_pending_layers(self) -> bool:
+        """Move the next chunk of a rebalance in progress: after a forward step, and from the engine's
+        idle loop, so a started rebalance finishes when traffic stops. Returns whether it moved any."""
+        if not self.rebalancer.busy:
+            return False
+        self.rebalancer.step()
+        self._finish_if_done()
+        return True
 
     def balancedness(self, steps: int | None = None) -> float:
         """Measured: mean over layers of the last `steps` steps' per-layer balancedness."""
@@ -538,36 +677,131 @@ class EPLBManager:
                                            self.location.width).to(self.location.phy2log.device)
 
     def rebalance(self, force: bool = False) -> dict:
-        """Plan on the window's logical load and start moving (now, or over the next steps).
+        """Decide whether a new placement pays and, if so, start moving it (now, or over the next steps).
 
-        Returns {"status": "started" | "skipped" | "busy" | "no_load", ...}.
+        force (POST /eplb/rebalance): move every layer the best plan changes, whatever its gain.
+        Returns {"status": "started" | "skipped", **the RebalanceRecord} or {"status": "busy" |
+        "no_load" | "nothing_to_balance", ...}; only "started" and "skipped" are counted.
         """
+        if self.config.num_ranks == 1:
+            return {"status": "nothing_to_balance",
+                    "reason": "one rank: every expert already runs on it, there is no load to even out"}
         if self.rebalancer.busy:
-            return {"status": "busy"}
+            return {"status": "busy", "layers_left": len(self.rebalancer.pending)}
         self.last_check = self.step_count
-        logical = self.recorder.logical_load().cpu()
-        if int(logical.sum()) == 0:
+        if int(self.recorder.logical_load().sum()) == 0:
             return {"status": "no_load"}
-        before = self.balancedness()
-        if before >= self.config.min_balancedness and not force:
-            self.counters["rebalances_skipped_total"] += 1
-            log.info("eplb step %d: skip rebalance, balancedness %.3f >= %.3f",
-                     self.step_count, before, self.config.min_balancedness)
-            return {"status": "skipped", "balancedness": before}
+        self.counters["rebalance_checks_total"] += 1
+        rec = RebalanceRecord(self.step_count, self.balancedness(), forced=force)
+        if rec.balancedness_before >= self.config.min_balancedness and not force:
+            return self._skip(rec, "balanced_enough", f"measured balancedness {rec.balancedness_before:.3f} >= "
+                              f"min balancedness {self.config.min_balancedness:.3f}")
         t0 = time.perf_counter()
-        target = self.plan(logical)
-        plan_seconds = time.perf_counter() - t0
-        predicted = float(balancedness(target.rank_load(logical)).mean())
+        rec.heldout_steps = max(1, min(self.config.rebalance_num_iterations, self.window, self.recorder.steps) // 2)
+        best = self._best_candidate(rec.heldout_steps, fallback_to_all=force)
+        if best is None:
+            return self._skip(rec, "not_enough_steps", f"no steps before the {rec.heldout_steps} held-out ones "
+                              "to fit a plan to")
+        changed = best.plan.changed_slots(self.location) > 0  # [L]
+        decision = layers_worth_moving(best.gain, changed, self.config.min_gain, self.config.gain_noise_sigmas,
+                                       self.config.per_layer)
+        layers = changed if force else decision.layers
+        self._fill_prediction(rec, best, decision, layers)
+        if not bool(layers.any()):
+            rec.plan_seconds = time.perf_counter() - t0
+            reason = "no_change" if not bool(changed.any()) else decision.reason
+            rec.reason = reason
+            return self._skip(rec, reason, self._describe(rec, 0))
+        target = self._move_target(best, layers, rec)
+        rec.plan_seconds = time.perf_counter() - t0
+        rec.reason = "forced" if force else decision.reason
+        rec.detail = self._describe(rec, int(target.changed_slots(self.location).gt(0).sum()))
+        log.info("eplb step %d: %s", rec.step, rec.detail)
         self._log_unmeasured()
-        self.records.append(RebalanceRecord(self.step_count, before, predicted, plan_seconds=plan_seconds, forced=force))
+        self._moving = rec
+        self.records.append(rec)
         self.rebalancer.begin(target, self.config.layers_per_step)
-        self.rebalancer.step()
-        self._finish_if_done()
-        return {"status": "started", "balancedness_before": before, "balancedness_predicted": predicted}
+        self.move_pending_layers()
+        return {"status": "started", **asdict(rec)}
+
+    def _best_candidate(self, heldout: int, fallback_to_all: bool) -> Candidate | None:
+        """Plan on each load estimate without the last `heldout` steps; the larger held-out gain wins.
+
+        "decayed": every earlier step, halved every half-life (steady: the usual winner);
+        "recent": the `heldout` steps before those (follows a change of traffic within one period).
+        None when neither has load yet, unless fallback_to_all: then a plan on all load ("all"),
+        judged on its own steps.
+        """
+        recent = self.recorder.logical_steps(2 * heldout)[:-heldout]  # [<= heldout, L, E]
+        estimates = {"decayed": self.recorder.decayed_load(heldout), "recent": recent.sum(0)}
+        estimates = {name: load.cpu() for name, load in estimates.items() if float(load.sum()) > 0}
+        if not estimates and fallback_to_all:
+            estimates = {"all": self.recorder.decayed_load().cpu()}
+        steps = self.recorder.logical_steps(heldout).cpu()  # [h, L, E]
+        blocks = torch.stack([b.sum(0) for b in steps.tensor_split(min(8, len(steps)))])  # [K, L, E]
+        current = blocks_rank_load(blocks, self.location.phy2log, self.config.num_ranks)
+        best = None
+        for name, load in estimates.items():
+            plan = self.plan(load)
+            gain = heldout_gain(current, blocks_rank_load(blocks, plan.phy2log, self.config.num_ranks))
+            if best is None or float(gain.layer_gain.mean()) > float(best.gain.layer_gain.mean()):
+                best = Candidate(name, plan, gain, float(balancedness(current.sum(0)).mean()))
+        return best
+
+    def _move_target(self, best: Candidate, layers: torch.Tensor, rec: RebalanceRecord) -> ExpertLocation:
+        """The placement to move to: `layers` [L] bool of a plan refitted to the winning load with the
+        held-out steps added (more and fresher load, fitted the same way as the plan judged). When the
+        recent load won, traffic has changed: the decayed memory restarts from those steps."""
+        load = self.recorder.decayed_load()
+        if best.load_name == "recent":
+            load = self.recorder.logical_steps(2 * rec.heldout_steps).sum(0)
+            self.recorder.restart_decayed(2 * rec.heldout_steps)
+        plan = self.plan(load.cpu())
+        slots = plan.changed_slots(self.location)
+        rec.layers_planned, rec.slots_planned = int((slots > 0).sum()), int(slots.sum())
+        rec.bytes_planned = rec.slots_planned * self.slot_bytes
+        return self._with_layers(plan, layers)
+
+    def _fill_prediction(self, rec: RebalanceRecord, best: Candidate, decision: MoveDecision,
+                         layers: torch.Tensor) -> None:
+        """The judged plan's figures into `rec` (a skip's predicted balancedness: the whole plan's)."""
+        slots = best.plan.changed_slots(self.location)  # [L]
+        moving = layers if bool(layers.any()) else slots > 0
+        rec.plan_load, rec.balancedness_heldout = best.load_name, best.heldout_balancedness
+        rec.balancedness_predicted = best.heldout_balancedness + float(best.gain.layer_gain[moving].sum()) / len(slots)
+        rec.gain_predicted, rec.gain_noise, rec.gain_margin = decision.gain, decision.noise, decision.margin
+        rec.layers_planned, rec.slots_planned = int((slots > 0).sum()), int(slots.sum())
+        rec.bytes_planned = rec.slots_planned * self.slot_bytes
+
+    def _with_layers(self, plan: ExpertLocation, layers: torch.Tensor) -> ExpertLocation:
+        """The current placement with `layers` [L] bool taken from `plan`."""
+        rows = torch.where(layers.view(-1, 1).to(plan.phy2log.device), plan.phy2log, self.location.phy2log)
+        return ExpertLocation.from_phy2log(rows.cpu(), self.location.num_experts, self.config.num_ranks,
+                                           self.location.width).to(self.location.phy2log.device)
+
+    def _describe(self, rec: RebalanceRecord, layers_moving: int) -> str:
+        """The decision in words: the log line and the record's `detail`."""
+        moved = layers_moving > 0
+        head = (f"move {layers_moving}/{self.location.num_layers} layers ({rec.reason})" if moved
+                else f"skip ({rec.reason})")
+        return (f"{head}: held-out balancedness {rec.balancedness_heldout:.3f} -> "
+                f"{'predicted' if moved else 'plan would reach'} {rec.balancedness_predicted:.3f} "
+                f"({rec.heldout_steps} steps); plan on {rec.plan_load} load: gain {rec.gain_predicted:+.3f} vs margin "
+                f"{rec.gain_margin:.3f} (min gain {self.config.min_gain:g} + {self.config.gain_noise_sigmas:g} x noise "
+                f"{rec.gain_noise:.3f}) | whole plan: {rec.layers_planned} layers, {rec.slots_planned} slots, "
+                f"{rec.bytes_planned / 2**20:.1f} MiB")
+
+    def _skip(self, rec: RebalanceRecord, reason: str, detail: str) -> dict:
+        rec.decision, rec.reason, rec.detail = "skipped", reason, detail
+        self.counters["rebalances_skipped_total"] += 1
+        self.skipped_by_reason[reason] += 1
+        self.records.append(rec)
+        log.info("eplb step %d: %s", rec.step, detail)
+        return {"status": "skipped", **asdict(rec)}
 
     def _finish_if_done(self) -> None:
-        rec = self.records[-1] if self.records else None
-        if self.rebalancer.busy or rec is None or rec.finished_step is not None:
+        rec = self._moving
+        if self.rebalancer.busy or rec is None:
             return
         stats = self.rebalancer.stats
         rec.finished_step = self.last_check = self.step_count  # the next period starts after the move
@@ -577,24 +811,22 @@ class EPLBManager:
         self.counters["rebalance_seconds_total"] += rec.plan_seconds + rec.move_seconds
         self.counters["bytes_moved_total"] += rec.bytes_moved
         self.counters["slots_changed_total"] += rec.slots_changed
+        self._moving, self._unmeasured = None, rec
 
     def _measure_steps(self) -> int:
         return min(self.window, self.config.rebalance_num_iterations)
 
     def _measure_if_due(self) -> None:
-        rec = self.records[-1] if self.records else None
-        if rec is None or rec.finished_step is None or rec.balancedness_measured is not None:
-            return
-        if self.step_count - rec.finished_step >= self._measure_steps():
+        rec = self._unmeasured
+        if rec is not None and self.step_count - rec.finished_step >= self._measure_steps():
             rec.balancedness_measured = self.balancedness(self._measure_steps())
-            self._log_record(rec)
+            self._log_unmeasured()
 
     def _log_unmeasured(self) -> None:
-        rec = self.records[-1] if self.records else None
-        if rec is not None and rec.finished_step is not None and rec.balancedness_measured is None:
-            self._log_record(rec)
-
-    def _log_record(self, rec: RebalanceRecord) -> None:
+        """The measured line of the last finished move (measurement window cut short if still open)."""
+        rec, self._unmeasured = self._unmeasured, None
+        if rec is None:
+            return
         measured = "n/a" if rec.balancedness_measured is None else f"{rec.balancedness_measured:.3f}"
         log.info("eplb rebalance at step %d: balancedness %.3f -> predicted %.3f -> measured %s | "
                  "slots changed %d | moved %.1f MiB | plan %.1f ms | move %.1f ms (%d layers, longest step %.1f ms)",
@@ -603,12 +835,18 @@ class EPLBManager:
                  rec.longest_step_seconds * 1e3)
 
     def metrics(self) -> dict:
-        """Flat numbers for Prometheus: counters plus current balancedness (overall and per layer)."""
+        """Flat numbers for Prometheus: counters, skips by reason, the last decision's predicted gain,
+        and current balancedness (overall and per layer)."""
         per_layer = self.layer_balancedness()
+        last = next((r for r in reversed(self.records) if r.gain_predicted is not None), None)
         return {**self.counters, "balancedness": float(per_layer.mean()),
                 "balancedness_per_layer": per_layer.tolist(), "steps": self.step_count,
                 "rebalance_in_progress": int(self.rebalancer.busy),
-                "move_step_seconds": self.rebalancer.step_seconds.snapshot()}
+                "move_step_seconds": self.rebalancer.step_seconds.snapshot(),
+                "rebalances_skipped_by_reason": dict(self.skipped_by_reason),
+                "last_gain_predicted": None if last is None else last.gain_predicted,
+                "last_gain_margin": None if last is None else last.gain_margin,
+                "rebalance_layers_left": len(self.rebalancer.pending)}
 
     def state_rank_tokens(self) -> list[int]:
         """[G] routed (token, k) choices each rank served over the window, summed over layers."""
@@ -621,7 +859,11 @@ class EPLBManager:
         physical = self.recorder.physical_load().cpu()
         ranks = rank_load(physical, loc.num_ranks)  # [L, G]
         config = asdict(self.config)
-        config.update(num_groups=self.num_groups, num_nodes=self.num_nodes, window=self.window)
+        config.update(num_groups=self.num_groups, num_nodes=self.num_nodes, window=self.window,
+                      load_half_life=self.half_life)
+        in_progress = None
+        if self.rebalancer.busy:
+            in_progress = {"layers_left": len(self.rebalancer.pending), "step": self._moving.step}
         return {
             "config": config,
             "num_layers": loc.num_layers, "num_experts": loc.num_experts, "num_physical": loc.num_physical,
@@ -633,15 +875,16 @@ class EPLBManager:
             # [step, [L]] samples; rounded, since the page polls this every second at 43+ layers
             "layer_balancedness_history": [[step, [round(b, 4) for b in row]] for step, row in self.layer_history],
             "changed_slots": self.rebalancer.changed_slots,
-            "rebalance_in_progress": {"layers_left": len(self.rebalancer.pending)} if self.rebalancer.busy else None,
+            "rebalance_in_progress": in_progress,
             "rebalances": [asdict(r) for r in self.records],
             "counters": dict(self.counters),
+            "rebalances_skipped_by_reason": dict(self.skipped_by_reason),
             "balancedness": self.balancedness(),
         }
 
 
 # =============================================================================================
-# 5. CLI
+# 6. CLI
 # =============================================================================================
 def _plan_command(args) -> None:
     record = load_record(args.record)

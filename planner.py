@@ -45,7 +45,7 @@ def rank_load(slot_load: torch.Tensor, num_ranks: int) -> torch.Tensor:
 def balancedness(rank_load: torch.Tensor) -> torch.Tensor:
     """Per-layer mean / max over ranks: rank_load [L, G] -> [L] float64; a zero-load layer is 1.0."""
     load = rank_load.double()
-    peak = load.max(-1).values
+    peak = load.amax(-1)  # not .max(-1): its small-tensor CPU path can cost milliseconds (thread barrier)
     return torch.where(peak > 0, load.mean(-1) / peak.clamp(min=1e-300), torch.ones_like(peak))
 
 

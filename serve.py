@@ -86,9 +86,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="expert-parallel ranks (virtual ranks in one process without torchrun)")
     e.add_argument("--ep-num-redundant-experts", type=int, default=0, help="extra physical slots R (P = E + R)")
     e.add_argument("--eplb-rebalance-num-iterations", type=int, default=100, help="forward steps between rebalances")
-    e.add_argument("--eplb-window", type=int, default=100, help="recent steps whose load a rebalance uses")
+    e.add_argument("--eplb-window", type=int, default=100,
+                   help="recent steps kept one by one: plans are judged on the last half period of them, a move is "
+                        "measured over a period")
     e.add_argument("--eplb-min-balancedness", type=float, default=1.0,
                    help="skip a due rebalance while balancedness is at least this (1.0 = always rebalance)")
+    e.add_argument("--eplb-load-half-life", type=float, default=0, metavar="STEPS",
+                   help="the planner fits an exponentially decayed expert load with this half-life in forward "
+                        "steps (0 = 4 x --eplb-window): at small batch one window is mostly sampling noise")
+    e.add_argument("--eplb-min-gain", type=float, default=0.01,
+                   help="a due rebalance moves a layer (or the whole plan) only when its predicted balancedness gain "
+                        "on held-out recent steps exceeds this plus --eplb-gain-noise-sigmas standard errors of that "
+                        "prediction (-1 with sigmas 0: move whatever the plan changes)")
+    e.add_argument("--eplb-gain-noise-sigmas", type=float, default=2.0,
+                   help="how many standard errors of the predicted gain a move must clear on top of --eplb-min-gain")
+    e.add_argument("--eplb-whole-plan", action="store_true",
+                   help="all changed layers of a plan or none (without it, a layer whose own gain clears the margin "
+                        "also moves alone)")
     e.add_argument("--eplb-algorithm", choices=("global", "hierarchical"), default="global",
                    help="hierarchical: balance experts over --eplb-num-nodes first, replicate only inside a node")
     e.add_argument("--eplb-num-nodes", type=int, default=1,
@@ -125,6 +139,8 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error(f"--num-layers must be >= 1, got {a.num_layers}")
     if not 0.0 <= a.eplb_min_balancedness <= 1.0:
         p.error(f"--eplb-min-balancedness must be in [0, 1], got {a.eplb_min_balancedness}")
+    if not (a.eplb_load_half_life >= 0 and a.eplb_gain_noise_sigmas >= 0 and -1.0 <= a.eplb_min_gain <= 1.0):
+        p.error("--eplb-load-half-life and --eplb-gain-noise-sigmas must be >= 0, --eplb-min-gain in [-1, 1]")
     if a.model_path is not None and not (Path(a.model_path) / "config.json").is_file():
         p.error(f"--model-path {a.model_path}: no config.json there")
     if a.init_expert_location is not None and not Path(a.init_expert_location).is_file():
@@ -246,6 +262,8 @@ def make_eplb(args: argparse.Namespace, model, mover=None) -> eplb.EPLBManager:
                              num_nodes=args.eplb_num_nodes,
                              layers_per_step=args.eplb_layers_per_step or None,
                              min_balancedness=args.eplb_min_balancedness,
+                             load_half_life=args.eplb_load_half_life or None, min_gain=args.eplb_min_gain,
+                             gain_noise_sigmas=args.eplb_gain_noise_sigmas, per_layer=not args.eplb_whole_plan,
                              init_expert_location=args.init_expert_location)
     return eplb.EPLBManager(model, config, mover=mover)
 

@@ -218,9 +218,59 @@ def test_rebalance_under_load_keeps_outputs(server, flags):
     assert eplb.proc.returncode == 0
 
 
+EPLB_DEMO = ("--eplb", "--ep-size", "4", "--ep-num-redundant-experts", "4")  # the README's demo flags
+
+
+def after_first_move(records: list[dict]) -> tuple[dict, list[dict]]:
+    """/eplb/state's rebalance records -> (the first move, the decisions after it)."""
+    first = next(i for i, r in enumerate(records) if r["decision"] == "moved")
+    return records[first], records[first + 1:]
+
+
+def test_eplb_one_request_at_a_time_does_not_churn_and_an_idle_server_finishes_a_move():
+    s = Server(*EPLB_DEMO, "--eplb-rebalance-num-iterations", "20", "--eplb-window", "20",
+               "--eplb-layers-per-step", "1")
+    try:
+        for prompt in PROMPTS[:10]:  # one at a time: every window is mostly sampling noise
+            run_streams(s.url, [prompt], 16)
+        state = httpx.get(s.url + "/eplb/state", timeout=60).json()
+        first, later = after_first_move(state["rebalances"])
+        assert len(later) >= 4 and all(r["reason"] and r["detail"] for r in later)
+        assert sum(r["slots_changed"] for r in later) / len(later) <= 0.3 * first["slots_changed"], later
+        assert s.metric('dsv4_eplb_rebalances_skipped_total{reason="gain_below_margin"}') >= 1
+        deadline = time.monotonic() + 20  # the server is idle now: a started move finishes anyway ...
+        while httpx.get(s.url + "/eplb/state", timeout=60).json()["rebalance_in_progress"] is not None:
+            assert time.monotonic() < deadline, "a layer-per-step move did not finish on the idle server"
+            time.sleep(0.1)
+        forced = httpx.post(s.url + "/eplb/rebalance", timeout=60).json()  # ... and so does a forced one
+        assert forced["status"] == "started" and forced["reason"] == "forced" and forced["layers_planned"] >= 2
+        while (state := httpx.get(s.url + "/eplb/state", timeout=60).json())["rebalance_in_progress"] is not None:
+            assert time.monotonic() < deadline, "a layer-per-step move did not finish on the idle server"
+            time.sleep(0.1)
+        assert state["rebalances"][-1]["finished_step"] == forced["step"]  # no forward step in between
+    finally:
+        s.stop()
+    assert s.proc.returncode == 0
+
+
+def test_eplb_eight_at_a_time_gains_at_the_first_rebalance():
+    s = Server(*EPLB_DEMO, "--eplb-rebalance-num-iterations", "24", "--eplb-window", "24")
+    try:
+        for i in range(0, 40, 8):
+            run_streams(s.url, PROMPTS[i:i + 8], 12)
+        first, later = after_first_move(httpx.get(s.url + "/eplb/state", timeout=60).json()["rebalances"])
+        assert first["step"] == 24 and first["reason"] == "plan_pays" and later
+        assert first["balancedness_measured"] - first["balancedness_before"] >= 0.15, first
+    finally:
+        s.stop()
+
+
 def test_record_dump_goes_to_record_dir_and_reloads(tmp_path):
     s = Server("--eplb", "--record-dir", str(tmp_path))
     try:
+        forced = httpx.post(s.url + "/eplb/rebalance").json()  # one rank: nothing moves, nothing is counted
+        assert forced["status"] == "nothing_to_balance" and forced["reason"].startswith("one rank")
+        assert s.metric("dsv4_eplb_rebalances_total") == 0
         assert httpx.post(s.url + "/start_expert_distribution_record").status_code == 200
         run_streams(s.url, ["one", "two"], 4)
         httpx.post(s.url + "/stop_expert_distribution_record")
