@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -110,18 +110,19 @@ class SamplingFields(StrictModel):
     stop_token_ids: list[int] | None = Field(None, description="extension (vLLM)")
     ignore_eos: bool = Field(False, description="extension (vLLM)")
     user: str | None = Field(None, description="accepted for OpenAI compatibility; not used")
-    # Known OpenAI fields this server does not implement: accepted only at their no-op value,
-    # anything else is a 400 that names the field.
+    min_p: float = Field(0.0, description="extension (vLLM): 0 = off")
     n: int | None = 1
-    logprobs: Any = None
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
+    # Known OpenAI fields this server does not implement: accepted only at their no-op value,
+    # anything else is a 400 that names the field.
     logit_bias: dict[str, float] | None = None
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int]
-    echo: bool | None = False
+    logprobs: int | None = None      # the sampled token's logprob and the top `logprobs`
+    echo: bool | None = False        # the prompt comes back in front of the text (with its logprobs)
     best_of: int | None = None
     suffix: str | None = None
 
@@ -140,6 +141,7 @@ class ChatMessage(StrictModel):
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
+    logprobs: bool | None = False
     top_logprobs: int | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
@@ -149,11 +151,11 @@ class ChatRequest(SamplingFields):
     response_format: Any = None
 
 
-NO_OP_VALUES = {"n": (1, None), "logprobs": (None, False), "presence_penalty": (0, None),
-                "frequency_penalty": (0, None), "logit_bias": (None, {}), "echo": (False, None),
-                "best_of": (None, 1), "suffix": (None,), "top_logprobs": (None,), "tools": (None,),
+NO_OP_VALUES = {"logit_bias": (None, {}), "best_of": (None, 1), "suffix": (None,), "tools": (None,),
                 "tool_choice": (None, "none"), "functions": (None,), "function_call": (None, "none"),
                 "parallel_tool_calls": (None,), "response_format": (None, {"type": "text"})}
+MAX_N = 16          # choices per request
+MAX_LOGPROBS = 20   # top logprobs per token (OpenAI: 5 for completions, 20 for chat)
 
 
 def reject_unsupported(req: BaseModel) -> None:
@@ -179,8 +181,16 @@ def sampling_params(req: SamplingFields, prompt_len: int, max_seq_len: int, voca
         raise APIError(400, f"top_p must be in (0, 1], got {req.top_p}", "top_p")
     if req.top_k < -1:
         raise APIError(400, f"top_k must be -1 (off) or >= 0, got {req.top_k}", "top_k")
+    if not 0.0 <= req.min_p <= 1.0:
+        raise APIError(400, f"min_p must be in [0, 1], got {req.min_p}", "min_p")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not -2.0 <= (getattr(req, name) or 0.0) <= 2.0:
+            raise APIError(400, f"{name} must be in [-2, 2], got {getattr(req, name)}", name)
+    if req.n is not None and not 1 <= req.n <= MAX_N:
+        raise APIError(400, f"n must be in [1, {MAX_N}], got {req.n}", "n")
     if req.seed is not None and not -2**63 <= req.seed < 2**64:
         raise APIError(400, "seed must fit in 64 bits", "seed")
+    logprobs, prompt_logprobs = requested_logprobs(req)
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stop) > 4 or any(not s or len(s) > 256 for s in stop):
         raise APIError(400, "stop takes at most 4 non-empty strings of at most 256 characters", "stop")
@@ -189,16 +199,34 @@ def sampling_params(req: SamplingFields, prompt_len: int, max_seq_len: int, voca
         raise APIError(400, f"stop_token_ids takes at most 64 ids in [0, {vocab_size})", "stop_token_ids")
     room = max_seq_len - prompt_len
     max_tokens = req.max_tokens if req.max_tokens is not None else (default_max_tokens or room)
-    if max_tokens < 1:
-        raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
+    least = 0 if getattr(req, "echo", False) else 1  # with echo, 0 = the prompt only (e.g. its logprobs)
+    if max_tokens < least:
+        raise APIError(400, f"max_tokens must be at least {least}, got {max_tokens}", "max_tokens")
     if prompt_len + max_tokens > max_seq_len:
         raise APIError(400, f"This model's maximum context length is {max_seq_len} tokens. However, you "
                             f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the prompt, "
                             f"{max_tokens} for the completion).", "max_tokens", "context_length_exceeded")
     params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                            top_k=max(req.top_k, 0), seed=req.seed, stop_token_ids=tuple(stop_ids),
+                            top_k=max(req.top_k, 0), min_p=req.min_p, presence_penalty=req.presence_penalty or 0.0,
+                            frequency_penalty=req.frequency_penalty or 0.0, logprobs=logprobs,
+                            prompt_logprobs=prompt_logprobs, seed=req.seed, stop_token_ids=tuple(stop_ids),
                             ignore_eos=req.ignore_eos)
     return params, stop
+
+
+def requested_logprobs(req: SamplingFields) -> tuple[int | None, int | None]:
+    """-> (top logprobs per output token, per prompt token), None = not asked. Chat: `logprobs` true,
+    with `top_logprobs` of them; completions: `logprobs` = how many, and with `echo` the prompt's too."""
+    if isinstance(req, ChatRequest):
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs set to true", "top_logprobs")
+        k, name, prompt_k = (req.top_logprobs or 0) if req.logprobs else None, "top_logprobs", None
+    else:
+        k, name = req.logprobs, "logprobs"
+        prompt_k = k if req.echo else None
+    if k is not None and not 0 <= k <= MAX_LOGPROBS:
+        raise APIError(400, f"{name} must be in [0, {MAX_LOGPROBS}], got {k}", name)
+    return k, prompt_k
 
 
 # ====================================================================== runtime and metrics
@@ -575,7 +603,7 @@ async def completions(body: CompletionRequest, request: Request):
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
         if len(prompt) != 1:
-            raise APIError(400, "only one prompt per request is supported (n=1)", "prompt")
+            raise APIError(400, "only one prompt per request is supported (use n for several choices)", "prompt")
         prompt = prompt[0]
     if isinstance(prompt, str):
         prompt_ids = rt.tokenizer.encode(prompt)
@@ -584,7 +612,10 @@ async def completions(body: CompletionRequest, request: Request):
             raise APIError(400, f"token-id prompts need 1+ ids in [0, {rt.vocab_size})", "prompt")
         prompt_ids = list(prompt)
     params, stop = sampling_params(body, len(prompt_ids), rt.max_seq_len, rt.vocab_size, 16)
-    return await respond(request, rt, body, prompt_ids, params, stop, chat=False)
+    echo = None
+    if body.echo:
+        echo = prompt if isinstance(prompt, str) else rt.tokenizer.decode(prompt_ids)
+    return await respond(request, rt, body, prompt_ids, params, stop, chat=False, echo=echo)
 
 
 @router.post("/v1/chat/completions", responses=SSE_OR_JSON)
@@ -652,61 +683,194 @@ async def dump_record(request: Request):
 
 # ====================================================================== generation and streaming
 
+@dataclass
+class Delta:
+    """One step of one choice's stream: new text, the finish once known, and the logprobs asked for."""
+    text: str
+    finish: str | None
+    usage: dict
+    tokens: list = field(default_factory=list)  # [(token id, TokenLogprobs)] arrived since the last Delta
+    prompt_logprobs: list | None = None  # echo: [(prompt id, TokenLogprobs | None)], in the first Delta
+
+
+def token_text(tokenizer: TextTokenizer, token_id: int) -> str:
+    """One token as text, special tokens included (a piece of a multi-byte character reads as U+FFFD)."""
+    return tokenizer.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+class Choice:
+    """One of a request's `n` choices as OpenAI writes it: text (completions: echo first) and logprobs
+    (completions: the legacy object with text offsets; chat: `logprobs.content` entries, with bytes)."""
+
+    def __init__(self, index: int, tokenizer: TextTokenizer, chat: bool, logprobs: bool, echo: str | None):
+        self.index, self.tokenizer, self.chat, self.logprobs, self.echo = index, tokenizer, chat, logprobs, echo
+        self.finish: str | None = None
+        self.completion_tokens = 0
+        self.offset = 0  # completions: text offset of the next token
+
+    def take(self, delta: Delta) -> tuple[str, list]:
+        """A Delta -> (its text, its logprob entries), the echoed prompt in front of the first."""
+        text, entries = delta.text, delta.tokens
+        if self.echo is not None:
+            text, self.echo = self.echo + text, None
+        if delta.prompt_logprobs is not None:
+            entries = delta.prompt_logprobs + entries
+        self.finish = delta.finish or self.finish
+        self.completion_tokens = delta.usage["completion_tokens"]
+        return text, entries
+
+    def chunk(self, delta: Delta) -> dict | None:
+        """A streamed chunk's choice, or None when there is nothing to send."""
+        text, entries = self.take(delta)
+        if not (text or delta.finish or entries):
+            return None
+        logprobs = self.logprobs_json(entries)
+        if self.chat:
+            return {"index": self.index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
+                    "finish_reason": delta.finish}
+        return {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": delta.finish}
+
+    def whole(self, deltas: list[Delta]) -> dict:
+        """The choice of a non-streamed response."""
+        text, entries = "", []
+        for delta in deltas:
+            t, e = self.take(delta)
+            text, entries = text + t, entries + e
+        logprobs = self.logprobs_json(entries)
+        if self.chat:
+            return {"index": self.index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                    "finish_reason": self.finish}
+        return {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": self.finish}
+
+    def logprobs_json(self, entries: list) -> dict | None:
+        if not self.logprobs:
+            return None
+        if self.chat:
+            return {"content": [self._chat_entry(token, lp) for token, lp in entries]}
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token, lp in entries:
+            text = token_text(self.tokenizer, token)
+            out["tokens"].append(text)
+            out["text_offset"].append(self.offset)
+            self.offset += len(text)
+            out["token_logprobs"].append(None if lp is None else lp.logprob)
+            # OpenAI: the top `logprobs` tokens and always the chosen one
+            top = None if lp is None else {**{token_text(self.tokenizer, t): v for t, v in lp.top}, text: lp.logprob}
+            out["top_logprobs"].append(top)
+        return out
+
+    def _chat_entry(self, token: int, lp) -> dict:
+        text = token_text(self.tokenizer, token)
+        top = [(token_text(self.tokenizer, t), v) for t, v in lp.top]
+        return {"token": text, "logprob": lp.logprob, "bytes": list(text.encode()),
+                "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in top]}
+
+
 async def respond(request: Request, rt: Runtime, body: SamplingFields, prompt_ids: list[int],
-                  params: SamplingParams, stop: list[str], chat: bool):
-    """One completion as an SSE stream or, without `stream`, one JSON body."""
+                  params: SamplingParams, stop: list[str], chat: bool, echo: str | None = None):
+    """`n` completions of one prompt as an SSE stream or, without `stream`, one JSON body. With a seed,
+    choice i uses seed + i (each choice replays; choices differ)."""
     request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
-    events = generate(rt, request.app.state.metrics, prompt_ids, params, stop)
-    first = await anext(events)          # raises QueueFull → 503 before any byte is sent
+    n = body.n or 1
+    streams = []
+    try:
+        for i in range(n):
+            child = params if params.seed is None else replace(params, seed=params.seed + i)
+            events = generate(rt, request.app.state.metrics, prompt_ids, child, stop)
+            await anext(events)  # raises QueueFull → 503 before any byte is sent
+            streams.append(events)
+    except BaseException:
+        for events in streams:
+            await events.aclose()
+        raise
+    choices = [Choice(i, rt.tokenizer, chat, params.logprobs is not None, echo) for i in range(n)]
     head = {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
             "created": created, "model": rt.model_name}
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return StreamingResponse(sse(head, first, events, chat, include_usage),
+        return StreamingResponse(sse(head, streams, choices, len(prompt_ids), include_usage),
                                  media_type="text/event-stream")
-    text, finish, usage = "", None, first[2]
-    async for delta, finish, usage in prepend(first, events):
-        text += delta
-        if await request.is_disconnected():
-            await events.aclose()
-            break
-    choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-              if chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
-    return {**head, "object": "chat.completion" if chat else "text_completion",
-            "choices": [choice], "usage": usage}
-
-
-async def sse(head: dict, first, events, chat: bool, include_usage: bool):
-    def chunk(delta, finish):
-        choice = ({"index": 0, "delta": delta, "finish_reason": finish} if chat else
-                  {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish})
-        return f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
-    usage = first[2]
     try:
-        if chat:
-            yield chunk({"role": "assistant", "content": ""}, None)
-        async for delta, finish, usage in prepend(first, events):
-            if delta or finish:
-                yield chunk(({"content": delta} if delta else {}) if chat else delta, finish)
+        deltas = await asyncio.gather(*(collect(request, events) for events in streams))
+    finally:
+        for events in streams:
+            await events.aclose()
+    return {**head, "object": "chat.completion" if chat else "text_completion",
+            "choices": [c.whole(d) for c, d in zip(choices, deltas)], "usage": usage(len(prompt_ids), choices)}
+
+
+def usage(prompt_tokens: int, choices: list[Choice]) -> dict:
+    completion = sum(c.completion_tokens for c in choices)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+async def collect(request: Request, events) -> list[Delta]:
+    """One choice's Deltas up to its finish (or the client going away)."""
+    deltas = []
+    async for delta in events:
+        deltas.append(delta)
+        if await request.is_disconnected():
+            break
+    return deltas
+
+
+async def sse(head: dict, streams: list, choices: list[Choice], prompt_tokens: int, include_usage: bool):
+    def chunk(choice: dict) -> str:
+        return f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+    try:
+        if choices[0].chat:
+            for c in choices:
+                yield chunk({"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None})
+        async for i, delta in merge(streams):
+            piece = choices[i].chunk(delta)
+            if piece is not None:
+                yield chunk(piece)
         if include_usage:
-            yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage})}\n\n"
+            yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage(prompt_tokens, choices)})}\n\n"
         yield "data: [DONE]\n\n"
     finally:
-        await events.aclose()   # client gone mid-stream: aborts the request in the engine
+        for events in streams:
+            await events.aclose()   # client gone mid-stream: aborts the requests in the engine
 
 
-async def prepend(first, rest):
-    yield first
-    async for item in rest:
-        yield item
+async def merge(streams: list):
+    """(choice index, Delta) from every stream as they come (one stream: straight through)."""
+    if len(streams) == 1:
+        async for delta in streams[0]:
+            yield 0, delta
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, events):
+        try:
+            async for delta in events:
+                await queue.put((i, delta))
+        finally:
+            queue.put_nowait((i, None))  # this stream is done (or failed)
+    tasks = [asyncio.create_task(pump(i, events)) for i, events in enumerate(streams)]
+    try:
+        left = len(tasks)
+        while left:
+            i, delta = await queue.get()
+            if delta is None:
+                left -= 1
+                if not tasks[i].cancelled() and tasks[i].exception() is not None:
+                    raise tasks[i].exception()
+                continue
+            yield i, delta
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def generate(rt: Runtime, metrics: Metrics, prompt_ids: list[int], params: SamplingParams,
                    stop: list[str]):
-    """Yields (text delta, finish_reason or None, usage). The first item comes at once (empty) so the
-    caller learns about a full queue before it commits to a response; closing the generator early
-    aborts the request in the engine."""
+    """Yields Deltas. The first comes at once (empty) so the caller learns about a full queue before
+    it commits to a response; closing the generator early aborts the request in the engine. Logprobs
+    are read from the Sequence, where the engine puts them before the token's callback."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -724,13 +888,15 @@ async def generate(rt: Runtime, metrics: Metrics, prompt_ids: list[int], params:
                        code="queue_full", headers={"Retry-After": "1"}) from None
     start = last = time.monotonic()
     stream, num_generated, finish = TextStream(rt.tokenizer, stop), 0, None
+    tokens: list = []  # logprob entries not yet sent
+    prompt_logprobs = params.prompt_logprobs is not None
 
     def usage():
         return {"prompt_tokens": len(prompt_ids), "completion_tokens": num_generated,
                 "total_tokens": len(prompt_ids) + num_generated}
     metrics.prompt_tokens.inc(len(prompt_ids))
     try:
-        yield "", None, usage()
+        yield Delta("", None, usage())
         while finish is None:
             token, finish = await queue.get()
             delta = ""
@@ -743,14 +909,20 @@ async def generate(rt: Runtime, metrics: Metrics, prompt_ids: list[int], params:
                 last = now
                 num_generated += 1
                 metrics.generation_tokens.inc()
+                if params.logprobs is not None:
+                    tokens.append((token, seq.logprobs[num_generated - 1]))
                 delta = stream.push(token)
                 if stream.stopped:
                     finish = "stop"
                     rt.engine.abort(seq)
             if finish is not None:
                 delta += stream.finish()
-            if delta or finish:
-                yield delta, finish, usage()
+            prompt = None
+            if prompt_logprobs:  # the prompt is prefilled once the first token (or the finish) comes
+                prompt, prompt_logprobs = list(zip(prompt_ids, seq.prompt_logprobs)), False
+            if delta or finish or prompt is not None:
+                yield Delta(delta, finish, usage(), tokens, prompt)
+                tokens = []
     finally:
         if finish is None:
             rt.engine.abort(seq)

@@ -12,6 +12,11 @@ The official names (DeepSeek's ``inference/model.py`` module tree, e.g. ``layers
   anchored at the unprefixed name) and the attention ``kv_norm``, which comes out as ``attn.norm`` (HF maps
   both ``attn.kv_norm`` and ``compressor.norm`` to ``kv_norm`` and reverses both to ``norm``).
 
+Quantised tensors are dequantised at read time, except the routed experts when the caller asks to keep them
+(``read_checkpoint(..., keep_quantized_experts=True)``): those come back as stored, weight + ``.scale``, for a
+model that holds its experts quantised (dsv4_mini.RoutedExperts). Attention, shared-expert and other FP8
+weights are always dequantised: they are ~5% of a layer's bytes, and the dense kernels run in bf16.
+
 Shapes: d hidden, V vocab, E routed experts, K top-k, I moe_intermediate_size.
 """
 from __future__ import annotations
@@ -219,6 +224,21 @@ def _pow2_scale(amax: Tensor, qmax: float) -> Tensor:
     return torch.ldexp(torch.ones_like(ratio), exp.clamp(-127, 127))
 
 
+def _to_e8m0(scale: Tensor) -> Tensor:
+    """Exact powers of two (fp32, from _pow2_scale) -> float8_e8m0fnu, by their exponent bits: a view,
+    so no e8m0 conversion kernel is needed on any device (2^-127 is the fp32 subnormal with field 0)."""
+    return ((scale.view(torch.int32) >> 23) & 0xFF).to(torch.uint8).view(torch.float8_e8m0fnu)
+
+
+def scale_values(scale: Tensor) -> Tensor:
+    """A ue8m0 scale (float8_e8m0fnu, or its uint8 exponent bytes) as fp32 values 2^(byte - 127); a float
+    scale as fp32. Computed with ldexp, so it runs wherever fp32 does."""
+    if scale.dtype in (torch.uint8, torch.float8_e8m0fnu):
+        exponent = scale.view(torch.uint8).to(torch.int32) - 127
+        return torch.ldexp(torch.ones(exponent.shape, device=scale.device), exponent)
+    return scale.float()
+
+
 def _block_expand(scale: Tensor, shape: tuple[int, int], block: tuple[int, int]) -> Tensor:
     """[ceil(m/bm), ceil(n/bn)] per-block values -> [m, n] (edge blocks may be partial)."""
     s = scale.repeat_interleave(block[0], dim=0).repeat_interleave(block[1], dim=1)
@@ -232,22 +252,22 @@ def quantize_fp8_blockwise(w: Tensor, block: int = FP8_BLOCK) -> tuple[Tensor, T
     m, n = w.shape
     bm, bn = math.ceil(m / block), math.ceil(n / block)
     wf = w.float()
-    padded = torch.zeros(bm * block, bn * block)
+    padded = torch.zeros(bm * block, bn * block, device=w.device)
     padded[:m, :n] = wf.abs()
     amax = padded.view(bm, block, bn, block).amax(dim=(1, 3))
     scale = _pow2_scale(amax, FP8_MAX)
     q = (wf / _block_expand(scale, (m, n), (block, block))).clamp(-FP8_MAX, FP8_MAX)
-    return q.to(torch.float8_e4m3fn), scale.to(torch.float8_e8m0fnu)
+    return q.to(torch.float8_e4m3fn), _to_e8m0(scale)
 
 
 def dequantize_fp8_blockwise(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """q float8_e4m3fn [m, n], scale e8m0 (or float) [ceil(m/128), ceil(n/128)] -> [m, n] dtype."""
+    """q float8_e4m3fn [m, n], scale e8m0 / uint8 e8m0 bytes / float [ceil(m/128), ceil(n/128)] -> [m, n] dtype."""
     m, n = q.shape
     bm, bn = math.ceil(m / FP8_BLOCK), math.ceil(n / FP8_BLOCK)
     if tuple(scale.shape) != (bm, bn):
         raise ValueError(f"FP8 scale shape {list(scale.shape)} does not fit weight {[m, n]} "
                          f"(expected {[bm, bn]} for {FP8_BLOCK}x{FP8_BLOCK} blocks)")
-    w = q.float() * _block_expand(scale.float(), (m, n), (FP8_BLOCK, FP8_BLOCK))
+    w = q.float() * _block_expand(scale_values(scale), (m, n), (FP8_BLOCK, FP8_BLOCK))
     return w.to(dtype)
 
 
@@ -262,16 +282,17 @@ def quantize_fp4_packed(w: Tensor, block: int = FP4_BLOCK) -> tuple[Tensor, Tens
     wf = w.float().view(m, n // block, block)
     scale = _pow2_scale(wf.abs().amax(dim=-1), FP4_MAX)  # [m, n/32]
     x = (wf / scale.unsqueeze(-1)).reshape(m, n)
-    mags = FP4_TABLE[:8]
+    mags = FP4_TABLE[:8].to(w.device)
     code = (x.abs().unsqueeze(-1) - mags).abs().argmin(dim=-1)  # nearest magnitude (ties -> smaller)
     code = code | ((x < 0).long() << 3)
     code = code.to(torch.uint8)
     packed = code[:, 0::2] | (code[:, 1::2] << 4)
-    return packed.view(torch.int8), scale.to(torch.float8_e8m0fnu)
+    return packed.view(torch.int8), _to_e8m0(scale)
 
 
 def dequantize_fp4_packed(packed: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """packed int8 [m, n/2] (or float4_e2m1fn_x2), scale e8m0 [m, n/32] -> [m, n] dtype."""
+    """packed int8 / uint8 [m, n/2] (or float4_e2m1fn_x2), scale e8m0 / uint8 e8m0 bytes / float [m, n/32]
+    -> [m, n] dtype."""
     m, half = packed.shape
     n = 2 * half
     if tuple(scale.shape) != (m, n // FP4_BLOCK) or n % FP4_BLOCK:
@@ -279,7 +300,7 @@ def dequantize_fp4_packed(packed: Tensor, scale: Tensor, dtype: torch.dtype = to
                          f"(expected {[m, n // FP4_BLOCK]}: one scale per {FP4_BLOCK} inputs)")
     b = packed.view(torch.uint8).long()
     codes = torch.stack([b & 0xF, b >> 4], dim=-1).view(m, n)  # low nibble = even element
-    w = FP4_TABLE[codes].view(m, n // FP4_BLOCK, FP4_BLOCK) * scale.float().unsqueeze(-1)
+    w = FP4_TABLE.to(packed.device)[codes].view(m, n // FP4_BLOCK, FP4_BLOCK) * scale_values(scale).unsqueeze(-1)
     return w.view(m, n).to(dtype)
 
 
@@ -298,6 +319,32 @@ def dequantize(name: str, w: Tensor, scale: Tensor, dtype: torch.dtype = torch.f
         return fn(w, scale, dtype)
     except ValueError as e:
         raise ValueError(f"{name}: {e}") from None
+
+
+def quantized_format(w: Tensor) -> str:
+    """"fp8" (float8_e4m3fn), "fp4" (packed e2m1: int8 / uint8 / float4_e2m1fn_x2) or "bf16" (a plain float)."""
+    if w.dtype == torch.float8_e4m3fn:
+        return "fp8"
+    if w.dtype in (torch.int8, torch.uint8, getattr(torch, "float4_e2m1fn_x2", torch.int8)):
+        return "fp4"
+    return "bf16"
+
+
+def e8m0_bytes(scale: Tensor) -> Tensor:
+    """A ue8m0 scale as its exponent bytes (uint8, value 2^(byte - 127)): e8m0 / uint8 are viewed, float
+    scales (some converters store fp32) must be exact powers of two."""
+    if scale.dtype in (torch.uint8, torch.float8_e8m0fnu):
+        return scale.view(torch.uint8)
+    mant, exp = torch.frexp(scale.float())
+    if not bool(((mant == 0.5) & (exp - 1 >= -127) & (exp - 1 <= 127)).all()):
+        raise ValueError("a ue8m0 scale must hold powers of two in [2^-127, 2^127]")
+    return (exp - 1 + 127).to(torch.uint8)
+
+
+def routed_expert_key(name: str) -> bool:
+    """``layers.L.ffn.experts.E.w{1,2,3}.{weight,scale}``: a routed expert tensor (official name)."""
+    m = _LAYER_RE.match(name)
+    return bool(m and _EXPERT_RE.fullmatch(m.group(2)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -350,7 +397,7 @@ def _finish(name: str, t: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def read_checkpoint(path: str, num_layers: int | None = None, dtype: torch.dtype = torch.float32,
-                    progress: bool = True) -> dict[str, Tensor]:
+                    progress: bool = True, keep_quantized_experts: bool = False) -> dict[str, Tensor]:
     """Read a DSV4 checkpoint into an official-name state dict of plain tensors.
 
     path: a directory holding ``model.safetensors.index.json`` + shards, or ``*.safetensors`` files, or one
@@ -359,6 +406,8 @@ def read_checkpoint(path: str, num_layers: int | None = None, dtype: torch.dtype
     ``hc_*``, ``attn_sink``, ``ape``, ``gate.bias`` stay fp32; everything else is cast to ``dtype``.
     ``num_layers``: keep layers < N only; other layers' bytes are never read (safetensors ``safe_open``
     maps tensors lazily). ``mtp.*`` is skipped. Raises ValueError on a malformed checkpoint.
+    ``keep_quantized_experts``: routed experts stored quantised stay as stored (``….weight`` FP8 / packed FP4
+    and ``….scale``), for a model that keeps them quantised; everything else is dequantised as above.
     """
     from safetensors import safe_open
     from tqdm import tqdm
@@ -391,7 +440,10 @@ def read_checkpoint(path: str, num_layers: int | None = None, dtype: torch.dtype
             pending[name] = t
             if module + ".weight" in pending and module + ".scale" in pending:
                 w, s = pending.pop(module + ".weight"), pending.pop(module + ".scale")
-                out[module + ".weight"] = dequantize(module + ".weight", w, s, dtype)
+                if keep_quantized_experts and routed_expert_key(module + ".weight"):
+                    out[module + ".weight"], out[module + ".scale"] = w, s
+                else:
+                    out[module + ".weight"] = dequantize(module + ".weight", w, s, dtype)
         else:
             out[name] = _finish(name, t, dtype)
 

@@ -7,7 +7,8 @@ KV cache -> build / load / save / generate.
 The math follows DeepSeek's reference `inference/model.py` (see shared/reference/dsv4_architecture.md
 §2). Module and parameter names are the official checkpoint names, except the routed experts, which
 are slot-stacked per layer (`layers.L.ffn.experts.w1 [P_local, I, d]`) so that expert-parallel load
-balancing (eplb.py) can move weights between physical slots in place.
+balancing (eplb.py) can move weights between physical slots in place. Routed experts may stay in the
+release's FP4 / FP8 formats (`expert_dtype`, see RoutedExperts), with slot-stacked scales beside them.
 
 Deliberately not modelled:
 * QAT simulation (FP8 quant-dequant of the kv nope dims, Hadamard + FP4 of the indexer q/k): the
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import kernels
+from eplb import ExpertLocation
 
 # ---------------------------------------------------------------------------------------------------
 # Config
@@ -651,14 +653,48 @@ class SharedExpert(nn.Module):
         return self.w2((F.silu(g) * u).to(x.dtype))
 
 
-class RoutedExperts(nn.Module):
-    """Routed experts, slot-stacked: slot p of this rank holds physical expert slot_offset + p."""
+EXPERT_DTYPES = ("bf16", "fp8", "fp4")  # "bf16": unquantised, in the model dtype (fp32 on the CPU)
 
-    def __init__(self, num_local_slots: int, dim: int, inter: int, dtype, device):
+
+class RoutedExperts(nn.Module):
+    """Routed experts, slot-stacked: slot p of this rank holds physical expert slot_offset + p.
+
+    expert_dtype (the release's formats, kept as stored; kernels.moe_experts dequantises in registers):
+    * "bf16": w1, w3 [P_local, I, d], w2 [P_local, d, I] in the model dtype, no scales;
+    * "fp8":  the same shapes in float8_e4m3fn, plus w1_scale, w3_scale [P_local, I/128, d/128] and
+      w2_scale [P_local, d/128, I/128] (ceil): one ue8m0 scale per 128x128 block;
+    * "fp4":  packed e2m1, two values per uint8 (even input in the low nibble): w1, w3 [P_local, I, d/2],
+      w2 [P_local, d, I/2], plus w*_scale [P_local, rows, cols/32]: one ue8m0 scale per 32 inputs.
+    Scales are uint8 e8m0 exponent bytes (value 2^(byte - 127)), the release's bytes: 4x smaller than
+    fp32, and plain bytes to every mover (NCCL, gloo) and to Triton. Nothing here is trainable.
+    """
+
+    def __init__(self, num_local_slots: int, dim: int, inter: int, dtype, device, expert_dtype: str = "bf16"):
         super().__init__()
-        self.w1 = nn.Parameter(torch.empty(num_local_slots, inter, dim, dtype=dtype, device=device))
-        self.w3 = nn.Parameter(torch.empty(num_local_slots, inter, dim, dtype=dtype, device=device))
-        self.w2 = nn.Parameter(torch.empty(num_local_slots, dim, inter, dtype=dtype, device=device))
+        if expert_dtype not in EXPERT_DTYPES:
+            raise ValueError(f"expert_dtype must be one of {EXPERT_DTYPES}, got {expert_dtype!r}")
+        self.expert_dtype = expert_dtype
+        weight_dtype = {"bf16": dtype, "fp8": torch.float8_e4m3fn, "fp4": torch.uint8}[expert_dtype]
+        for name, rows, cols in (("w1", inter, dim), ("w3", inter, dim), ("w2", dim, inter)):
+            w_shape, s_shape = kernels.expert_shapes(expert_dtype, rows, cols)  # fp4: cols % 32 == 0
+            self.register_parameter(name, nn.Parameter(
+                torch.empty(num_local_slots, *w_shape, dtype=weight_dtype, device=device), requires_grad=False))
+            if s_shape is not None:
+                self.register_parameter(f"{name}_scale", nn.Parameter(
+                    torch.empty(num_local_slots, *s_shape, dtype=torch.uint8, device=device), requires_grad=False))
+
+    @property
+    def scales(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """(w1_scale, w3_scale, w2_scale), or None for unquantised experts."""
+        return None if self.expert_dtype == "bf16" else (self.w1_scale, self.w3_scale, self.w2_scale)
+
+    def slot_tensors(self) -> list[Tensor]:
+        """Every per-slot tensor, slot-stacked along dim 0: w1, w3, w2, then their scales. fp8 weights
+        are returned as uint8 views of the same storage: movers copy and send plain bytes."""
+        weights = [self.w1, self.w3, self.w2]
+        if self.expert_dtype == "fp8":
+            weights = [w.view(torch.uint8) for w in weights]
+        return weights + list(self.scales or ())
 
 
 class MoETimer:
@@ -693,13 +729,15 @@ class MoETimer:
 
 
 class MoE(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, num_local_slots: int, slot_offset: int, dtype, device):
+    def __init__(self, config: ModelConfig, layer_idx: int, num_local_slots: int, slot_offset: int, dtype, device,
+                 expert_dtype: str = "bf16"):
         super().__init__()
         self.is_hash = config.is_hash_layer(layer_idx)
         self.top_k, self.scale = config.num_experts_per_tok, config.routed_scaling_factor
         self.limit, self.slot_offset = config.swiglu_limit, slot_offset
         self.gate = Gate(config, layer_idx, dtype, device)
-        self.experts = RoutedExperts(num_local_slots, config.hidden_size, config.moe_intermediate_size, dtype, device)
+        self.experts = RoutedExperts(num_local_slots, config.hidden_size, config.moe_intermediate_size, dtype, device,
+                                     expert_dtype)
         self.shared_experts = SharedExpert(config.hidden_size, config.moe_intermediate_size, config.swiglu_limit, dtype, device)
 
     def forward(self, x: Tensor, ctx: ForwardContext, layer_idx: int) -> Tensor:
@@ -716,7 +754,8 @@ class MoE(nn.Module):
         e = self.experts
         if ctx.moe_timer is not None:
             ctx.moe_timer.start(x.device)
-        routed = kernels.moe_experts(x, weights, ids, e.w1, e.w3, e.w2, self.limit, slot_offset=self.slot_offset)
+        routed = kernels.moe_experts(x, weights, ids, e.w1, e.w3, e.w2, self.limit, slot_offset=self.slot_offset,
+                                     scales=e.scales)
         if ctx.moe_timer is not None:
             ctx.moe_timer.stop(x.device)
         if ctx.ep_group is not None:  # each rank summed its own slots' share
@@ -729,12 +768,13 @@ class MoE(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, num_local_slots: int, slot_offset: int, dtype, device):
+    def __init__(self, config: ModelConfig, layer_idx: int, num_local_slots: int, slot_offset: int, dtype, device,
+                 expert_dtype: str = "bf16"):
         super().__init__()
         n, d = config.hc_mult, config.hidden_size
         self.hc_iters, self.hc_eps, self.norm_eps = config.hc_sinkhorn_iters, config.hc_eps, config.rms_norm_eps
         self.attn = Attention(config, layer_idx, dtype, device)
-        self.ffn = MoE(config, layer_idx, num_local_slots, slot_offset, dtype, device)
+        self.ffn = MoE(config, layer_idx, num_local_slots, slot_offset, dtype, device, expert_dtype)
         self.attn_norm = RMSNorm(d, config.rms_norm_eps, device)
         self.ffn_norm = RMSNorm(d, config.rms_norm_eps, device)
         for kind in ("attn", "ffn"):
@@ -757,8 +797,11 @@ def slots_split_evenly(num_physical_experts: int, ep_size: int) -> bool:
 
 
 class DSV4Model(nn.Module):
+    """expert_dtype: how the routed experts are held ("bf16" = the model dtype, "fp8", "fp4": see
+    RoutedExperts). Attention, shared experts, router, embeddings stay in `dtype`."""
+
     def __init__(self, config: ModelConfig, num_physical_experts: int | None = None, ep_rank: int = 0,
-                 ep_size: int = 1, dtype=torch.float32, device=None):
+                 ep_size: int = 1, dtype=torch.float32, device=None, expert_dtype: str = "bf16"):
         super().__init__()
         c = config
         L, E = c.num_hidden_layers, c.n_routed_experts
@@ -768,11 +811,12 @@ class DSV4Model(nn.Module):
                              f"({ep_size}), and 0 <= ep_rank < ep_size; got P={P}, ep_rank={ep_rank}")
         self.config, self.num_physical_experts, self.ep_rank, self.ep_size = c, P, ep_rank, ep_size
         self.slots_per_rank = P // ep_size
+        self.expert_dtype = expert_dtype
         self.ep_group = None
         self.moe_timer: MoETimer | None = None  # set under expert parallelism (per-rank MoE seconds)
         self.embed = nn.Embedding(c.vocab_size, c.hidden_size, dtype=dtype, device=device)
-        self.layers = nn.ModuleList(Block(c, i, self.slots_per_rank, ep_rank * self.slots_per_rank, dtype, device)
-                                    for i in range(L))
+        self.layers = nn.ModuleList(Block(c, i, self.slots_per_rank, ep_rank * self.slots_per_rank, dtype, device,
+                                          expert_dtype) for i in range(L))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, device)
         self.head = _linear(c.hidden_size, c.vocab_size, dtype, device)
         n = c.hc_mult
@@ -791,19 +835,17 @@ class DSV4Model(nn.Module):
             self.reset_expert_maps()
 
     def reset_expert_maps(self) -> None:
-        """Trivial placement: slot p holds expert p % E (in place)."""
-        L, E, P = self.config.num_hidden_layers, self.config.n_routed_experts, self.num_physical_experts
-        slots = torch.arange(P)
-        self.phy2log.copy_((slots % E).expand(L, P))
-        log2phy = torch.full((E, P - E + 1), -1, dtype=torch.int32)
-        for p in range(P):
-            log2phy[p % E, p // E] = p
-        self.log2phy.copy_(log2phy.expand(L, -1, -1))
-        self.logcnt.copy_(torch.bincount(slots % E, minlength=E).to(torch.int32).expand(L, E))
+        """Trivial placement (eplb.ExpertLocation.trivial: slot p holds expert p % E), in place."""
+        c = self.config
+        trivial = ExpertLocation.trivial(c.num_hidden_layers, c.n_routed_experts, self.num_physical_experts,
+                                         self.ep_size, device=self.phy2log.device)
+        for buffer, value in zip((self.phy2log, self.log2phy, self.logcnt), (trivial.phy2log, trivial.log2phy, trivial.logcnt)):
+            buffer.copy_(value)
 
     def expert_weights(self, layer_idx: int) -> list[Tensor]:
-        e = self.layers[layer_idx].ffn.experts
-        return [e.w1, e.w3, e.w2]
+        """Every slot-stacked tensor of the layer's routed experts (weights, then scales if quantised):
+        what EPLB moves and fingerprints, so scales always travel with their weights."""
+        return self.layers[layer_idx].ffn.experts.slot_tensors()
 
     def new_cache(self, num_slots: int, max_seq_len: int) -> KVCache:
         return KVCache(self.config, num_slots, max_seq_len, self.embed.weight.dtype, self.embed.weight.device)

@@ -13,6 +13,10 @@ Work that must not overlap a forward (EPLB state, rebalance, record control) is 
 `Engine.call(fn)` and runs between steps. The engine knows nothing about text: stop strings are
 matched by the server, which aborts the request when one hits.
 
+Sampling (sampler.py) happens on the device for the whole batch; a request that asks for logprobs finds
+them in `seq.logprobs` (one entry per output token, appended before that token's callback) and
+`seq.prompt_logprobs` (one per prompt token, the first None; filled while the prompt is prefilled).
+
 Tokens reach their callbacks one step late, on purpose: step n's tokens are sampled at the end of
 step n (its requests' state, finish reasons and freed slots are final then), but handed to the
 callbacks in step n+1 right after its forward is launched, so on a GPU the host work of delivering
@@ -31,21 +35,13 @@ from typing import Callable
 import torch
 
 from runner import ModelRunner
+from sampler import SEED_MASK, SamplingParams, TokenLogprobs
+
+__all__ = ["Engine", "EngineStats", "QueueFull", "SamplingParams", "Sequence", "TokenLogprobs"]
 
 
 class QueueFull(Exception):
     """The waiting queue is at --max-queue, or the engine is draining."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int = 16
-    temperature: float = 1.0     # 0 = greedy
-    top_p: float = 1.0           # 1 = off
-    top_k: int = 0               # 0 = off
-    seed: int | None = None      # None: drawn from the engine's seeded stream
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
 
 
 # Callback signature: (token_id or None, finish_reason or None). Called on the engine thread.
@@ -63,7 +59,9 @@ class Sequence:
     num_prefilled: int = 0
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
-    generator: torch.Generator | None = None
+    seed: int = 0  # the request's seed, or one from the engine's seeded stream (set at admission)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # per output token (params.logprobs)
+    prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)  # per prompt token (params.prompt_logprobs)
     callback_failed: bool = False
 
     @property
@@ -102,12 +100,14 @@ class Engine:
         self.cache = model.new_cache(max_batch_size, max_seq_len)
         self.device = next(model.parameters()).device
         # Run-ahead (see runner.ModelRunner): on by default where it pays, i.e. CUDA graphs, whose launch
-        # returns at once. Never with EPLB (a step launched twice would count its load twice) or peers.
+        # returns at once. Never with peers (the other ranks follow the steps as they are sent). Under
+        # EPLB a step launched ahead counts its load apart and only once kept, and no step is launched
+        # ahead over an expert move (_may_move_experts).
         if run_ahead is None:
             run_ahead = self.device.type == "cuda"
         self.runner = ModelRunner(model, self.cache, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                                   num_token_ids=num_token_ids, decode_graphs=decode_graphs,
-                                  run_ahead=bool(run_ahead) and eplb is None and peers is None)
+                                  run_ahead=bool(run_ahead) and peers is None)
         self.free_slots = list(range(max_batch_size - 1, -1, -1))   # pop() hands out slot 0 first
         self.running: list[Sequence] = []                            # engine thread only
         # Cross-thread inbox: guarded by one lock, drained at the start of each step.
@@ -254,13 +254,22 @@ class Engine:
         self._drop_aborted()
         self._admit()
         decode_rows = [s for s in self.running if not s.prefilling or
-                       len(s.prompt_ids) - s.num_prefilled <= self.prefill_tail]
-        prefill_seq = next((s for s in self.running if len(s.prompt_ids) - s.num_prefilled > self.prefill_tail), None)
+                       len(s.prompt_ids) - s.num_prefilled <= self._prompt_tail(s)]
+        prefill_seq = next((s for s in self.running if len(s.prompt_ids) - s.num_prefilled > self._prompt_tail(s)), None)
         return decode_rows, prefill_seq
+
+    def _prompt_tail(self, seq: Sequence) -> int:
+        """Prompt tokens fed through the one-token step: none when the request wants prompt logprobs
+        (every position's logits come from the prefill) or no tokens at all."""
+        if seq.params.prompt_logprobs is not None or seq.params.max_tokens == 0:
+            return 0
+        return self.prefill_tail
 
     def _run_calls(self) -> None:
         with self._lock:
             calls, self._calls = list(self._calls), collections.deque()
+        if calls and self.eplb is not None:
+            self.runner.drop_ahead()  # a call may move experts: no step launched before it is kept
         for fn, future in calls:
             try:
                 future.set_result(fn())
@@ -288,7 +297,10 @@ class Engine:
             seed = seq.params.seed
             if seed is None:
                 seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_stream))
-            seq.generator = torch.Generator().manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
+            seq.seed = seed & SEED_MASK
+            if seq.params.prompt_logprobs is not None:
+                seq.prompt_logprobs = [None]  # the first prompt token has no context to be predicted from
+            self.runner.admit(seq)
             self.running.append(seq)
 
     # ---------------------------------------------------------------- run
@@ -296,7 +308,7 @@ class Engine:
     def _run(self, decode_rows: list[Sequence], prefill_seq: Sequence | None) -> None:
         load = self.eplb.load if self.eplb is not None else None  # [L, P] counts of this step
         if decode_rows:
-            self._decode(decode_rows, load)
+            self._decode(decode_rows, load, run_ahead=not self._may_move_experts())
         else:
             self.runner.drop_ahead()
         if prefill_seq is not None:
@@ -304,7 +316,16 @@ class Engine:
         if self.eplb is not None:
             self.eplb.after_step()  # fold the counts; maybe move expert weights
 
-    def _decode(self, rows: list[Sequence], load) -> None:
+    def _may_move_experts(self) -> bool:
+        """Whether this step's eplb.after_step() may move expert weights and maps (a move in progress
+        goes on, or a rebalance check is due). A step launched ahead of it would have been counted
+        with the old placement and folded with the new one, so none is launched then."""
+        eplb = self.eplb
+        if eplb is None:
+            return False
+        return eplb.rebalancer.busy or eplb.step_count + 1 - eplb.last_check >= eplb.config.rebalance_num_iterations
+
+    def _decode(self, rows: list[Sequence], load, run_ahead: bool) -> None:
         """One batched one-token step over `rows`."""
         positions = [s.num_prefilled if s.prefilling else s.num_tokens - 1 for s in rows]  # [B]
         logits = self.runner.decode(rows, positions, load)
@@ -317,32 +338,38 @@ class Engine:
                     continue  # a prompt token: its logits predict nothing we need
             wants.append(i)
         if wants:
-            tokens = self.runner.next_tokens(rows, positions, logits, wants)
-            for i, token in zip(wants, tokens):
-                self._accept(rows[i], token)
+            sampled = self.runner.next_tokens(rows, positions, logits, wants, run_ahead)
+            for i, (token, logprobs) in zip(wants, sampled):
+                self._accept(rows[i], token, logprobs)
 
     def _prefill_chunk(self, seq: Sequence, load) -> None:
         """The next chunk of a long prompt (down to `prefill_tail` tokens left, which then go through
         the batched one-token steps)."""
-        end = min(seq.num_prefilled + self.prefill_chunk, len(seq.prompt_ids) - self.prefill_tail)
+        end = min(seq.num_prefilled + self.prefill_chunk, len(seq.prompt_ids) - self._prompt_tail(seq))
         chunk = seq.prompt_ids[seq.num_prefilled:end]
-        logits = self.runner.prefill(seq, chunk, load)
+        want_prompt_logprobs = seq.params.prompt_logprobs is not None
+        logits = self.runner.prefill(seq, chunk, load, all_logits=want_prompt_logprobs)  # [1 or len(chunk), V]
         self._deliver()
+        if want_prompt_logprobs:
+            seq.prompt_logprobs += self.runner.prompt_logprobs(seq, seq.num_prefilled, logits)
         seq.num_prefilled += len(chunk)
-        if not seq.prefilling:
-            self._accept(seq, self.runner.sample_rows([seq], logits)[0])
+        if seq.prefilling:
+            return
+        if seq.params.max_tokens == 0:  # the prompt only (e.g. its logprobs): no token to draw
+            self._finish(seq, "length", notify=False)
+            self._outbox.append((seq, None, "length"))
+            return
+        token, logprobs = self.runner.sample_rows([seq], logits[-1:])[0]
+        self._accept(seq, token, logprobs)
 
     # ---------------------------------------------------------------- deliver
 
-    def _accept(self, seq: Sequence, token: int | BaseException) -> None:
+    def _accept(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None = None) -> None:
         """Record one sampled token and queue it for delivery; the request's finish is decided here
         (so its slot is free for the next step), its callbacks run in `_deliver`."""
-        if isinstance(token, BaseException):  # its sampling failed: end this request only
-            self.last_error = token
-            self._finish(seq, "abort", notify=False)
-            self._outbox.append((seq, None, "abort"))
-            return
         seq.output_ids.append(token)
+        if seq.params.logprobs is not None:
+            seq.logprobs.append(logprobs)
         reason = None
         if (token in self.eos_token_ids and not seq.params.ignore_eos) or token in seq.params.stop_token_ids:
             reason = "stop"

@@ -12,10 +12,10 @@ summed with all-reduce inside the model. This file holds what needs more than on
 2. `StepChannel` – rank 0 broadcasts each step's work (forward, cache reset, layer move, idle, stop);
      `LockstepModel` / `LockstepCache` / `LockstepMover` are rank 0's side, `run_worker` the others',
      so every rank runs the same steps and collectives in the same order.
-3. `DistributedMover` – applies one layer of a rebalance plan: only changed slots move; a slot whose
-     expert already sits on the same rank is copied locally, others are received (batch_isend_irecv,
-     bounded chunks) from a rank that held the expert in the old placement, senders spread over all
-     holders. `move_layer_checked` adds the canary (`slot_fingerprints` before and after).
+3. `DistributedMover` – applies one layer of a rebalance plan: only changed slots move, each from
+     the source `eplb.slot_sources` picks (a holder on the same rank: a local copy; else received
+     through batch_isend_irecv in bounded chunks, senders spread over all old holders).
+     `move_layer_checked` adds the canary (`slot_fingerprints` before and after).
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from dsv4_mini import MoETimer
+from eplb import ExpertLocation, slot_sources
 
 
 STARTUP_TIMEOUT_S = 1800.0  # loading a big checkpoint can take long on one node; serving steps cannot
@@ -146,47 +147,12 @@ class StepChannel:
 
 # ---------------------------------------------------------------- cross-rank expert moves
 
-@dataclass(frozen=True)
-class SlotTransfer:
-    """Destination slot `dst_slot` receives logical expert `expert` from `src_slot` (global ids)."""
-    expert: int
-    dst_slot: int
-    src_slot: int
-
-
-def plan_layer_transfers(old_row: torch.Tensor, new_row: torch.Tensor, num_ranks: int) -> list[SlotTransfer]:
-    """Which changed slot is filled from where. old_row, new_row: [P] logical id per slot.
-
-    Same answer on every rank (pure function of the two rows). A destination prefers a source slot on
-    its own rank (local copy); otherwise the receivers of expert e are dealt round-robin over the
-    old holders of e, so no single rank sends everything.
-    """
-    old, new = old_row.tolist(), new_row.tolist()
-    per_rank = len(old) // num_ranks
-    holders: dict[int, list[int]] = {}
-    for slot, e in enumerate(old):
-        holders.setdefault(e, []).append(slot)
-    dealt: dict[int, int] = {}
-    transfers = []
-    for dst, e in enumerate(new):
-        if old[dst] == e:
-            continue
-        if e not in holders:
-            raise ValueError(f"expert {e} has no replica in the old placement: nothing to copy from")
-        local = [s for s in holders[e] if s // per_rank == dst // per_rank]
-        if local:
-            src = local[0]
-        else:
-            i = dealt.get(e, 0)
-            dealt[e] = i + 1
-            src = holders[e][i % len(holders[e])]
-        transfers.append(SlotTransfer(e, dst, src))
-    # One global order (expert, destination) so matching sends and receives line up on both sides.
-    return sorted(transfers, key=lambda t: (t.expert, t.dst_slot))
-
-
 class DistributedMover:
-    """Moves one layer's changed slots between ranks. `weights`: this rank's [P_local, ...] tensors."""
+    """Moves one layer's changed slots between ranks. `weights`: this rank's [P_local, ...] tensors.
+
+    Sources come from `eplb.slot_sources`, the same list on every rank (and the same policy as the
+    single-process LocalMover).
+    """
 
     def __init__(self, rank: int, num_ranks: int, group=None, chunk_size: int = 32):
         self.rank, self.num_ranks, self.group, self.chunk_size = rank, num_ranks, group, chunk_size
@@ -197,7 +163,7 @@ class DistributedMover:
         per_rank = old_row.numel() // self.num_ranks
         first = self.rank * per_rank
         mine = lambda slot: first <= slot < first + per_rank  # noqa: E731
-        transfers = plan_layer_transfers(old_row, new_row, self.num_ranks)
+        transfers = slot_sources(old_row.tolist(), new_row.tolist(), self.num_ranks)
         staged: list[tuple[int, list[torch.Tensor]]] = []  # (local dst slot, new tensors)
         # Local copies are staged first: later writes must not clobber a slot another copy reads.
         for t in transfers:
@@ -375,7 +341,6 @@ def gather_moe_seconds(model, group) -> torch.Tensor:
 
 def run_worker(model, channel: StepChannel, mover: DistributedMover, canary: bool) -> None:
     """Follow rank 0 step by step until it says stop. Logits are computed and dropped: rank 0 samples."""
-    from eplb import ExpertLocation  # the maps are updated exactly as rank 0's Rebalancer does
 
     location = ExpertLocation.of_model(model, mover.num_ranks)
     cache = None

@@ -1,417 +1,50 @@
 """Expert-parallel load balancing (EPLB) for dsv4-mini: where experts live, how busy they are, and
-how to move them.
+how to move them between forward steps without changing a single output bit.
 
-    per-step physical counts [L,P] ─► ExpertLoadRecorder (ring of W steps, folded to logical [L,E])
-        ─► rebalance_experts (DeepSeek EPLB + refinement + slot preservation) ─► new phy2log [L,P]
-        ─► Rebalancer (copies only changed slots, layer by layer, then that layer's maps)
+    per-step physical counts [L, P] ─► ExpertLoadRecorder (ring of W steps, folded to logical [L, E])
+        ─► planner.rebalance_experts ─► new phy2log [L, P]
+        ─► Rebalancer: per layer, the mover copies the changed slots, then that layer's maps
 
 Shapes: L MoE layers, E logical experts, P physical slots (P = E + redundant), G expert-parallel
 ranks, S = P // G slots per rank (slot p lives on rank p // S), X = P - E + 1 replica columns.
 
-Pieces, top to bottom:
-1. balancedness             mean / max rank load per layer (1.0 = perfect; an idle layer counts 1.0)
-2. planner                  `rebalance_experts`: DeepSeek's greedy (bit-exact with refine=False),
-                            a swap refinement that never lowers balancedness, slot preservation
-3. ExpertLocation           phy2log / log2phy / logcnt, wrapping the model's buffers in place
-4. record files             sglang formats: {"logical_count": [S,L,E]} or {"physical_to_logical_map"}
-5. ExpertLoadRecorder       per-step [L,P] buffer for model.forward(load=...), ring window, dumps
-6. LocalMover, Rebalancer   in-place weight moves (ep.LockstepMover plugs in for real ranks)
-7. EPLBManager              the engine hook: record → plan → move → measure, plus state for HTTP
-8. CLI                      `python eplb.py plan RECORD ...`, `python eplb.py demo`
+Top to bottom:
+1. ExpertLocation, initial_location   phy2log / log2phy / logcnt, wrapping the model's buffers in place
+2. ExpertLoadRecorder                 per-step [L, P] buffer for model.forward(load=...), ring window, dumps
+3. slot_sources, copy_schedule,       which slot each moved expert is copied from (shared with
+   LocalMover, Rebalancer             ep.DistributedMover), in-place moves, layer by layer
+4. EPLBConfig, EPLBManager            the engine hook: record → plan → move → measure, state for HTTP
+5. CLI                                `python eplb.py plan RECORD ...`, `python eplb.py demo`
+
+The planner (planner.py) and the record files (records.py) are their own modules; the demo lives in
+eplb_demo.py.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
-import numpy as np
 import torch
+
+from planner import (balancedness, logical_to_physical, placement_policy, rank_load, rebalance_experts,
+                     replica_load)
+from records import LAST_MAP_KEY, load_record, save_record
 
 log = logging.getLogger("dsv4.eplb")
 
 __all__ = [
-    "balancedness", "rank_load", "replica_load", "rebalance_experts", "balanced_packing",
-    "replicate_experts", "refine_packing", "preserve_slots", "ExpertLocation", "load_record",
-    "initial_location", "ExpertLoadRecorder", "LocalMover", "Rebalancer", "EPLBConfig", "EPLBManager",
+    "ExpertLocation", "initial_location", "ExpertLoadRecorder", "SlotTransfer", "slot_sources", "copy_schedule",
+    "LocalMover", "MoveStats", "Rebalancer", "EPLBConfig", "RebalanceRecord", "EPLBManager",
 ]
 
-
 # =============================================================================================
-# 1. Balancedness
+# 1. Locations: where every expert lives
 # =============================================================================================
-def rank_load(slot_load: torch.Tensor, num_ranks: int) -> torch.Tensor:
-    """Load per rank: slot_load [L, P] -> [L, G] (float64); slot p sits on rank p // (P // G)."""
-    L, P = slot_load.shape
-    return slot_load.double().reshape(L, num_ranks, P // num_ranks).sum(-1)
-
-
-def balancedness(rank_load: torch.Tensor) -> torch.Tensor:
-    """Per-layer mean / max over ranks: rank_load [L, G] -> [L] float64; a zero-load layer is 1.0."""
-    load = rank_load.double()
-    peak = load.max(-1).values
-    return torch.where(peak > 0, load.mean(-1) / peak.clamp(min=1e-300), torch.ones_like(peak))
-
-
-def replica_load(logical_load: torch.Tensor, phy2log: torch.Tensor) -> torch.Tensor:
-    """Predicted load of every slot when each expert's load splits evenly over its replicas.
-
-    logical_load [L, E], phy2log [L, P] -> [L, P] float64.
-    """
-    load = logical_load.double().cpu()
-    phy2log = phy2log.long().cpu()
-    count = torch.zeros_like(load).scatter_add_(1, phy2log, torch.ones_like(phy2log, dtype=load.dtype))
-    return (load / count.clamp(min=1)).gather(1, phy2log)
-
-
-# =============================================================================================
-# 2. Planner
-# =============================================================================================
-# DeepSeek's three primitives (deepseek-ai/EPLB eplb.py) with the same arithmetic: float32 weights,
-# float32 running sums, torch's default descending sort for the item order (not stable on CPU for
-# n > 16, so it is called exactly as DeepSeek does), first index on ties of min / max. The Python
-# loops of the original run over items only here; every step works on all rows (layers) at once.
-# The work is numpy on purpose: small torch CPU ops pay an OpenMP barrier each, which costs
-# milliseconds when the other cores are busy serving.
-
-def _descending_order(w: np.ndarray) -> np.ndarray:
-    """Item order of DeepSeek's `weight.float().sort(-1, descending=True)`: [X, n] -> [X, n]."""
-    return torch.from_numpy(np.ascontiguousarray(w, np.float32)).sort(-1, descending=True).indices.numpy()
-
-
-def _pack(w: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
-    """numpy core of `balanced_packing`: w [X, n] float32 -> (pack_index, rank_in_pack) [X, n]."""
-    X, n = w.shape
-    per_pack = n // num_packs
-    assert n % num_packs == 0, "items must split evenly over packs"
-    if per_pack == 1:
-        return np.tile(np.arange(n), (X, 1)), np.zeros((X, n), np.int64)
-    order = _descending_order(w)
-    rows = np.arange(X)
-    pack_weight = np.zeros((X, num_packs), np.float32)
-    pack_items = np.zeros((X, num_packs), np.int64)
-    pack_index = np.empty((X, n), np.int64)
-    rank_in_pack = np.empty((X, n), np.int64)
-    for j in range(n):
-        item = order[:, j]  # [X]
-        pack = np.where(pack_items < per_pack, pack_weight, np.inf).argmin(1)  # [X]
-        pack_index[rows, item] = pack
-        rank_in_pack[rows, item] = pack_items[rows, pack]
-        pack_weight[rows, pack] += w[rows, item]
-        pack_items[rows, pack] += 1
-    return pack_index, rank_in_pack
-
-
-def balanced_packing(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy LPT packing with exactly n / m items per pack, vectorised over rows.
-
-    weight [X, n] -> (pack_index [X, n] int64, rank_in_pack [X, n] int64). Items go heaviest first
-    into the lightest pack that still has room (lowest pack index on ties).
-    """
-    pack_index, rank_in_pack = _pack(weight.float().cpu().numpy(), num_packs)
-    return torch.from_numpy(pack_index), torch.from_numpy(rank_in_pack)
-
-
-def _replicate(w: np.ndarray, num_phy: int) -> tuple[np.ndarray, np.ndarray]:
-    """numpy core of `replicate_experts`: w [X, n] float32 -> (phy2log [X, num_phy], logcnt [X, n])."""
-    X, n = w.shape
-    assert num_phy >= n
-    rows = np.arange(X)
-    phy2log = np.tile(np.arange(num_phy, dtype=np.int64), (X, 1))
-    logcnt = np.ones((X, n), np.int64)
-    per_replica = w.copy()  # [X, n] = w / logcnt, float32 like the original
-    for slot in range(n, num_phy):
-        best = per_replica.argmax(1)  # [X]
-        phy2log[:, slot] = best
-        logcnt[rows, best] += 1
-        per_replica[rows, best] = w[rows, best] / logcnt[rows, best].astype(np.float32)
-    return phy2log, logcnt
-
-
-def replicate_experts(weight: torch.Tensor, num_phy: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Add num_phy - n replicas one at a time, each to the expert with the largest load per replica.
-
-    weight [X, n] -> (phy2log [X, num_phy], logcnt [X, n]), int64. Slots 0..n-1 hold experts
-    0..n-1; slot n + i holds the i-th pick (D'Hondt apportionment: minimises the max per-replica load).
-    """
-    phy2log, logcnt = _replicate(weight.float().cpu().numpy(), num_phy)
-    return torch.from_numpy(phy2log), torch.from_numpy(logcnt)
-
-
-def _best_swaps(w, load, members, pack_index, rows, candidates, tol):
-    """For each row, the swap (item of the heaviest pack <-> a candidate item) that lowers the
-    heaviest pack most while keeping the partner below the old maximum.
-
-    w [X, n] float64, load [X, m], members [X, m, S], pack_index [X, n]; rows [A];
-    candidates [A, C] item ids -> (found [A] bool, heavy [A], position in heavy [A], partner item [A]).
-    """
-    heavy = load[rows].argmax(1)  # [A]
-    heavy_load = load[rows, heavy][:, None, None]  # [A, 1, 1]
-    heavy_items = members[rows, heavy]  # [A, S]
-    gap = (heavy_load[:, :, 0] - load[rows[:, None], pack_index[rows[:, None], candidates]])[:, None, :]
-    d = w[rows[:, None], heavy_items][:, :, None] - w[rows[:, None], candidates][:, None, :]  # [A, S, C]
-    t = tol[rows][:, None, None]
-    ok = (d > t) & (d < gap - t)
-    pair_max = np.maximum(heavy_load - d, heavy_load - gap + d)
-    best = np.where(ok, pair_max, np.inf).reshape(len(rows), -1).argmin(1)
-    C = candidates.shape[1]
-    found = ok.reshape(len(rows), -1)[np.arange(len(rows)), best]
-    return found, heavy, best // C, candidates[np.arange(len(rows)), best % C]
-
-
-def _refine(w: np.ndarray, pack_index: np.ndarray, rank_in_pack: np.ndarray, num_packs: int,
-            max_rounds: int) -> tuple[np.ndarray, np.ndarray]:
-    """numpy core of `refine_packing` (w float64; pack_index / rank_in_pack changed in place)."""
-    X, n = w.shape
-    per_pack = n // num_packs
-    rows = np.arange(X)
-    members = np.empty((X, num_packs, per_pack), np.int64)  # item held at (pack, position)
-    members[rows[:, None], pack_index, rank_in_pack] = np.arange(n)
-    load = w[rows[:, None, None], members].sum(-1)  # [X, m]
-    tol = 1e-12 * np.maximum(load.sum(1), 1.0)  # [X]: ignore rounding-only "improvements"
-    active = rows
-    for _ in range(max_rounds):
-        if active.size == 0:
-            break
-        # cheap first: partners from the lightest pack only; rows without a swap there try all items
-        lightest = members[active, load[active].argmin(1)]  # [A, S]
-        found, heavy, pos, b = _best_swaps(w, load, members, pack_index, active, lightest, tol)
-        retry = active[~found]
-        if retry.size:
-            all_items = np.broadcast_to(np.arange(n), (retry.size, n))
-            f2, h2, p2, b2 = _best_swaps(w, load, members, pack_index, retry, all_items, tol)
-            heavy[~found], pos[~found], b[~found] = h2, p2, b2
-            found[~found] = f2
-        active, heavy, pos, b = active[found], heavy[found], pos[found], b[found]
-        a = members[active, heavy, pos]
-        other, other_pos = pack_index[active, b], rank_in_pack[active, b]
-        delta = w[active, a] - w[active, b]
-        pack_index[active, a], rank_in_pack[active, a] = other, other_pos
-        pack_index[active, b], rank_in_pack[active, b] = heavy, pos
-        members[active, heavy, pos], members[active, other, other_pos] = b, a
-        load[active, heavy] -= delta
-        load[active, other] += delta
-    return pack_index, rank_in_pack
-
-
-def refine_packing(weight: torch.Tensor, pack_index: torch.Tensor, rank_in_pack: torch.Tensor,
-                   num_packs: int, max_rounds: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lower each row's heaviest pack by swapping one of its items with a lighter item elsewhere.
-
-    weight [X, n] (float64 used), pack_index / rank_in_pack [X, n] as from `balanced_packing`
-    -> the same two tensors after the swaps. A swap of a (heaviest pack h) with b (pack r) by
-    d = w_a - w_b is taken only if 0 < d < load_h - load_r, so the pair's larger load drops below
-    load_h: no pack ever exceeds the old maximum, the maximum never rises, and balancedness is
-    never below the greedy's. Per round, every row takes its best swap (lowest resulting pair max).
-    """
-    if num_packs == 1 or pack_index.shape[1] == num_packs:
-        return pack_index, rank_in_pack
-    out = _refine(weight.double().cpu().numpy(), pack_index.numpy().copy(), rank_in_pack.numpy().copy(),
-                  num_packs, max_rounds)
-    return torch.from_numpy(out[0]), torch.from_numpy(out[1])
-
-
-def _inverse(perm: np.ndarray) -> np.ndarray:
-    """Row-wise inverse permutation: perm [X, n] -> inv [X, n] with inv[perm[i]] = i."""
-    inv = np.empty_like(perm)
-    np.put_along_axis(inv, perm, np.broadcast_to(np.arange(perm.shape[1]), perm.shape), axis=1)
-    return inv
-
-
-def _hierarchical(w: np.ndarray, num_physical: int, num_groups: int, num_nodes: int, num_gpus: int,
-                  refine: bool, exact: np.ndarray) -> np.ndarray:
-    """DeepSeek's hierarchical policy: groups → nodes, replicas within nodes, replicas → GPUs.
-
-    w [L, E] float32, exact [L, E] float64 (for the refinement) -> phy2log [L, P] int64. With
-    refine=False this is DeepSeek's output exactly; refine=True adds `refine_packing` to the last
-    step (inside each node, so node locality is kept).
-    """
-    L, E = w.shape
-    assert E % num_groups == 0 and num_groups % num_nodes == 0
-    assert num_gpus % num_nodes == 0 and num_physical % num_gpus == 0
-    group_size, groups_per_node = E // num_groups, num_groups // num_nodes
-    slots_per_gpu, E_node = num_physical // num_gpus, E // num_nodes
-    take = lambda a, idx: np.take_along_axis(a, idx, axis=1)  # noqa: E731
-    # 1. whole expert groups onto nodes; node k gets the "middle" ids [k*E/N, (k+1)*E/N)
-    group_load = w.reshape(L, num_groups, group_size).sum(-1, dtype=np.float32)  # [L, groups]
-    group_node, group_pos = _pack(group_load, num_nodes)
-    log2mlog = (((group_node * groups_per_node + group_pos) * group_size)[:, :, None]
-                + np.arange(group_size)).reshape(L, E)
-    mlog2log = _inverse(log2mlog)
-    # 2. replicas inside each node: [L*N, E/N] -> [L*N, P/N]
-    mlog_load = take(w, mlog2log).reshape(-1, E_node)
-    phy2mlog, mlogcnt = _replicate(mlog_load, num_physical // num_nodes)
-    # 3. replicas onto the node's GPUs, equal slot count per GPU
-    phy_load = take(mlog_load / mlogcnt.astype(np.float32), phy2mlog)  # [L*N, P/N] float32
-    gpu, pos = _pack(phy_load, num_gpus // num_nodes)
-    if refine and num_gpus // num_nodes > 1 and slots_per_gpu > 1:
-        exact_phy = take(take(exact, mlog2log).reshape(-1, E_node) / mlogcnt, phy2mlog)
-        gpu, pos = _refine(exact_phy, gpu, pos, num_gpus // num_nodes, max_rounds=64)
-    pphy2phy = _inverse(gpu * slots_per_gpu + pos)
-    pphy2mlog = take(phy2mlog, pphy2phy).reshape(L, num_nodes, -1)
-    pphy2mlog = (pphy2mlog + np.arange(0, E, E_node)[None, :, None]).reshape(L, -1)
-    return take(mlog2log, pphy2mlog)  # [L, P]
-
-
-def rebalance_experts(weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int,
-                      num_gpus: int, *, refine: bool = True, old_phy2log: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Plan a placement. DeepSeek EPLB's entry point and semantics, plus two cheap improvements.
-
-    weight [L, E] load per logical expert (any real dtype, finite, >= 0); num_replicas = P
-    (a multiple of num_gpus) -> (phy2log [L, P] int64, log2phy [L, E, X'] int64 with -1 padding,
-    X' = logcnt.max(), replicas of an expert listed in slot order; logcnt [L, E] int64).
-
-    Policy: hierarchical (groups packed to nodes, replication inside nodes) when num_groups > 1 and
-    num_groups % num_nodes == 0; otherwise global (replicate, then pack onto all GPUs).
-    refine=False reproduces DeepSeek's greedy exactly; refine=True (default) adds `refine_packing`,
-    never worse. old_phy2log [L, P]: relabel ranks and reorder slots inside ranks so experts stay
-    where they are (`preserve_slots`); rank loads are unchanged by that, only fewer bytes move.
-    """
-    L, E = weight.shape
-    _check_load(weight, "weight")
-    if num_replicas < E or num_replicas % num_gpus:
-        raise ValueError(f"num_replicas={num_replicas} must be >= {E} experts and a multiple of num_gpus={num_gpus}")
-    exact = weight.detach().cpu().double().numpy()
-    w = weight.detach().cpu().float().numpy()
-    if not (num_groups > 1 and num_groups % num_nodes == 0):  # global policy
-        num_groups = num_nodes = 1
-    phy2log = _hierarchical(w, num_replicas, num_groups, num_nodes, num_gpus, refine, exact)
-    if old_phy2log is not None:
-        phy2log = _preserve(phy2log, old_phy2log.long().cpu().numpy(), num_nodes, num_gpus)
-    log2phy, logcnt = _log2phy_np(phy2log, E, None)
-    return torch.from_numpy(phy2log), torch.from_numpy(log2phy), torch.from_numpy(logcnt)
-
-
-def _greedy_match(overlap: np.ndarray) -> np.ndarray:
-    """Assign each new unit to an old unit, largest overlap first: overlap [X, n, n] -> [X, n]."""
-    X, n, _ = overlap.shape
-    score = overlap.astype(np.float64).copy()
-    match = np.empty((X, n), np.int64)
-    rows = np.arange(X)
-    for _ in range(n):
-        flat = score.reshape(X, -1).argmax(1)
-        new, old = flat // n, flat % n
-        match[rows, new] = old
-        score[rows, new, :] = -np.inf
-        score[rows, :, old] = -np.inf
-    return match
-
-
-def _unit_counts(phy2log: np.ndarray, num_units: int, num_experts: int) -> np.ndarray:
-    """How many replicas of each expert every unit (rank or node) holds: [L, P] -> [L, units, E]."""
-    L, P = phy2log.shape
-    unit = np.repeat(np.arange(num_units), P // num_units)
-    counts = np.zeros((L, num_units, num_experts), np.float32)
-    np.add.at(counts, (np.arange(L)[:, None], unit[None, :], phy2log), 1)
-    return counts
-
-
-def _relabel_units(new: np.ndarray, old: np.ndarray, num_units: int, num_experts: int) -> np.ndarray:
-    """Permute whole units (contiguous slot blocks) of `new` to overlap `old` most: [L, P] -> [L, P]."""
-    L, P = new.shape
-    overlap = _unit_counts(new, num_units, num_experts) @ _unit_counts(old, num_units, num_experts).transpose(0, 2, 1)
-    target = _greedy_match(overlap)  # [L, units]: new unit u goes to position target[u]
-    out = np.empty_like(new)
-    blocks = new.reshape(L, num_units, -1)
-    out.reshape(L, num_units, -1)[np.arange(L)[:, None], target] = blocks
-    return out
-
-
-def _occurrence(keys: np.ndarray) -> np.ndarray:
-    """k for the k-th occurrence (in order) of each key: keys [n] -> [n]."""
-    order = np.argsort(keys, kind="stable")
-    sorted_keys = keys[order]
-    idx = np.arange(len(keys))
-    run_start = np.maximum.accumulate(np.where(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]], idx, 0))
-    occ = np.empty_like(idx)
-    occ[order] = idx - run_start
-    return occ
-
-
-def _keep_slots_within_ranks(new: np.ndarray, old: np.ndarray, num_ranks: int) -> np.ndarray:
-    """Reorder each rank's new experts so any expert the rank already held keeps its old slot."""
-    L, P = new.shape
-    S = P // num_ranks
-    cell = (np.arange(L)[:, None] * num_ranks + np.arange(P)[None, :] // S).ravel()  # (layer, rank)
-    new_e, old_e = new.ravel(), old.ravel()
-    E = int(max(new_e.max(), old_e.max())) + 1
-    new_key = (cell * E + new_e) * S + _occurrence(cell * E + new_e)
-    old_key = (cell * E + old_e) * S + _occurrence(cell * E + old_e)
-    old_order = np.argsort(old_key)
-    hit = np.searchsorted(old_key[old_order], new_key).clip(max=len(old_key) - 1)
-    matched = old_key[old_order][hit] == new_key
-    dest = np.full(L * P, -1, np.int64)
-    dest[matched] = old_order[hit[matched]]  # flat slot each kept expert returns to
-    free_slots = np.setdiff1d(np.arange(L * P), dest[matched])  # ascending, grouped by cell
-    loose = np.flatnonzero(~matched)
-    loose = loose[np.argsort(cell[loose], kind="stable")]  # same per-cell counts as free_slots
-    dest[loose] = free_slots
-    out = np.empty_like(new_e)
-    out[dest] = new_e
-    return out.reshape(L, P)
-
-
-def _preserve(new: np.ndarray, old: np.ndarray, num_nodes: int, num_gpus: int) -> np.ndarray:
-    """numpy core of `preserve_slots`."""
-    L, P = new.shape
-    E = int(max(new.max(), old.max())) + 1
-    relabeled = new
-    if num_nodes > 1:
-        relabeled = _relabel_units(relabeled, old, num_nodes, E)
-    gpus_per_node = num_gpus // num_nodes
-    if gpus_per_node > 1:  # relabel GPUs inside each node: treat (layer, node) as a row
-        rows = lambda a: a.reshape(L * num_nodes, P // num_nodes)  # noqa: E731
-        relabeled = _relabel_units(rows(relabeled), rows(old), gpus_per_node, E).reshape(L, P)
-    # the matching is greedy: per layer, keep whichever of planned / relabeled order moves fewer slots
-    kept_plain = _keep_slots_within_ranks(new, old, num_gpus)
-    kept_relabeled = _keep_slots_within_ranks(relabeled, old, num_gpus)
-    better = ((kept_relabeled != old).sum(1) <= (kept_plain != old).sum(1))[:, None]
-    return np.where(better, kept_relabeled, kept_plain)
-
-
-def preserve_slots(phy2log: torch.Tensor, old_phy2log: torch.Tensor, num_nodes: int, num_gpus: int) -> torch.Tensor:
-    """Same rank loads as `phy2log`, but as many slots as possible keep `old_phy2log`'s expert.
-
-    phy2log, old_phy2log [L, P] -> [L, P]. Free choices only: which node hosts each planned node,
-    which GPU of that node hosts each planned GPU (greedy max-overlap matching), and the slot order
-    inside each GPU (experts already on that GPU keep their slot).
-    """
-    return torch.from_numpy(_preserve(phy2log.long().cpu().numpy(), old_phy2log.long().cpu().numpy(),
-                                      num_nodes, num_gpus))
-
-
-def _check_load(load: torch.Tensor, name: str) -> None:
-    if not isinstance(load, torch.Tensor) or load.dtype in (torch.bool,) or load.is_complex():
-        raise ValueError(f"{name} must be a real-valued tensor")
-    if not bool(torch.isfinite(load.double()).all()) or bool((load < 0).any()):
-        raise ValueError(f"{name} must be finite and >= 0")
-
-
-# =============================================================================================
-# 3. ExpertLocation
-# =============================================================================================
-def _log2phy_np(phy2log: np.ndarray, num_experts: int, width: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """phy2log [L, P] -> (log2phy [L, E, width] -1 padded, replicas in slot order; logcnt [L, E])."""
-    L, P = phy2log.shape
-    rows = np.arange(L)[:, None]
-    logcnt = np.zeros((L, num_experts), np.int64)
-    np.add.at(logcnt, (rows, phy2log), 1)
-    width = int(logcnt.max()) if width is None else width
-    if int(logcnt.max()) > width:
-        raise ValueError(f"an expert has {int(logcnt.max())} replicas; log2phy holds only {width}")
-    order = np.argsort(phy2log, axis=1, kind="stable")  # slots grouped by expert, ascending
-    expert = np.take_along_axis(phy2log, order, 1)
-    first = np.take_along_axis(logcnt.cumsum(1) - logcnt, expert, 1)  # first sorted position
-    log2phy = np.full((L, num_experts, width), -1, np.int64)
-    log2phy[rows, expert, np.arange(P) - first] = order
-    return log2phy, logcnt
-
-
 class ExpertLocation:
     """Which logical expert every physical slot holds, in the three equivalent forms the kernels read.
 
@@ -439,13 +72,12 @@ class ExpertLocation:
         P = phy2log.shape[1]
         if phy2log.numel() and (int(phy2log.min()) < 0 or int(phy2log.max()) >= num_experts):
             raise ValueError(f"phy2log holds expert ids outside [0, {num_experts})")
-        log2phy, logcnt = _log2phy_np(phy2log.cpu().numpy(), num_experts,
-                                      P - num_experts + 1 if width is None else width)
-        if (logcnt == 0).any():
-            layer, expert = np.argwhere(logcnt == 0)[0].tolist()
+        log2phy, logcnt = (torch.from_numpy(a).to(torch.int32) for a in logical_to_physical(
+            phy2log.cpu().numpy(), num_experts, P - num_experts + 1 if width is None else width))
+        if not bool(logcnt.all()):
+            layer, expert = (logcnt == 0).nonzero()[0].tolist()
             raise ValueError(f"expert {expert} of layer {layer} has no slot")
-        return cls(phy2log.cpu().clone(), torch.from_numpy(log2phy).to(torch.int32),
-                   torch.from_numpy(logcnt).to(torch.int32), num_ranks)
+        return cls(phy2log.cpu().clone(), log2phy, logcnt, num_ranks)
 
     @classmethod
     def trivial(cls, num_layers: int, num_experts: int, num_physical: int, num_ranks: int,
@@ -490,96 +122,6 @@ class ExpertLocation:
         return rank_load(replica_load(logical_load, self.phy2log), self.num_ranks)
 
 
-# =============================================================================================
-# 4. Record files (sglang formats): read only as tensors / JSON, never arbitrary pickles
-# =============================================================================================
-MAX_RECORD_BYTES = 1 << 30
-MAX_RECORD_ELEMENTS = 1 << 28
-RECORD_KEYS = ("logical_count", "physical_to_logical_map")
-# a dump also carries the placement its counts were recorded under, under a name that
-# --init-expert-location ignores (sglang: a physical_to_logical_map would be used as the placement)
-LAST_MAP_KEY = "last_physical_to_logical_map"
-
-
-def _record_tensor(name: str, value, ndims: tuple[int, ...]) -> torch.Tensor:
-    """Validate one record entry: a real, finite, non-negative, modestly sized tensor (or nested list)."""
-    if isinstance(value, list):
-        try:
-            value = torch.tensor(value, dtype=torch.float64)
-        except (TypeError, ValueError, RuntimeError, OverflowError) as e:
-            raise ValueError(f"record '{name}' is not a rectangular array of numbers: {e}") from None
-    if not isinstance(value, torch.Tensor) or type(value) is not torch.Tensor:
-        raise ValueError(f"record '{name}' must be a tensor or nested list, got {type(value).__name__}")
-    if value.layout != torch.strided or value.dtype == torch.bool or value.is_complex() or value.is_quantized:
-        raise ValueError(f"record '{name}' must be a dense real tensor, got {value.dtype} {value.layout}")
-    if value.dim() not in ndims or 0 in value.shape:
-        raise ValueError(f"record '{name}' must have {' or '.join(map(str, ndims))} non-empty dims, got {tuple(value.shape)}")
-    if value.numel() > MAX_RECORD_ELEMENTS:
-        raise ValueError(f"record '{name}' has {value.numel()} elements (limit {MAX_RECORD_ELEMENTS})")
-    value = value.detach().cpu().double()
-    if not bool(torch.isfinite(value).all()):
-        raise ValueError(f"record '{name}' contains NaN or infinity")
-    if bool((value < 0).any()):
-        raise ValueError(f"record '{name}' contains negative values")
-    return value
-
-
-def load_record(source: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read an EPLB record: a .pt (torch.load weights_only=True), a .json file, or a JSON string.
-
-    Returns {"logical_count": [S, L, E] float64} and/or {"physical_to_logical_map": [L, P] int64}.
-    Anything else (pickled objects, wrong types or shapes, NaN, negatives, oversize) raises ValueError.
-    """
-    text = str(source)
-    if text.lstrip().startswith("{"):
-        raw = _parse_json(text)
-    else:
-        if not os.path.isfile(text):
-            raise ValueError(f"record file {text!r} does not exist")
-        if os.path.getsize(text) > MAX_RECORD_BYTES:
-            raise ValueError(f"record file {text!r} is larger than {MAX_RECORD_BYTES} bytes")
-        if text.endswith(".json"):
-            with open(text) as f:
-                raw = _parse_json(f.read())
-        else:
-            try:
-                raw = torch.load(text, map_location="cpu", weights_only=True)
-            except Exception as e:  # noqa: BLE001 - every failure of an untrusted file is a refusal
-                raise ValueError(f"record file {text!r} refused (only tensors and plain containers "
-                                 f"are accepted): {type(e).__name__}: {str(e)[:200]}") from None
-    if not isinstance(raw, dict) or not any(k in raw for k in RECORD_KEYS):
-        raise ValueError(f"a record must be a dict with one of {RECORD_KEYS}")
-    record = {}
-    if "logical_count" in raw:
-        count = _record_tensor("logical_count", raw["logical_count"], (2, 3))
-        record["logical_count"] = count if count.dim() == 3 else count.unsqueeze(0)
-    for key in ("physical_to_logical_map", LAST_MAP_KEY):
-        if key in raw:
-            p2l = _record_tensor(key, raw[key], (2,))
-            if not bool((p2l == p2l.round()).all()):
-                raise ValueError(f"record '{key}' must hold integer expert ids")
-            record[key] = p2l.long()
-    return record
-
-
-def _parse_json(text: str):
-    if len(text) > MAX_RECORD_BYTES:
-        raise ValueError("JSON record too large")
-    try:
-        return json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise ValueError(f"malformed JSON record: {e}") from None
-
-
-def save_record(path: str | os.PathLike, record: dict[str, torch.Tensor]) -> None:
-    """Write a record as JSON (path ends in .json) or with torch.save (tensors only)."""
-    if str(path).endswith(".json"):
-        with open(path, "w") as f:
-            json.dump({k: v.tolist() for k, v in record.items()}, f)
-    else:
-        torch.save({k: v.cpu() for k, v in record.items()}, path)
-
-
 def initial_location(spec: str | None, num_layers: int, num_experts: int, num_physical: int, num_ranks: int,
                      num_groups: int = 1, num_nodes: int = 1, refine: bool = True) -> ExpertLocation:
     """`--init-expert-location`: "trivial"/None, or a record (path or JSON string) with either a
@@ -602,7 +144,7 @@ def initial_location(spec: str | None, num_layers: int, num_experts: int, num_ph
 
 
 # =============================================================================================
-# 5. Load recorder
+# 2. Load recorder
 # =============================================================================================
 class ExpertLoadRecorder:
     """Per-step physical counts → a ring of the last `window` steps, kept physical and logical.
@@ -610,13 +152,13 @@ class ExpertLoadRecorder:
     `load` [L, P] int32 is what the engine hands to model.forward(load=...); `step(phy2log)` after
     each forward folds it into the ring through the placement that produced it (so a rebalance in
     the middle of a window is attributed correctly) and zeroes it. The ring always runs (EPLB reads
-    it); start/stop/reset/dump are sglang's recording session on top, capped at `session_capacity`.
+    it); start/stop/dump are sglang's recording session on top, capped at `session_capacity`.
     """
 
     def __init__(self, num_layers: int, num_physical: int, num_experts: int, window: int,
                  device: str | torch.device = "cpu", session_capacity: int = 1000):
         L, P, E = num_layers, num_physical, num_experts
-        self.num_experts, self.window = E, window
+        self.window = window
         self.load = torch.zeros(L, P, dtype=torch.int32, device=device)
         self.physical = torch.zeros(window, L, P, dtype=torch.int32, device=device)  # ring
         self.logical = torch.zeros(window, L, E, dtype=torch.int64, device=device)  # ring
@@ -655,12 +197,6 @@ class ExpertLoadRecorder:
     def stop(self) -> None:
         self.recording = False
 
-    def reset(self) -> None:
-        """Forget everything: ring, session, pending counts."""
-        self.load.zero_(), self.physical.zero_(), self.logical.zero_()
-        self.session.clear()
-        self.steps = 0
-
     def dump(self, path: str | os.PathLike | None = None, phy2log: torch.Tensor | None = None) -> dict:
         """sglang /dump_expert_distribution_record: {"logical_count": [steps, L, E]} (+ the current
         placement as "last_physical_to_logical_map" if given); written with torch.save / JSON when
@@ -676,32 +212,59 @@ class ExpertLoadRecorder:
 
 
 # =============================================================================================
-# 6. Moving expert weights
+# 3. Moving expert weights
 # =============================================================================================
-def copy_schedule(old_row: list[int], new_row: list[int], num_ranks: int) -> list[tuple[int, int]]:
-    """Order the copies that turn old_row's slots into new_row's, in place, with one spare slot.
+class SlotTransfer(NamedTuple):
+    """Destination slot `dst_slot` receives logical expert `expert` from `src_slot` (global slot ids)."""
+    expert: int
+    dst_slot: int
+    src_slot: int
 
-    old_row, new_row: [P] expert per slot -> [(dst, src)], slot -1 meaning the spare buffer. Each
-    changed slot is copied from a holder of its expert in the old placement (an unchanged holder
-    first, then one on the same rank). A slot is overwritten only after every copy reading it is
-    done; a cycle (a permutation) is broken by parking one slot in the spare: changed + cycles copies.
+
+def slot_sources(old_row: list[int], new_row: list[int], num_ranks: int) -> list[SlotTransfer]:
+    """Where each changed slot copies its new expert from. old_row, new_row: [P] expert per slot.
+
+    The one source policy of both movers (LocalMover here, ep.DistributedMover across ranks). A pure
+    function of the two rows, sorted by (expert, dst_slot): every rank derives the same list, so
+    matching sends and receives line up. The source is an old holder of the expert (replicas hold
+    identical weights, so any holder gives the same bits): one on the destination's own rank if
+    there is one, a local copy without network, preferring a holder that keeps its expert (it is
+    never overwritten, so the copy need not wait); otherwise the expert's remote receivers are
+    dealt round-robin over all its holders, so no single rank sends everything.
     """
-    P = len(old_row)
-    per_rank = P // num_ranks
+    per_rank = len(old_row) // num_ranks
     holders: dict[int, list[int]] = {}
     for slot, e in enumerate(old_row):
         holders.setdefault(e, []).append(slot)
-    src = {}
+    dealt: dict[int, int] = {}  # remote receivers of each expert so far
+    transfers = []
     for dst, e in enumerate(new_row):
         if old_row[dst] == e:
             continue
         if e not in holders:
             raise ValueError(f"expert {e} has no replica in the old placement: nothing to copy from")
-        src[dst] = min(holders[e], key=lambda q: (old_row[q] != new_row[q], q // per_rank != dst // per_rank, q))
+        local = [q for q in holders[e] if q // per_rank == dst // per_rank]
+        if local:
+            src = min(local, key=lambda q: (old_row[q] != new_row[q], q))
+        else:
+            src = holders[e][dealt.get(e, 0) % len(holders[e])]
+            dealt[e] = dealt.get(e, 0) + 1
+        transfers.append(SlotTransfer(e, dst, src))
+    return sorted(transfers)
+
+
+def copy_schedule(transfers: list[SlotTransfer]) -> list[tuple[int, int]]:
+    """Order one layer's copies so they run in place with one spare slot.
+
+    transfers (from `slot_sources`) -> [(dst, src)], slot -1 meaning the spare. A slot is
+    overwritten only after every copy reading it is done; a cycle (a permutation) is broken by
+    parking one slot in the spare first: len(transfers) + cycles copies.
+    """
+    pending = {t.dst_slot: t.src_slot for t in transfers}
     readers: dict[int, int] = {}
-    for q in src.values():
+    for q in pending.values():
         readers[q] = readers.get(q, 0) + 1
-    schedule, pending = [], dict(src)
+    schedule = []
     ready = [p for p in pending if readers.get(p, 0) == 0]
     while pending:
         if not ready:  # only cycles left: park one slot's expert in the spare, redirect its readers
@@ -741,8 +304,8 @@ class LocalMover:
         old, new = old_row.tolist(), new_row.tolist()
         if len(old) != weights[0].shape[0]:
             raise ValueError(f"LocalMover needs all {len(old)} slots in this process, got {weights[0].shape[0]}")
-        schedule = copy_schedule(old, new, self.num_ranks)
-        slot_bytes = sum(w[0].numel() * w[0].element_size() for w in weights)
+        transfers = slot_sources(old, new, self.num_ranks)
+        schedule = copy_schedule(transfers)
         for w in weights:
             key = (tuple(w.shape[1:]), w.dtype, w.device)
             spare = self.spare.get(key)
@@ -750,7 +313,8 @@ class LocalMover:
                 spare = self.spare[key] = torch.empty_like(w[0])
             for dst, src in schedule:
                 (spare if dst < 0 else w[dst]).copy_(spare if src < 0 else w[src])
-        return slot_bytes * sum(dst >= 0 for dst, _ in schedule)  # the spare's copies are not moves
+        slot_bytes = sum(w[0].numel() * w[0].element_size() for w in weights)
+        return slot_bytes * len(transfers)  # the spare's copies are not moves
 
 
 @dataclass
@@ -824,7 +388,7 @@ def _synchronize(device: torch.device) -> None:
 
 
 # =============================================================================================
-# 7. Manager: the engine's hook
+# 4. Manager: the engine's hook
 # =============================================================================================
 @dataclass
 class EPLBConfig:
@@ -1037,7 +601,7 @@ class EPLBManager:
 
 
 # =============================================================================================
-# 8. CLI
+# 5. CLI
 # =============================================================================================
 def _plan_command(args) -> None:
     record = load_record(args.record)
@@ -1056,7 +620,7 @@ def _plan_command(args) -> None:
     before = balancedness(rank_load(replica_load(load, before_map), G))
     after = balancedness(rank_load(replica_load(load, phy2log), G))
     print(f"record: {args.record}  steps={record['logical_count'].shape[0]}  L={L}  E={E}  tokens={int(load.sum())}")
-    policy = "hierarchical" if args.num_groups > 1 and args.num_groups % args.num_nodes == 0 else "global"
+    policy = placement_policy(args.num_groups, args.num_nodes)
     print(f"plan: P={P}  G={G}  groups={args.num_groups}  nodes={args.num_nodes}  policy={policy}  ({ms:.1f} ms)\n")
     print(f"{'layer':>5}  {'tokens':>10}  {before_name + ' bal':>12}  {'planned bal':>11}  hottest expert (replicas)")
     for layer in range(L):
@@ -1073,49 +637,10 @@ def _plan_command(args) -> None:
 
 
 def _demo_command(args) -> None:
-    import dsv4_mini  # the model is only needed here
-    import weights
+    import eplb_demo  # lazy: the demo builds a model, and nothing else in eplb.py needs dsv4_mini
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    config = dsv4_mini.ModelConfig.tiny() if args.tiny else dsv4_mini.ModelConfig.mini()
-    E, G, L, W = config.n_routed_experts, args.num_ranks, config.num_hidden_layers, args.steps
-    P = E + args.redundant
-    model = weights.build_model(config, seed=0, num_physical_experts=P)
-    manager = EPLBManager(model, EPLBConfig(num_ranks=G, rebalance_num_iterations=10**9, window=W,
-                                            layers_per_step=args.layers_per_step))
-    gen = torch.Generator().manual_seed(0)
-    hot_tokens = torch.randperm(config.vocab_size, generator=gen)[:64]  # a skewed workload:
-    zipf = 1.0 / torch.arange(1, 65, dtype=torch.float64)  # 64 tokens, Zipf-distributed
-
-    def run(steps: int) -> None:
-        for _ in range(steps):
-            ids = hot_tokens[torch.multinomial(zipf, args.batch * 16, replacement=True, generator=gen)]
-            model.forward(ids.view(args.batch, 16), load=manager.load)
-            manager.after_step()
-
-    print(f"dsv4-mini {'tiny' if args.tiny else 'mini'}: L={L} E={E} P={P} G={G} ({P // G} slots per rank); "
-          f"window {W} steps of {args.batch}x16 skewed tokens\n")
-    probe = hot_tokens[:16].view(1, 16)
-    logits_before = model.logits(probe)
-    run(W)
-    before = manager.layer_balancedness()
-    rank_before = rank_load(manager.recorder.physical_load().cpu(), G)
-    result = manager.rebalance(force=True)
-    print(f"rebalance planned on {W} steps: predicted balancedness {result['balancedness_predicted']:.3f}")
-    while manager.records[-1].balancedness_measured is None:  # the move, then a full window after it
-        run(1)
-    after = manager.layer_balancedness()
-    rank_after = rank_load(manager.recorder.physical_load().cpu(), G)
-    print(f"\n{'layer':>5} {'kind':>5}  {'before':>7}  {'after':>7}   rank load before -> after")
-    for layer in range(L):
-        kind = "hash" if config.is_hash_layer(layer) else "score"
-        print(f"{layer:5d} {kind:>5}  {before[layer]:7.3f}  {after[layer]:7.3f}   "
-              f"{rank_before[layer].long().tolist()} -> {rank_after[layer].long().tolist()}")
-    print(f"{'mean':>5} {'':>5}  {before.mean():7.3f}  {after.mean():7.3f}")
-    diff = (model.logits(probe) - logits_before).abs().max().item()
-    rec = manager.records[-1]
-    print(f"\nslots changed {rec.slots_changed} of {L * P}, moved {rec.bytes_moved / 2**20:.1f} MiB; "
-          f"max |logit change| after the move: {diff:.2e} (replicas hold identical weights)")
+    eplb_demo.run_demo(tiny=args.tiny, num_ranks=args.num_ranks, redundant=args.redundant, steps=args.steps,
+                       batch=args.batch, layers_per_step=args.layers_per_step)
 
 
 def main(argv=None) -> None:

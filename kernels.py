@@ -7,6 +7,11 @@ GPU, score_topk may pick differently where two experts' scores tie to within GPU
 Public functions dispatch: Triton for CUDA tensors, torch otherwise; env `DSV4_KERNELS=torch|triton`
 forces one (Triton on CPU tensors needs `TRITON_INTERPRET=1` set before triton is imported).
 
+Routed experts may be held quantised (dsv4_mini.RoutedExperts): moe_experts takes their format from
+w1.dtype (uint8 = packed fp4 e2m1, float8_e4m3fn = fp8, else unquantised) and scales=(s1, s3, s2) of
+ue8m0 bytes; the Triton kernels dequantise tile by tile in registers, the torch twin dequantises each
+used slot with checkpoint's reference functions.
+
 Shapes: T tokens, E logical experts, K top-k, V vocab, P physical slots, X max replicas per expert,
 d hidden, I expert intermediate size, P_local slots held by this rank.
 """
@@ -14,6 +19,8 @@ import os
 
 import torch
 import torch.nn.functional as F
+
+import checkpoint
 
 try:  # the torch twins work without triton (e.g. a CPU-only install)
     import triton
@@ -24,7 +31,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 __all__ = [
     "replica_index", "hash_topk", "score_topk", "moe_experts",
     "hash_topk_torch", "hash_topk_triton", "score_topk_torch", "score_topk_triton",
-    "moe_experts_torch", "moe_experts_triton",
+    "moe_experts_torch", "moe_experts_triton", "expert_format", "expert_shapes", "dequantize_slot",
     "hc_pre_triton", "hc_post_triton",
 ]
 
@@ -165,7 +172,33 @@ def _tiled_matmul(xs, w):
     return torch.cat([F.linear(tile, w) for tile in xs.split(MATMUL_TILE_ROWS)])[:n]
 
 
-def moe_experts_torch(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0):
+def expert_format(w1) -> str:
+    """The routed experts' storage format, from the weight dtype: "fp4" (uint8: packed e2m1),
+    "fp8" (float8_e4m3fn) or "bf16" (any float dtype: unquantised)."""
+    if w1.dtype == torch.uint8:
+        return "fp4"
+    if w1.dtype == torch.float8_e4m3fn:
+        return "fp8"
+    return "bf16"
+
+
+def dequantize_slot(w, scale, slot: int, dtype):
+    """One slot of a quantised slot-stacked weight -> [rows, cols] `dtype`, through checkpoint's
+    reference dequantisers. w: fp4 uint8 [P_local, rows, cols/2] with scale uint8 e8m0
+    [P_local, rows, cols/32], or fp8 e4m3 [P_local, rows, cols] with scale [P_local, rows/128, cols/128]."""
+    if w.dtype == torch.uint8:
+        return checkpoint.dequantize_fp4_packed(w[slot], scale[slot], dtype)
+    return checkpoint.dequantize_fp8_blockwise(w[slot], scale[slot], dtype)
+
+
+def _check_scales(w1, scales):
+    fmt = expert_format(w1)
+    if (fmt == "bf16") != (scales is None):
+        raise ValueError(f"{fmt} experts need scales={'None' if fmt == 'bf16' else '(s1, s3, s2)'}")
+    return fmt
+
+
+def moe_experts_torch(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0, scales=None):
     """Routed experts over physical slots: sum_k weights[t,k] * expert(ids[t,k])(x[t]).
 
     x [T, d], weights [T, K] fp32, ids [T, K] int32, w1/w3 [P_local, I, d], w2 [P_local, d, I]
@@ -173,7 +206,10 @@ def moe_experts_torch(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0):
     on another expert-parallel rank). Loops only over slots that have tokens. Each (t, k) result is
     computed alone (tiled matmuls) and summed over k in k order, so the output does not depend on
     which slot holds an expert or who shares it.
+    Quantised experts (see dsv4_mini.RoutedExperts; format from w1.dtype): scales = (s1, s3, s2);
+    each used slot is dequantised to x.dtype first (dequantize_slot), then the same math runs.
     """
+    fmt = _check_scales(w1, scales)
     T, K = ids.shape
     per_pair = torch.zeros(T * K, x.shape[1], dtype=torch.float32, device=x.device)  # [T*K, d]
     P_local = w1.shape[0]
@@ -188,11 +224,15 @@ def moe_experts_torch(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0):
             continue
         pairs = order[start:start + n]  # [n] flat (t, k) indices routed to this slot
         start += n
-        xs = x[pairs // K].to(w1.dtype)  # [n, d]
-        g = _tiled_matmul(xs, w1[slot]).float()  # [n, I]
-        u = _tiled_matmul(xs, w3[slot]).float()  # [n, I]
+        if fmt == "bf16":
+            m1, m3, m2 = w1[slot], w3[slot], w2[slot]
+        else:
+            m1, m3, m2 = (dequantize_slot(w, s, slot, x.dtype) for w, s in zip((w1, w3, w2), scales))
+        xs = x[pairs // K].to(m1.dtype)  # [n, d]
+        g = _tiled_matmul(xs, m1).float()  # [n, I]
+        u = _tiled_matmul(xs, m3).float()  # [n, I]
         h = _swiglu(g, u, flat_w[pairs].unsqueeze(1), swiglu_limit)  # [n, I]
-        per_pair[pairs] = _tiled_matmul(h.to(w2.dtype), w2[slot]).float()  # [n, d]
+        per_pair[pairs] = _tiled_matmul(h.to(m2.dtype), m2).float()  # [n, d]
     return per_pair.view(T, K, x.shape[1]).sum(1)
 
 
@@ -526,33 +566,201 @@ def _moe_align(ids, slot_offset: int, P_local: int, BLOCK_M: int):
 if triton is not None:
 
     @triton.jit
-    def _swiglu_tile(x_ptr, stride_xt, w1_ptr, w3_ptr, rw_ptr, pair, pair_ok, w_off, n_ok, offs_k, D, top_k,
-                     limit, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+    def _e8m0_to_f32(s):
+        """uint8 e8m0 exponent bytes -> 2^(s - 127) in fp32 (byte 0 gives 0, not 2^-127: far below
+        any real weight scale; 255 = NaN in e8m0 never occurs in a checkpoint)."""
+        return (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _fp4_to_e4m3(b):
+        """Packed e2m1 bytes -> (even, odd) elements as float8e4nv holding value * 2^-6, exactly:
+        the code's 3 magnitude bits (e1 e0 m) become e4m3's low exponent bits and top mantissa bit
+        (code 1 = 0.5 lands on the e4m3 subnormal 2^-7), the sign bit moves to bit 7."""
+        lo = ((b & 0x7) << 2) | ((b & 0x8) << 4)
+        hi = ((b >> 2) & 0x1C) | (b & 0x80)
+        return lo.to(tl.float8e4nv, bitcast=True), hi.to(tl.float8e4nv, bitcast=True)
+
+    # The same conversion on 4 packed bytes (8 values) per instance, in 32-bit registers. Inputs:
+    # $4 = 4 weight bytes, $5 = their 4 e8m0 scale bytes (equal: one 16-byte group); outputs $0 $1 =
+    # the 4 even (low-nibble) values as f16x2 pairs, $2 $3 = the 4 odd ones. 9 integer ops give the
+    # 8 e4m3 bytes (value * 2^-6), 4 cvt make f16x2 pairs (sm_89+), the scale becomes an f16x2 of
+    # 2^(s - 127) * 64 (exponent field s - 106, s clamped to [107, 136]: scales 2^-20 .. 2^9; trained
+    # weights sit far inside) and 4 mul.f16x2 apply it.
+    _FP4_F16_ASM = tl.constexpr("""
+    {
+    .reg .b32 lo, hi, t, sc, lim;
+    .reg .b16 l0, l1, h0, h1;
+    and.b32 sc, $5, 0x00FF00FF;
+    mov.b32 lim, 0x006B006B;
+    max.u16x2 sc, sc, lim;
+    mov.b32 lim, 0x00880088;
+    min.u16x2 sc, sc, lim;
+    shl.b32 sc, sc, 10;
+    sub.u32 sc, sc, 0x1A801A80;
+    shl.b32 t, $4, 2;
+    and.b32 lo, t, 0x1C1C1C1C;
+    shl.b32 t, $4, 4;
+    and.b32 t, t, 0x80808080;
+    or.b32 lo, lo, t;
+    shr.b32 t, $4, 2;
+    and.b32 hi, t, 0x1C1C1C1C;
+    and.b32 t, $4, 0x80808080;
+    or.b32 hi, hi, t;
+    mov.b32 {l0, l1}, lo;
+    mov.b32 {h0, h1}, hi;
+    cvt.rn.f16x2.e4m3x2 $0, l0;
+    cvt.rn.f16x2.e4m3x2 $1, l1;
+    cvt.rn.f16x2.e4m3x2 $2, h0;
+    cvt.rn.f16x2.e4m3x2 $3, h1;
+    mul.rn.f16x2 $0, $0, sc;
+    mul.rn.f16x2 $1, $1, sc;
+    mul.rn.f16x2 $2, $2, sc;
+    mul.rn.f16x2 $3, $3, sc;
+    }
+    """)
+
+    @triton.jit
+    def _fp4_tile(b, scale_groups, DOT: tl.constexpr, ASM: tl.constexpr):
+        """Packed e2m1 tile b uint8 [BK/2, BN] and its e8m0 scale bytes per 16-byte group
+        [BK/32, BN] -> (even inputs, odd inputs) as DOT [BK/2, BN] each.
+
+        ASM (fp16 on a GPU): _FP4_F16_ASM; otherwise plain Triton (the interpreter), the same
+        values through fp32."""
+        G: tl.constexpr = scale_groups.shape[0]
+        BN: tl.constexpr = scale_groups.shape[1]
+        if ASM:
+            sb = tl.reshape(tl.broadcast_to(scale_groups[:, None, :], [G, 16, BN]), [G * 16, BN])
+            even, odd = tl.inline_asm_elementwise(
+                _FP4_F16_ASM, "=r,=r,=r,=r,r,r", [b, sb], dtype=(tl.float16, tl.float16),
+                is_pure=True, pack=4)
+        else:
+            sf = _e8m0_to_f32(scale_groups) * 64.0  # [G, BN]
+            sf = tl.reshape(tl.broadcast_to(sf[:, None, :], [G, 16, BN]), [G * 16, BN])
+            lo, hi = _fp4_to_e4m3(b)
+            even = (lo.to(tl.float32) * sf).to(DOT)
+            odd = (hi.to(tl.float32) * sf).to(DOT)
+        return even, odd
+
+    @triton.jit
+    def _qdot(acc, acc2, a_rows, a_ok, w_ptr, s_ptr, w2_ptr, s2_ptr, slot, offs_n, n_ok, N, K,
+              FMT: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+              ASM: tl.constexpr, TWO: tl.constexpr):
+        """acc [BM, BN] += A [BM, K] @ dequant(w[slot, offs_n, :])^T, dequantised in registers; with
+        TWO also acc2 += A @ dequant(w2[slot, offs_n, :])^T in the same K loop (w1 and w3 share
+        every A tile). -> (acc, acc2).
+
+        a_rows [BM, 1]: pointers to the A rows (x or h, in the dot dtype), a_ok [BM];
+        FMT 1: w fp8 e4m3 [P_local, N, K], s [P_local, N/128, K/128] (BLOCK_K divides 128, so a
+        tile has one scale per column: applied to the fp32 partial product for few rows, to the
+        weights for many); A rows in natural order.
+        FMT 2: w packed e2m1 uint8 [P_local, N, K/2], s [P_local, N, K/32]: even and odd inputs are
+        two dots over the low and high nibbles, so A rows are stored split: [even inputs | odd inputs]
+        (no interleave in registers; BLOCK_K must be a multiple of 32). EVEN_K: K % BLOCK_K == 0
+        (no K masks)."""
+        slot64 = slot.to(tl.int64)
+        n64 = offs_n.to(tl.int64)[None, :]  # [1, BN]
+        if FMT == 1:
+            SK = (K + 127) // 128
+            w_off = slot64 * N * K + n64 * K  # [1, BN]
+            s_off = slot64 * ((N + 127) // 128) * SK + (n64 // 128) * SK  # [1, BN]
+            offs_k = tl.arange(0, BLOCK_K)
+            for k0 in range(0, K, BLOCK_K):
+                k = k0 + offs_k  # [BK]
+                k_ok = (k < K) | EVEN_K
+                a = tl.load(a_rows + k[None, :], mask=a_ok[:, None] & k_ok[None, :], other=0.0)
+                w_mask = k_ok[:, None] & n_ok[None, :]
+                acc = _fp8_step(acc, a, w_ptr + w_off + k[:, None], s_ptr + s_off + k0 // 128, w_mask, n_ok,
+                                PRECISION)
+                if TWO:
+                    acc2 = _fp8_step(acc2, a, w2_ptr + w_off + k[:, None], s2_ptr + s_off + k0 // 128, w_mask,
+                                     n_ok, PRECISION)
+        else:
+            KH, SK = K // 2, K // 32
+            w_off = slot64 * N * KH + n64 * KH  # [1, BN] packed rows
+            s_off = slot64 * N * SK + n64 * SK  # [1, BN]
+            offs_j = tl.arange(0, BLOCK_K // 2)  # byte j holds inputs 2j (low nibble), 2j+1 (high)
+            offs_g = tl.arange(0, BLOCK_K // 32)  # scale groups of the tile
+            for k0 in range(0, K, BLOCK_K):
+                j = k0 // 2 + offs_j  # [BK/2]
+                j_ok = (j < KH) | EVEN_K
+                a_mask = a_ok[:, None] & j_ok[None, :]
+                a_even = tl.load(a_rows + j[None, :], mask=a_mask, other=0.0)  # [BM, BK/2]
+                a_odd = tl.load(a_rows + KH + j[None, :], mask=a_mask, other=0.0)
+                g = k0 // 32 + offs_g  # [BK/32]
+                w_mask = j_ok[:, None] & n_ok[None, :]  # [BK/2, BN]
+                s_mask = ((g < SK) | EVEN_K)[:, None] & n_ok[None, :]  # [BK/32, BN]
+                acc = _fp4_step(acc, a_even, a_odd, w_ptr + w_off + j[:, None], s_ptr + s_off + g[:, None],
+                                w_mask, s_mask, PRECISION, ASM)
+                if TWO:
+                    acc2 = _fp4_step(acc2, a_even, a_odd, w2_ptr + w_off + j[:, None], s2_ptr + s_off + g[:, None],
+                                     w_mask, s_mask, PRECISION, ASM)
+        return acc, acc2
+
+    @triton.jit
+    def _fp8_step(acc, a, w_ptrs, s_ptrs, w_mask, n_ok, PRECISION: tl.constexpr):
+        """One K tile of an fp8 weight: w_ptrs [BK, BN] e4m3, s_ptrs [1, BN] its block scales."""
+        DOT = a.dtype
+        w = tl.load(w_ptrs, mask=w_mask, other=0.0)  # [BK, BN]
+        scale = _e8m0_to_f32(tl.load(s_ptrs, mask=n_ok[None, :], other=0))  # [1, BN]
+        if acc.shape[0] <= 16:  # decode: scaling the [BM, BN] partial product is cheapest
+            acc += tl.dot(a, w.to(DOT), input_precision=PRECISION) * scale
+        else:  # prefill: scale the weights, so the MMA keeps accumulating in place
+            acc = tl.dot(a, w.to(DOT) * scale.to(DOT), acc, input_precision=PRECISION)
+        return acc
+
+    @triton.jit
+    def _fp4_step(acc, a_even, a_odd, w_ptrs, s_ptrs, w_mask, s_mask, PRECISION: tl.constexpr, ASM: tl.constexpr):
+        """One K tile of a packed fp4 weight: w_ptrs [BK/2, BN] bytes, s_ptrs [BK/32, BN] their scales."""
+        b = tl.load(w_ptrs, mask=w_mask, other=0)  # [BK/2, BN] uint8
+        sg = tl.load(s_ptrs, mask=s_mask, other=0)  # [BK/32, BN]
+        even, odd = _fp4_tile(b, sg, a_even.dtype, ASM)
+        acc = tl.dot(a_even, even, acc, input_precision=PRECISION)
+        return tl.dot(a_odd, odd, acc, input_precision=PRECISION)
+
+    @triton.jit
+    def _h_column(offs_n, I, FMT: tl.constexpr):
+        """Where feature n of h is stored: in place, or for fp4's down projection split into
+        [even features | odd features] (see _qdot)."""
+        if FMT == 2:
+            return (offs_n % 2) * (I // 2) + offs_n // 2
+        else:
+            return offs_n
+
+    @triton.jit
+    def _swiglu_tile(x_ptr, stride_xt, w1_ptr, w3_ptr, s1_ptr, s3_ptr, rw_ptr, pair, pair_ok, slot, offs_n,
+                     w_off, n_ok, offs_k, D, I, top_k, limit, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+                     FMT: tl.constexpr, ASM: tl.constexpr):
         """One up-projection tile: silu(min(x w1, limit)) * clamp(x w3, +-limit) * routing weight
         for BM pairs (pair [BM], token = pair // top_k) x BN features of one slot (w_off [BK, BN]
-        = the slot's w1/w3 rows, transposed): [BM, BN] fp32."""
+        = the slot's w1/w3 rows, transposed; quantised formats (FMT 1 fp8, 2 fp4) use slot, offs_n
+        and the scales instead): [BM, BN] fp32."""
         tok = tl.where(pair_ok, pair // top_k, 0)
         a_ptrs = x_ptr + tok.to(tl.int64)[:, None] * stride_xt + offs_k[None, :]  # [BM, BK]
         b1_ptrs = w1_ptr + w_off  # [BK, BN] = w1[slot, n, k]^T
         b3_ptrs = w3_ptr + w_off
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            if EVEN_K:
-                a = tl.load(a_ptrs, mask=pair_ok[:, None], other=0.0)
-                b1 = tl.load(b1_ptrs, mask=n_ok[None, :], other=0.0)
-                b3 = tl.load(b3_ptrs, mask=n_ok[None, :], other=0.0)
-            else:
-                k_ok = offs_k + k0 < D
-                a = tl.load(a_ptrs, mask=pair_ok[:, None] & k_ok[None, :], other=0.0)
-                b1 = tl.load(b1_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                b3 = tl.load(b3_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc_g = tl.dot(a, b1, acc_g, input_precision=PRECISION)
-            acc_u = tl.dot(a, b3, acc_u, input_precision=PRECISION)
-            a_ptrs += BLOCK_K
-            b1_ptrs += BLOCK_K
-            b3_ptrs += BLOCK_K
+        if FMT != 0:
+            a_rows = x_ptr + tok.to(tl.int64)[:, None] * stride_xt  # [BM, 1]
+            acc_g, acc_u = _qdot(acc_g, acc_u, a_rows, pair_ok, w1_ptr, s1_ptr, w3_ptr, s3_ptr, slot, offs_n,
+                                 n_ok, I, D, FMT, BLOCK_K, EVEN_K, PRECISION, ASM, True)
+        else:
+            for k0 in range(0, D, BLOCK_K):
+                if EVEN_K:
+                    a = tl.load(a_ptrs, mask=pair_ok[:, None], other=0.0)
+                    b1 = tl.load(b1_ptrs, mask=n_ok[None, :], other=0.0)
+                    b3 = tl.load(b3_ptrs, mask=n_ok[None, :], other=0.0)
+                else:
+                    k_ok = offs_k + k0 < D
+                    a = tl.load(a_ptrs, mask=pair_ok[:, None] & k_ok[None, :], other=0.0)
+                    b1 = tl.load(b1_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                    b3 = tl.load(b3_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                acc_g = tl.dot(a, b1, acc_g, input_precision=PRECISION)
+                acc_u = tl.dot(a, b3, acc_u, input_precision=PRECISION)
+                a_ptrs += BLOCK_K
+                b1_ptrs += BLOCK_K
+                b3_ptrs += BLOCK_K
         g = tl.minimum(acc_g, limit)
         u = tl.minimum(tl.maximum(acc_u, -limit), limit)
         rw = tl.load(rw_ptr + pair, mask=pair_ok, other=0.0)  # [BM] routing weight, before w2
@@ -578,10 +786,11 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _moe_up_kernel(x_ptr, stride_xt, w1_ptr, w3_ptr, h_ptr, rw_ptr, pairs_ptr, slot_ptr,
+    def _moe_up_kernel(x_ptr, stride_xt, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, rw_ptr, pairs_ptr, slot_ptr,
                        N, D, I, top_k, limit, num_n,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+                       EVEN_K: tl.constexpr, PRECISION: tl.constexpr, FMT: tl.constexpr,
+                       ASM: tl.constexpr):
         # I-tiles of one block are adjacent in launch order: x rows are gathered once into L2
         pid = tl.program_id(0)
         pid_m = pid // num_n
@@ -596,15 +805,17 @@ if triton is not None:
         n_ok = offs_n < I
         offs_k = tl.arange(0, BLOCK_K)  # [BK]
         w_off = slot.to(tl.int64) * I * D + offs_n.to(tl.int64)[None, :] * D + offs_k[:, None]
-        h = _swiglu_tile(x_ptr, stride_xt, w1_ptr, w3_ptr, rw_ptr, pair, pair_ok, w_off, n_ok, offs_k, D, top_k,
-                         limit, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PRECISION)
-        h_ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * I + offs_n[None, :]
+        h = _swiglu_tile(x_ptr, stride_xt, w1_ptr, w3_ptr, s1_ptr, s3_ptr, rw_ptr, pair, pair_ok, slot, offs_n,
+                         w_off, n_ok, offs_k, D, I, top_k, limit, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PRECISION,
+                         FMT, ASM)
+        h_ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * I + _h_column(offs_n, I, FMT)[None, :]
         tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=pair_ok[:, None] & n_ok[None, :])
 
     @triton.jit
-    def _moe_down_kernel(h_ptr, w2_ptr, y_ptr, pairs_ptr, slot_ptr, N, D, I, num_n,
+    def _moe_down_kernel(h_ptr, w2_ptr, s2_ptr, y_ptr, pairs_ptr, slot_ptr, N, D, I, num_n,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+                         EVEN_K: tl.constexpr, PRECISION: tl.constexpr, FMT: tl.constexpr,
+                         ASM: tl.constexpr):
         pid = tl.program_id(0)
         pid_m = pid // num_n
         pid_n = pid % num_n
@@ -620,7 +831,13 @@ if triton is not None:
         a_ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * I + offs_k[None, :]  # [BM, BK]
         b_ptrs = (w2_ptr + slot.to(tl.int64) * D * I + offs_n.to(tl.int64)[None, :] * I
                   + offs_k[:, None])  # [BK, BN] = w2[slot, n, k]^T
-        acc = _down_tile(a_ptrs, b_ptrs, pair_ok, n_ok, offs_k, I, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PRECISION)
+        if FMT == 0:
+            acc = _down_tile(a_ptrs, b_ptrs, pair_ok, n_ok, offs_k, I, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PRECISION)
+        else:
+            h_rows = h_ptr + offs_m.to(tl.int64)[:, None] * I  # [BM, 1]
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            acc, _ = _qdot(acc, acc, h_rows, pair_ok, w2_ptr, s2_ptr, w2_ptr, s2_ptr, slot, offs_n, n_ok, D, I,
+                           FMT, BLOCK_K, EVEN_K, PRECISION, ASM, False)
         y_ptrs = y_ptr + pair.to(tl.int64)[:, None] * D + offs_n[None, :]
         tl.store(y_ptrs, acc, mask=pair_ok[:, None] & n_ok[None, :])
 
@@ -644,11 +861,11 @@ if triton is not None:
         return tl.where(pair >= 0, pair, N)
 
     @triton.jit
-    def _moe_up_scan_kernel(x_ptr, stride_xt, w1_ptr, w3_ptr, h_ptr, rw_ptr, ids_ptr,
+    def _moe_up_scan_kernel(x_ptr, stride_xt, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, rw_ptr, ids_ptr,
                             N, D, I, top_k, limit, slot_offset, num_n,
                             NP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                            PRECISION: tl.constexpr):
+                            PRECISION: tl.constexpr, FMT: tl.constexpr, ASM: tl.constexpr):
         # program = (slot, I-tile); the slot's pairs found by scanning ids; h indexed by pair
         pid = tl.program_id(0)
         slot = pid // num_n
@@ -661,16 +878,17 @@ if triton is not None:
         for m0 in range(0, cnt, BLOCK_M):
             pair = _chunk_pairs(rank, m0, N, NP, BLOCK_M)  # [BM]
             pair_ok = pair < N
-            h = _swiglu_tile(x_ptr, stride_xt, w1_ptr, w3_ptr, rw_ptr, pair, pair_ok, w_off, n_ok, offs_k, D,
-                             top_k, limit, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PRECISION)
-            h_ptrs = h_ptr + pair.to(tl.int64)[:, None] * I + offs_n[None, :]
+            h = _swiglu_tile(x_ptr, stride_xt, w1_ptr, w3_ptr, s1_ptr, s3_ptr, rw_ptr, pair, pair_ok, slot, offs_n,
+                             w_off, n_ok, offs_k, D, I, top_k, limit, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+                             PRECISION, FMT, ASM)
+            h_ptrs = h_ptr + pair.to(tl.int64)[:, None] * I + _h_column(offs_n, I, FMT)[None, :]
             tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=pair_ok[:, None] & n_ok[None, :])
 
     @triton.jit
-    def _moe_down_scan_kernel(h_ptr, w2_ptr, y_ptr, ids_ptr, N, D, I, slot_offset, num_n,
+    def _moe_down_scan_kernel(h_ptr, w2_ptr, s2_ptr, y_ptr, ids_ptr, N, D, I, slot_offset, num_n,
                               NP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                              PRECISION: tl.constexpr):
+                              PRECISION: tl.constexpr, FMT: tl.constexpr, ASM: tl.constexpr):
         pid = tl.program_id(0)
         slot = pid // num_n
         pid_n = pid % num_n
@@ -684,8 +902,14 @@ if triton is not None:
             pair_ok = pair < N
             a_ptrs = h_ptr + pair.to(tl.int64)[:, None] * I + offs_k[None, :]  # [BM, BK]
             b_ptrs = w2_ptr + w_off  # [BK, BN] = w2[slot, n, k]^T
-            acc = _down_tile(a_ptrs, b_ptrs, pair_ok, n_ok, offs_k, I, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
-                             PRECISION)
+            if FMT == 0:
+                acc = _down_tile(a_ptrs, b_ptrs, pair_ok, n_ok, offs_k, I, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+                                 PRECISION)
+            else:
+                h_rows = h_ptr + pair.to(tl.int64)[:, None] * I  # [BM, 1]
+                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                acc, _ = _qdot(acc, acc, h_rows, pair_ok, w2_ptr, s2_ptr, w2_ptr, s2_ptr, slot, offs_n, n_ok, D, I,
+                               FMT, BLOCK_K, EVEN_K, PRECISION, ASM, False)
             y_ptrs = y_ptr + pair.to(tl.int64)[:, None] * D + offs_n[None, :]
             tl.store(y_ptrs, acc, mask=pair_ok[:, None] & n_ok[None, :])
 
@@ -706,17 +930,34 @@ if triton is not None:
 
 SCAN_MAX_PAIRS = 2048  # decode path (no align step) up to this many (token, k) pairs
 SCAN_MAX_TILE = 16384  # ... and while a BLOCK_M x next_pow2(N) compaction tile stays this small
+_FMT_CODE = {"bf16": 0, "fp8": 1, "fp4": 2}  # the kernels' FMT constexpr
+# Quantised block configs: (BLOCK_N, BLOCK_K, warps) per GEMM. fp8 needs BLOCK_K | 128 (one scale
+# per partial product); fp4's BLOCK_K counts unpacked inputs (BLOCK_K / 2 bytes per row per step).
+# Decode tiles picked from sm_90 SASS of the inner loops (triton 3.6, compiled ahead of time on a CPU):
+# 128 x 128 gives about the fewest instructions per weight value (fp4 ~3.9 up / ~4.2 down, fp8 ~2.2;
+# bf16's 64 x 256 is ~1.4): fp4 decode is near the H200's issue rate at full memory bandwidth.
+QUANT_CFG = {
+    "fp8": dict(decode=dict(BLOCK_M=16, up=(128, 128, 4), down=(128, 128, 4)),
+                mid=dict(BLOCK_M=64, up=(64, 64, 4), down=(128, 64, 4)),
+                prefill=dict(BLOCK_M=128, up=(128, 64, 8), down=(128, 64, 8))),
+    "fp4": dict(decode=dict(BLOCK_M=16, up=(128, 128, 4), down=(128, 128, 4)),
+                mid=dict(BLOCK_M=64, up=(64, 64, 4), down=(128, 64, 4)),
+                prefill=dict(BLOCK_M=128, up=(128, 64, 8), down=(128, 64, 8))),
+}
 
 
-def _moe_config(N: int, P_local: int, elem_size: int, I: int = 2048):
+def _moe_config(N: int, P_local: int, elem_size: int, I: int = 2048, fmt: str = "bf16"):
     """Block sizes by pairs per slot: decode (few rows per slot) is a weight stream, so a small
     BLOCK_M keeps padding cheap and the scan path skips the align step; prefill uses 128-row
     tiles for the tensor cores. (BLOCK_N, BLOCK_K, warps) per GEMM."""
     per_slot = N / max(P_local, 1)
-    if per_slot <= 32:  # decode: a weight stream; a narrow up tile where a wide one leaves SMs idle
+    phase = "decode" if per_slot <= 32 else "mid" if per_slot <= 64 else "prefill"
+    if fmt != "bf16":
+        cfg = {k: v for k, v in QUANT_CFG[fmt][phase].items()}
+    elif phase == "decode":  # a weight stream; a narrow up tile where a wide one leaves SMs idle
         cfg = dict(BLOCK_M=16, up=(32 if P_local * I < 64 * 1024 else 64, 256, 4),
                    down=(64, 128, 4))
-    elif per_slot <= 64:
+    elif phase == "mid":
         cfg = dict(BLOCK_M=64, up=(64, 64, 4), down=(128, 64, 4))
     else:
         cfg = dict(BLOCK_M=128, up=(128, 64, 8), down=(128, 64, 8))
@@ -725,32 +966,80 @@ def _moe_config(N: int, P_local: int, elem_size: int, I: int = 2048):
     return cfg
 
 
-def _stages(BLOCK_M, BLOCK_N, BLOCK_K, mats, elem_size):
-    """Pipeline depth that fits ~160 KB of shared memory (H200 has 227 KB per block)."""
-    per_stage = (BLOCK_M * BLOCK_K + mats * BLOCK_K * BLOCK_N) * elem_size
-    return max(2, min(4, 160_000 // per_stage))
+def _stages(BLOCK_M, BLOCK_N, BLOCK_K, mats, elem_size, weight_size=None):
+    """Pipeline depth that fits ~160 KB of shared memory (H200 has 227 KB per block).
+    weight_size: bytes per weight value when it differs from the activations' (fp8 1, fp4 0.5)."""
+    weight_size = elem_size if weight_size is None else weight_size
+    per_stage = BLOCK_M * BLOCK_K * elem_size + mats * BLOCK_K * BLOCK_N * weight_size
+    return max(2, min(4, int(160_000 // per_stage)))
 
 
-def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0, *, config=None):
+def _checkexpert_shapes(x, w1, w3, w2, scales, fmt):
+    """-> (P_local, I) after checking every expert tensor against x [T, d] and the format."""
+    D = x.shape[1]
+    P_local, I = w1.shape[0], w1.shape[1]
+    for name, w, rows, cols in (("w1", w1, I, D), ("w3", w3, I, D), ("w2", w2, D, I)):
+        w_shape, s_shape = expert_shapes(fmt, rows, cols)
+        if tuple(w.shape) != (P_local, *w_shape):
+            raise ValueError(f"moe_experts: {fmt} {name} must be {[P_local, *w_shape]}, got {list(w.shape)}")
+        if s_shape is not None:
+            s = scales[("w1", "w3", "w2").index(name)]
+            if tuple(s.shape) != (P_local, *s_shape) or s.dtype != torch.uint8:
+                raise ValueError(f"moe_experts: {fmt} {name} scale must be uint8 {[P_local, *s_shape]}, "
+                                 f"got {s.dtype} {list(s.shape)}")
+    return P_local, I
+
+
+def expert_shapes(fmt, rows, cols):
+    """Per-slot (weight, scale | None) shapes of a [rows, cols] expert matrix (as dsv4_mini stores it)."""
+    if fmt == "fp4":
+        if cols % checkpoint.FP4_BLOCK:
+            raise ValueError(f"fp4 experts need input dims divisible by {checkpoint.FP4_BLOCK}, got {cols}")
+        return (rows, cols // 2), (rows, cols // checkpoint.FP4_BLOCK)
+    if fmt == "fp8":
+        b = checkpoint.FP8_BLOCK
+        return (rows, cols), (-(-rows // b), -(-cols // b))
+    return (rows, cols), None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _contiguous(*tensors):
+    return [t if t.is_contiguous() else t.contiguous() for t in tensors]
+
+
+def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0, scales=None, *, config=None):
     """Triton twin of moe_experts_torch (same signature and results; fp32 out).
 
+    Quantised experts (fp8 / fp4, from w1.dtype, scales = (s1, s3, s2)) are dequantised in registers
+    tile by tile; their dots run in fp16 for 16-bit activations (e4m3 and scaled e2m1 values are
+    exact in fp16, and so is a bf16 activation in fp16's normal range) and in fp32 for fp32 ones.
     config: optional dict like _moe_config's result, to override block sizes (benchmarks);
     its "scan" key (default: from _moe_config) picks the decode path.
     Host work: output + scratch allocations and 3 launches (decode) or 5 (prefill: scan, scatter, up, down, sum); no sync.
     """
+    fmt = _check_scales(w1, scales)
     T, D = x.shape
     K = ids.shape[1]
-    P_local, I, _ = w1.shape
+    P_local, I = _checkexpert_shapes(x, w1, w3, w2, scales, fmt)
     dev = x.device
     out = torch.empty((T, D), dtype=torch.float32, device=dev)  # [T, d]
     if T == 0:
         return out
     if K == 0 or P_local == 0:
         return out.zero_()
-    if not (w1.is_contiguous() and w3.is_contiguous() and w2.is_contiguous()):
-        w1, w3, w2 = w1.contiguous(), w3.contiguous(), w2.contiguous()
-    if x.dtype != w1.dtype:
-        x = x.to(w1.dtype)
+    w1, w3, w2 = _contiguous(w1, w3, w2)
+    s1, s3, s2 = _contiguous(*scales) if scales is not None else (w1, w3, w2)  # unused when bf16
+    if fmt == "bf16":
+        dot_dtype = w1.dtype
+    else:
+        dot_dtype = torch.float32 if x.dtype == torch.float32 else torch.float16
+    if x.dtype != dot_dtype:
+        x = x.to(dot_dtype)
+    if fmt == "fp4":  # rows split [even inputs | odd inputs], as the fp4 dots read them
+        x = torch.cat([x[:, 0::2], x[:, 1::2]], dim=1)
     if x.stride(1) != 1:
         x = x.contiguous()
     if weights.dtype != torch.float32 or not weights.is_contiguous():
@@ -758,41 +1047,50 @@ def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0,
     if ids.dtype != torch.int32 or not ids.is_contiguous():
         ids = ids.to(torch.int32).contiguous()
     N = T * K
-    esize = w1.element_size()
-    cfg = _moe_config(N, P_local, esize, I)
+    esize = torch.empty((), dtype=dot_dtype).element_size()
+    wsize = {"bf16": esize, "fp8": 1, "fp4": 0.5}[fmt]  # bytes per weight value, for the pipeline depth
+    cfg = _moe_config(N, P_local, esize, I, fmt)
     if config:
         cfg = {**cfg, **config}
     BM = cfg["BLOCK_M"]
     scan = cfg["scan"] and N <= SCAN_MAX_PAIRS
-    precision = "ieee" if w1.dtype == torch.float32 else "tf32"  # exact fp32; ignored for 16-bit
+    precision = "ieee" if dot_dtype == torch.float32 else "tf32"  # exact fp32; ignored for 16-bit
     y = torch.empty((N, D), dtype=torch.float32, device=dev)  # [T*K, d] per-pair outputs
     limit = float(swiglu_limit)
     BN, BK, warps = cfg["up"]
     BN2, BK2, warps2 = cfg["down"]
+    if fmt == "fp8" and (128 % BK or 128 % BK2):
+        raise ValueError(f"fp8 experts need BLOCK_K dividing 128, got {BK}, {BK2}")
     num_n, num_n2 = -(-I // BN), -(-D // BN2)
+    FMT = _FMT_CODE[fmt]
+    # fp4 dequantises with inline PTX on the GPU (cvt from e4m3 needs sm_89+; the interpreter cannot run it)
+    asm = (fmt == "fp4" and dot_dtype == torch.float16 and x.is_cuda and not _interpreting()
+           and torch.cuda.get_device_capability(dev) >= (8, 9))
+    if fmt == "fp4" and (BK % 32 or BK2 % 32):
+        raise ValueError(f"fp4 experts need BLOCK_K a multiple of 32, got {BK}, {BK2}")
     if scan:
         NP = max(16, _next_pow2(N))
-        h = torch.empty((N, I), dtype=w1.dtype, device=dev)  # [T*K, I] by pair
+        h = torch.empty((N, I), dtype=dot_dtype, device=dev)  # [T*K, I] by pair
         _moe_up_scan_kernel[(P_local * num_n,)](
-            x, x.stride(0), w1, w3, h, weights, ids, N, D, I, K, limit, slot_offset, num_n,
-            NP=NP, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, EVEN_K=D % BK == 0, PRECISION=precision,
-            num_warps=warps, num_stages=_stages(BM, BN, BK, 2, esize))
+            x, x.stride(0), w1, w3, s1, s3, h, weights, ids, N, D, I, K, limit, slot_offset, num_n,
+            NP=NP, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, EVEN_K=D % BK == 0, PRECISION=precision, FMT=FMT, ASM=asm,
+            num_warps=warps, num_stages=_stages(BM, BN, BK, 2, esize, wsize))
         _moe_down_scan_kernel[(P_local * num_n2,)](
-            h, w2, y, ids, N, D, I, slot_offset, num_n2,
+            h, w2, s2, y, ids, N, D, I, slot_offset, num_n2,
             NP=NP, BLOCK_M=BM, BLOCK_N=BN2, BLOCK_K=BK2, EVEN_K=I % BK2 == 0,
-            PRECISION=precision, num_warps=warps2, num_stages=_stages(BM, BN2, BK2, 1, esize))
+            PRECISION=precision, FMT=FMT, ASM=asm, num_warps=warps2, num_stages=_stages(BM, BN2, BK2, 1, esize, wsize))
     else:
         sorted_pairs, block_slot = _moe_align(ids, slot_offset, P_local, BM)
         num_blocks = block_slot.shape[0]
-        h = torch.empty((num_blocks * BM, I), dtype=w1.dtype, device=dev)  # [rows, I] sorted
+        h = torch.empty((num_blocks * BM, I), dtype=dot_dtype, device=dev)  # [rows, I] sorted
         _moe_up_kernel[(num_blocks * num_n,)](
-            x, x.stride(0), w1, w3, h, weights, sorted_pairs, block_slot, N, D, I, K,
+            x, x.stride(0), w1, w3, s1, s3, h, weights, sorted_pairs, block_slot, N, D, I, K,
             limit, num_n, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, EVEN_K=D % BK == 0,
-            PRECISION=precision, num_warps=warps, num_stages=_stages(BM, BN, BK, 2, esize))
+            PRECISION=precision, FMT=FMT, ASM=asm, num_warps=warps, num_stages=_stages(BM, BN, BK, 2, esize, wsize))
         _moe_down_kernel[(num_blocks * num_n2,)](
-            h, w2, y, sorted_pairs, block_slot, N, D, I, num_n2,
-            BLOCK_M=BM, BLOCK_N=BN2, BLOCK_K=BK2, EVEN_K=I % BK2 == 0, PRECISION=precision,
-            num_warps=warps2, num_stages=_stages(BM, BN2, BK2, 1, esize))
+            h, w2, s2, y, sorted_pairs, block_slot, N, D, I, num_n2,
+            BLOCK_M=BM, BLOCK_N=BN2, BLOCK_K=BK2, EVEN_K=I % BK2 == 0, PRECISION=precision, FMT=FMT, ASM=asm,
+            num_warps=warps2, num_stages=_stages(BM, BN2, BK2, 1, esize, wsize))
     SUM_N = min(1024, _next_pow2(D))
     _moe_sum_kernel[(T, -(-D // SUM_N))](
         y, ids, out, D, K, slot_offset, slot_offset + P_local, BLOCK_N=SUM_N, num_warps=4)
@@ -984,7 +1282,8 @@ def score_topk(router_logits, bias, top_k, routed_scaling_factor,
               log2phy, logcnt, load, num_valid_tokens)
 
 
-def moe_experts(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0):
-    """Routed experts (see moe_experts_torch): -> [T, d] fp32."""
+def moe_experts(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0, scales=None):
+    """Routed experts (see moe_experts_torch): -> [T, d] fp32. The format follows w1.dtype
+    (expert_format); quantised experts take scales=(s1, s3, s2)."""
     fn = moe_experts_triton if _use_triton(x) else moe_experts_torch
-    return fn(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset)
+    return fn(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset, scales)

@@ -3,8 +3,8 @@
 * `DecodeGraphs`: the one-token decode step, padded to a batch bucket; replayed from CUDA graphs on
   a GPU, run eagerly (padded the same way) on a CPU.
 * `ModelRunner`: launches the decode step and prefill chunks, moves inputs to the device without
-  waiting for queued GPU work, samples the next tokens (`sample_next`), and queues the next decode
-  step ahead of time when it can (`RunAhead`).
+  waiting for queued GPU work, samples the next tokens on the device (`sampler.Sampler`), and queues
+  the next decode step before this step's tokens reach the host (run-ahead).
 
 The engine (engine.py) decides which requests run; this file decides how.
 """
@@ -17,29 +17,7 @@ import torch
 from torch import Tensor
 
 from dsv4_mini import DSV4Model, KVCache
-
-GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (logits / T would overflow)
-
-
-def sample_next(logits: Tensor, params, generator: torch.Generator | None) -> int:
-    """One token from one row of fp32 logits [V]: greedy at temperature 0 (and below 1e-5, where
-    logits / T would overflow), else top-k → top-p → multinomial with the request's own generator
-    (so a seeded request replays exactly). `params`: engine.SamplingParams."""
-    if params.temperature < GREEDY_BELOW:
-        return int(logits.argmax())
-    logits = logits.float().cpu() / params.temperature
-    if 0 < params.top_k < logits.numel():
-        kth_largest = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        # keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p
-        mass_before = sorted_probs.cumsum(0) - sorted_probs
-        sorted_probs[mass_before >= params.top_p] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
-
+from sampler import Sampler, StepSample, TokenLogprobs
 
 # ---------------------------------------------------------------------------------------------------
 # CUDA-graph decode
@@ -111,7 +89,7 @@ class DecodeGraphs:
             g = self.graphs.get(size) or self._capture(size)
         else:
             size = max(size, self.CPU_MIN_ROWS)
-            g = dict(inputs=self._padding(size), padding=self._padding(size), load=self._load_buffer())
+            g = dict(inputs=self._padding(size), padding=self._padding(size), load=self.new_load_buffer())
         inputs = g["inputs"]  # [3, size] int64: token, position, slot per row
         inputs[:, B:].copy_(g["padding"][:, B:])
         inputs[0, :B].copy_(input_ids.view(B), non_blocking=True)
@@ -140,7 +118,7 @@ class DecodeGraphs:
         """[3, size]: every row decodes token 0 at position 0 in the scratch slot."""
         return torch.tensor([0, 0, self.cache.scratch_slot], device=self.device).view(3, 1).repeat(1, size)
 
-    def _load_buffer(self) -> Tensor:
+    def new_load_buffer(self) -> Tensor:
         model = self.model
         return torch.zeros(model.config.num_hidden_layers, model.num_physical_experts, dtype=torch.int32,
                            device=self.device)
@@ -150,7 +128,7 @@ class DecodeGraphs:
         dev = self.device
         padding = self._padding(size)
         inputs = padding.clone()  # all rows padding while warming up and capturing: only scratch is touched
-        load = self._load_buffer()
+        load = self.new_load_buffer()
         stream = torch.cuda.Stream(dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(stream):  # warm up off the capture: Triton/compile autotuning, allocator
@@ -168,12 +146,18 @@ class DecodeGraphs:
 # Model runner
 # ---------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class AheadStep:
-    """A decode step queued before the previous step's tokens reached the host (see RunAhead)."""
+    """A decode step queued before the previous step's tokens reached the host (see _launch_ahead)."""
     seqs: list  # the engine.Sequence rows it runs, in order
     positions: list[int]  # [B]
     logits: Tensor  # [B, V] on the device, computed once the GPU gets there
+    load: Tensor | None  # [L, P] its own expert load counts (None: not counting)
+
+
+# One sampled token per row: (token id, its logprobs if the request asked for them)
+Sampled = tuple[int, TokenLogprobs | None]
 
 
 class ModelRunner:
@@ -182,7 +166,12 @@ class ModelRunner:
     decode_graphs: the decode step goes through DecodeGraphs (CUDA graphs on a GPU; on a CPU the same
     padded step, so a request's rounding never depends on its neighbours). Without it (torchrun: every
     rank must see each forward) the decode step is a plain eager forward.
-    run_ahead: on CUDA with graphs, queue the next greedy step before this step's tokens reach the host.
+    run_ahead: with decode graphs, queue the next decode step before this step's tokens reach the host
+    (its inputs are this step's tokens, sampled on the device).
+
+    Expert load: each forward counts into the `load` [L, P] it is given. A step launched ahead counts
+    into its own buffer, which is added to the caller's `load` only when that step is used, so every
+    step that is kept is counted exactly once and a discarded one not at all.
     """
 
     def __init__(self, model, cache: KVCache, *, max_batch_size: int, max_seq_len: int,
@@ -192,12 +181,20 @@ class ModelRunner:
         # padded past it): they are never sampled, so every generated token has text.
         self.num_token_ids = num_token_ids
         self.device = next(model.parameters()).device
+        self.sampler = Sampler(cache.num_slots, num_token_ids, self.device)
         self.decoder = None
         if decode_graphs:
             self.decoder = DecodeGraphs(model, cache, max_batch_size)
             self.decoder.capture_all()
+        self.sampler.warm_up(model.config.vocab_size)
         self.run_ahead = run_ahead and self.decoder is not None
         self.ahead: AheadStep | None = None
+        self._ahead_load: Tensor | None = None  # [L, P] the ahead step's counts (one step ahead at most)
+        self._counting = False  # the last decode step counted load: so does the step launched after it
+
+    def admit(self, seq) -> None:
+        """A request got cache slot seq.slot (its cache state is reset by the engine)."""
+        self.sampler.admit(seq.slot, seq.params, seq.seed, self.model.config.vocab_size)
 
     # ------------------------------------------------------------ forward steps
 
@@ -206,18 +203,24 @@ class ModelRunner:
         Each row feeds its next prompt token (a short prompt tail) or its last output token. A step
         already queued ahead for these very rows and positions is used instead of a new one."""
         ahead, self.ahead = self.ahead, None
-        if ahead is not None and ahead.seqs == seqs and ahead.positions == positions:
+        self._counting = load is not None
+        if ahead is not None and ahead.seqs == seqs and ahead.positions == positions and (load is None) == (ahead.load is None):
+            if load is not None:
+                load.add_(ahead.load)
             return ahead.logits
-        # (a step queued for other rows is dropped: redoing a position rewrites the same cache entries)
+        # (a step queued for other rows is dropped with its counts: redoing a position rewrites the
+        # same cache entries)
         tokens = [s.prompt_ids[s.num_prefilled] if s.prefilling else s.output_ids[-1] for s in seqs]
         return self._decode_step(self.device_tensor(tokens), positions, seqs, load)
 
-    def prefill(self, seq, chunk: list[int], load: Tensor | None) -> Tensor:
-        """One eager forward over a chunk of seq's prompt -> logits of its last token [1, V]."""
+    def prefill(self, seq, chunk: list[int], load: Tensor | None, all_logits: bool = False) -> Tensor:
+        """One eager forward over a chunk of seq's prompt -> logits of its last token [1, V], or of
+        every chunk position [len(chunk), V] with `all_logits` (prompt logprobs)."""
         input_ids = torch.tensor([chunk], device=self.device)
         start_pos = torch.tensor([seq.num_prefilled], device=self.device)
         slot_ids = torch.tensor([seq.slot], device=self.device)
-        return self.model.forward(input_ids, start_pos, self.cache, slot_ids, load=load, last_only=True)
+        logits = self.model.forward(input_ids, start_pos, self.cache, slot_ids, load=load, last_only=not all_logits)
+        return logits if not all_logits else logits[0]
 
     def drop_ahead(self) -> None:
         self.ahead = None
@@ -231,51 +234,40 @@ class ModelRunner:
 
     # ------------------------------------------------------------ next tokens
 
-    def next_tokens(self, seqs: list, positions: list[int], logits: Tensor, wants: list[int]) -> list[int | BaseException]:
-        """The next token of each row in `wants` (rows whose logits predict a token). When every one
-        is greedy and run-ahead is on, the next step is queued before these tokens reach the host."""
-        want_seqs = [seqs[i] for i in wants]
-        if self.run_ahead and all(s.params.temperature < GREEDY_BELOW for s in want_seqs):
-            greedy = self._greedy(logits)  # [B] on the device
-            host, ready = self._copy_to_host(greedy)  # queued before the next step...
-            self._launch_ahead(seqs, positions, greedy)
-            ready()  # ...so this waits for this step only, with the next one already queued behind it
-            host = host.tolist()
-            return [host[i] for i in wants]
-        return self.sample_rows(want_seqs, logits[wants])
+    def next_tokens(self, seqs: list, positions: list[int], logits: Tensor, wants: list[int],
+                    run_ahead: bool = True) -> list[Sampled]:
+        """The next token of each row in `wants` (rows whose logits predict a token), sampled on the
+        device. With run-ahead on (and `run_ahead`: the caller may forbid it for this step), the next
+        step is queued before these tokens reach the host."""
+        counted = [False] * len(seqs)
+        for i in wants:
+            counted[i] = True
+        out = self.sampler.sample(logits, seqs, counted)
+        host, ready = self._to_host(out)  # queued before the next step...
+        if self.run_ahead and run_ahead:
+            self._launch_ahead(seqs, positions, out.tokens)
+        ready()  # ...so this waits for this step only, with the next one already queued behind it
+        return self._rows(seqs, out, host, wants)
 
-    def sample_rows(self, seqs: list, logits: Tensor) -> list[int | BaseException]:
-        """One token per row of device logits [B, V]: greedy rows by one argmax on the device (one small
-        device->host copy for the whole batch), sampled rows on the host with their own generator.
-        A row whose sampling fails gets its exception instead of a token (that request ends alone)."""
-        if not seqs:
-            return []
-        greedy = [s.params.temperature < GREEDY_BELOW for s in seqs]
-        # .cpu() waits for the GPU with the GIL released (the event loop streams meanwhile); then tolist
-        out: list[int | BaseException] = self._greedy(logits).cpu().tolist() if any(greedy) else [0] * len(seqs)
-        if self.num_token_ids is not None:
-            logits = logits[:, :self.num_token_ids]
-        sampled = [i for i, g in enumerate(greedy) if not g]
-        if sampled:
-            host_logits = logits[sampled].float().cpu()
-            for i, row in zip(sampled, host_logits):
-                try:
-                    out[i] = sample_next(row, seqs[i].params, seqs[i].generator)
-                except Exception as error:  # noqa: BLE001 - ends this request only
-                    out[i] = error
-        return out
+    def sample_rows(self, seqs: list, logits: Tensor) -> list[Sampled]:
+        """One token per row of device logits [B, V] (a prompt's last chunk): sampled, then read back."""
+        out = self.sampler.sample(logits, seqs, [True] * len(seqs))
+        host, ready = self._to_host(out)
+        ready()
+        return self._rows(seqs, out, host, range(len(seqs)))
 
-    def _greedy(self, logits: Tensor) -> Tensor:
-        if self.num_token_ids is not None:
-            logits = logits[:, :self.num_token_ids]
-        return logits.argmax(-1)
+    def prompt_logprobs(self, seq, start: int, logits: Tensor) -> list[TokenLogprobs]:
+        """Logprobs of prompt tokens start+1 .. start+len(logits) (those that exist) from the chunk's
+        logits [n, V] (position j predicts token j + 1)."""
+        targets = seq.prompt_ids[start + 1:start + 1 + logits.shape[0]]
+        return self.sampler.prompt_logprobs(logits, targets, seq.params.prompt_logprobs) if targets else []
 
-    def _launch_ahead(self, seqs: list, positions: list[int], greedy: Tensor) -> None:
+    def _launch_ahead(self, seqs: list, positions: list[int], sampled: Tensor) -> None:
         """Run-ahead: queue the next step before this one's tokens reach the host, so the GPU never
-        waits for the host between steps. Every row here is greedy, so its next input is known on the
-        device (this step's argmax) or on the host (its next prompt token). Rows that will finish now
-        by length are left out; if the batch still differs at the next step (an EOS, a new or aborted
-        request) that step is recomputed, which rewrites the same cache entries with the same values."""
+        waits for the host between steps. Each row's next input is known on the device (this step's
+        sampled token) or on the host (its next prompt token). Rows that will finish now by length are
+        left out; if the batch still differs at the next step (an EOS, a new or aborted request) that
+        step is recomputed, which rewrites the same cache entries with the same values."""
         rows = [i for i, s in enumerate(seqs) if s.prefilling or
                 (len(s.output_ids) + 1 < s.params.max_tokens and s.num_tokens + 1 < self.max_seq_len)]
         if not rows:
@@ -283,10 +275,15 @@ class ModelRunner:
         kept = [seqs[i] for i in rows]
         prompt_token = self.device_tensor([s.prompt_ids[s.num_prefilled] if s.prefilling else -1 for s in kept])
         if len(rows) < len(seqs):
-            greedy = greedy.index_select(0, self.device_tensor(rows))
-        next_ids = torch.where(prompt_token >= 0, prompt_token, greedy)
+            sampled = sampled.index_select(0, self.device_tensor(rows))
+        next_ids = torch.where(prompt_token >= 0, prompt_token, sampled)
         next_positions = [positions[i] + 1 for i in rows]
-        self.ahead = AheadStep(kept, next_positions, self._decode_step(next_ids, next_positions, kept, None))
+        load = None
+        if self._counting:
+            if self._ahead_load is None:
+                self._ahead_load = self.decoder.new_load_buffer()
+            load = self._ahead_load.zero_()  # queued after the previous ahead step's counts were added
+        self.ahead = AheadStep(kept, next_positions, self._decode_step(next_ids, next_positions, kept, load), load)
 
     # ------------------------------------------------------------ host <-> device
 
@@ -297,12 +294,29 @@ class ModelRunner:
             return torch.tensor(values, device=self.device)
         return torch.tensor(values, pin_memory=True).to(self.device, non_blocking=True)
 
-    def _copy_to_host(self, t: Tensor):
-        """Queue a device->host copy: -> (host tensor, wait()); wait() releases the GIL while it waits."""
+    def _to_host(self, out: StepSample):
+        """Queue the device->host copies of a step's draws: -> (host tensors, wait()); wait() releases
+        the GIL while it waits."""
+        tensors = [out.tokens, *(out.logprobs or ())]
         if self.device.type != "cuda":
-            return t.cpu(), lambda: None
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        host.copy_(t, non_blocking=True)
+            return [t.cpu() for t in tensors], lambda: None
+        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+        for h, t in zip(host, tensors):
+            h.copy_(t, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
         return host, done.synchronize
+
+    @staticmethod
+    def _rows(seqs: list, out: StepSample, host: list[Tensor], rows) -> list[Sampled]:
+        """Host copies of a step's draws -> (token, logprobs) of these rows."""
+        tokens = host[0].tolist()
+        if out.logprobs is None:
+            return [(tokens[i], None) for i in rows]
+        chosen, top_ids, top_values = (t.tolist() for t in host[1:])
+        result = []
+        for i in rows:
+            k = seqs[i].params.logprobs
+            logprobs = None if k is None else TokenLogprobs(chosen[i], list(zip(top_ids[i][:k], top_values[i][:k])))
+            result.append((tokens[i], logprobs))
+        return result

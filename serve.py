@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the built-in random weights are drawn: cpu = the exact, machine-independent "
                         "init; model = on the model's device (fast for released widths, e.g. --preset flash: "
                         "on CUDA the weights differ from the cpu init, deterministic per GPU type)")
+    m.add_argument("--expert-dtype", choices=("bf16", "fp8", "fp4"), default=None,
+                   help="how routed experts are kept in memory: bf16 = the --dtype weights; fp8 = e4m3 with "
+                        "128x128 ue8m0 block scales; fp4 = packed e2m1 with one ue8m0 scale per 32 inputs "
+                        "(the released format). Default: the checkpoint's stored format (--model-path), "
+                        "else bf16")
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless told otherwise)")
     s.add_argument("--port", type=int, default=8000, help="HTTP port")
@@ -217,10 +222,12 @@ def build_model_for_rank(args: argparse.Namespace, device, dtype, ep_rank: int =
     torch.manual_seed(args.seed)
     if args.model_path:
         return weights.load_model(args.model_path, device=device, dtype=dtype, num_layers=args.num_layers,
-                                    num_physical_experts=num_physical, ep_rank=ep_rank, ep_size=ep_size)
+                                  num_physical_experts=num_physical, ep_rank=ep_rank, ep_size=ep_size,
+                                  expert_dtype=args.expert_dtype)
     return weights.build_model(config, seed=args.seed, device=device, dtype=dtype,
-                                 num_physical_experts=num_physical, ep_rank=ep_rank, ep_size=ep_size,
-                                 init_device=device if args.init_device == "model" else None)
+                               num_physical_experts=num_physical, ep_rank=ep_rank, ep_size=ep_size,
+                               init_device=device if args.init_device == "model" else None,
+                               expert_dtype=args.expert_dtype or "bf16")
 
 
 # ====================================================================== rank 0: the model behind HTTP

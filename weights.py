@@ -9,6 +9,13 @@ Sits above the model (dsv4_mini.py) and the file format (checkpoint.py); neither
 * `official_state_dict` / `load_official_state_dict` / `save_pretrained`: between the model's
   slot-stacked routed experts (`layers.L.ffn.experts.w1 [P_local, I, d]`) and the official
   per-expert tensors (`layers.L.ffn.experts.E.w1.weight`): expert E goes into every slot holding it.
+
+Routed experts may be held quantised (`expert_dtype` "fp8" / "fp4", see dsv4_mini.RoutedExperts):
+the random init quantises each expert's fp32 draw with checkpoint's quantisers; a checkpoint's
+quantised experts are kept as stored (converted only when the model asks for another format); the
+official state dict and save_pretrained give them back in the release's form (`….weight` int8 packed
+FP4 or float8_e4m3fn, `….scale` float8_e8m0fnu), so save -> load is bitwise. Attention, shared expert,
+router and embeddings are always held dequantised in the model dtype.
 """
 from __future__ import annotations
 
@@ -25,10 +32,11 @@ from torch import Tensor
 from tqdm import tqdm
 
 import checkpoint
+import kernels
 from dsv4_mini import DSV4Model, ModelConfig, rope_inv_freq
 
-_STACKED_RE = re.compile(r"layers\.(\d+)\.ffn\.experts\.(w[123])")
-_EXPERT_KEY_RE = re.compile(r"layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])\.weight")
+_STACKED_RE = re.compile(r"layers\.(\d+)\.ffn\.experts\.(w[123])(_scale)?")
+_EXPERT_KEY_RE = re.compile(r"layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])\.(weight|scale)")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -36,16 +44,22 @@ _EXPERT_KEY_RE = re.compile(r"layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])\.weig
 # ---------------------------------------------------------------------------------------------------
 
 def official_state_dict(model: DSV4Model) -> dict[str, Tensor]:
-    """Official checkpoint names; routed expert E comes from the first local slot holding it."""
+    """Official checkpoint names; routed expert E comes from the first local slot holding it.
+    Quantised experts in the release's dtypes: packed FP4 as int8, scales as float8_e8m0fnu (views)."""
     out = {}
     for name, t in model.state_dict().items():
         m = _STACKED_RE.fullmatch(name)
         if not m:
             out[name] = t
             continue
-        layer, w = int(m.group(1)), m.group(2)
+        layer, w, is_scale = int(m.group(1)), m.group(2), m.group(3) is not None
+        if is_scale:
+            t = t.view(torch.float8_e8m0fnu)
+        elif t.dtype == torch.uint8:  # packed FP4
+            t = t.view(torch.int8)
+        kind = "scale" if is_scale else "weight"
         for expert, slot in _local_slots_of(model, layer).items():
-            out[f"layers.{layer}.ffn.experts.{expert}.{w}.weight"] = t[slot[0]]
+            out[f"layers.{layer}.ffn.experts.{expert}.{w}.{kind}"] = t[slot[0]]
     return out
 
 def _local_slots_of(model: DSV4Model, layer: int) -> dict[int, list[int]]:
@@ -56,67 +70,119 @@ def _local_slots_of(model: DSV4Model, layer: int) -> dict[int, list[int]]:
         held.setdefault(expert, []).append(slot)
     return dict(sorted(held.items()))
 
+def _expert_dense_shape(config: ModelConfig, w: str) -> tuple[int, int]:
+    I, d = config.moe_intermediate_size, config.hidden_size
+    return (d, I) if w == "w2" else (I, d)
+
+
+def _stored_problem(config: ModelConfig, key: str, w: str, pair: dict[str, Tensor]) -> str | None:
+    """Why one stored expert matrix ({"weight": …, "scale": …} as stored) does not fit, else None."""
+    if "weight" not in pair:
+        return f"missing: {key}.weight (have its .scale)"
+    weight, scale = pair["weight"], pair.get("scale")
+    fmt = "bf16" if scale is None else checkpoint.quantized_format(weight)
+    if scale is not None and fmt == "bf16":
+        return f"mis-shaped: {key}.weight: {weight.dtype} with a .scale is neither FP8 nor packed FP4"
+    w_shape, s_shape = kernels.expert_shapes(fmt, *_expert_dense_shape(config, w))
+    if tuple(weight.shape) != w_shape:
+        return f"mis-shaped: {key}.weight: {list(weight.shape)} != {list(w_shape)} ({fmt})"
+    if scale is not None and tuple(scale.shape) != s_shape:
+        return f"mis-shaped: {key}.scale: {list(scale.shape)} != {list(s_shape)} ({fmt})"
+    return None
+
+
+def quantize_expert(dense: Tensor, expert_dtype: str) -> tuple[Tensor, Tensor]:
+    """[rows, cols] float -> (weight, uint8 e8m0 scale) as RoutedExperts holds them (on dense's device)."""
+    if expert_dtype == "fp4":
+        q, scale = checkpoint.quantize_fp4_packed(dense)
+        q = q.view(torch.uint8)
+    else:
+        q, scale = checkpoint.quantize_fp8_blockwise(dense)
+    return q, scale.view(torch.uint8)
+
+
+def expert_in_format(weight: Tensor, scale: Tensor | None, expert_dtype: str, dtype) -> tuple[Tensor, Tensor | None]:
+    """One stored expert matrix (dense, or quantised with its scale) -> RoutedExperts' format: kept
+    bitwise when the formats agree, else dequantised (fp32) and, for a quantised target, re-quantised."""
+    stored = "bf16" if scale is None else checkpoint.quantized_format(weight)
+    if stored == expert_dtype:
+        if stored == "bf16":
+            return weight, None
+        return (weight.view(torch.uint8) if stored == "fp4" else weight), checkpoint.e8m0_bytes(scale)
+    dense = weight if scale is None else checkpoint.dequantize("expert", weight, scale, torch.float32)
+    if expert_dtype == "bf16":
+        return dense.to(dtype), None
+    return quantize_expert(dense.float(), expert_dtype)
+
+
 @torch.no_grad()
 def load_official_state_dict(model: DSV4Model, sd: dict[str, Tensor]) -> None:
     """Copy an official-name state dict in; expert E goes into every local slot holding E.
 
-    `mtp.*` is ignored; tid2eid is cast to int32. Experts held by no local slot may be present or
-    absent. Raises ONE ValueError listing every missing, unexpected and mis-shaped key.
+    `mtp.*` is ignored; tid2eid is cast to int32. Routed experts may be dense or quantised (weight +
+    `.scale`), each converted to the model's expert_dtype (expert_in_format). Experts held by no
+    local slot may be present or absent. Raises ONE ValueError listing every missing, unexpected and
+    mis-shaped key.
     """
     own = model.state_dict()
-    missing, unexpected, misshaped = [], [], []
-    plain, experts = {}, {}  # name -> tensor ; (layer, w) -> {expert: tensor}
+    problems, plain = [], {}
+    experts: dict[tuple[int, str], dict[int, dict[str, Tensor]]] = {}  # (layer, w) -> expert -> {kind: t}
     E = model.config.n_routed_experts
     for name, t in sd.items():
         if name.startswith("mtp."):
             continue
         m = _EXPERT_KEY_RE.fullmatch(name)
         if m and int(m.group(1)) < len(model.layers) and int(m.group(2)) < E:
-            experts.setdefault((int(m.group(1)), m.group(3)), {})[int(m.group(2))] = t
+            experts.setdefault((int(m.group(1)), m.group(3)), {}).setdefault(int(m.group(2)), {})[m.group(4)] = t
         elif name in own and not _STACKED_RE.fullmatch(name):
             plain[name] = t
         else:
-            unexpected.append(name)
+            problems.append(f"unexpected: {name}")
     for name, target in own.items():
         m = _STACKED_RE.fullmatch(name)
         if m is None:
             if name not in plain:
-                missing.append(name)
+                problems.append(f"missing: {name}")
             elif plain[name].shape != target.shape:
-                misshaped.append(f"{name}: {list(plain[name].shape)} != {list(target.shape)}")
+                problems.append(f"mis-shaped: {name}: {list(plain[name].shape)} != {list(target.shape)}")
+            continue
+        if m.group(3):  # a scale: checked and loaded with its weight
             continue
         layer, w = int(m.group(1)), m.group(2)
         given, held = experts.get((layer, w), {}), _local_slots_of(model, layer)
-        for expert in held:
-            key = f"layers.{layer}.ffn.experts.{expert}.{w}.weight"
-            if expert not in given:
-                missing.append(key)
-            elif given[expert].shape != target.shape[1:]:
-                misshaped.append(f"{key}: {list(given[expert].shape)} != {list(target.shape[1:])}")
-        for expert, t in given.items():
-            if t.shape != target.shape[1:] and expert not in held:
-                misshaped.append(f"layers.{layer}.ffn.experts.{expert}.{w}.weight: "
-                                 f"{list(t.shape)} != {list(target.shape[1:])}")
-    if missing or unexpected or misshaped:
-        raise ValueError("state dict does not fit the model:"
-                         + "".join(f"\n  missing: {k}" for k in sorted(missing))
-                         + "".join(f"\n  unexpected: {k}" for k in sorted(unexpected))
-                         + "".join(f"\n  mis-shaped: {k}" for k in sorted(misshaped)))
+        problems += [f"missing: layers.{layer}.ffn.experts.{e}.{w}.weight" for e in held if e not in given]
+        for expert, pair in given.items():
+            problem = _stored_problem(model.config, f"layers.{layer}.ffn.experts.{expert}.{w}", w, pair)
+            if problem:
+                problems.append(problem)
+    if problems:
+        raise ValueError("state dict does not fit the model:" + "".join(f"\n  {p}" for p in sorted(problems)))
     for name, target in own.items():
         m = _STACKED_RE.fullmatch(name)
         if m is None:
             target.copy_(plain[name].to(target.dtype) if name.endswith("tid2eid") else plain[name])
             continue
+        if m.group(3):
+            continue
         layer, w = int(m.group(1)), m.group(2)
+        scale_target = own.get(f"{name}_scale")
         for expert, slots in _local_slots_of(model, layer).items():
+            pair = experts[(layer, w)][expert]
+            weight, scale = expert_in_format(pair["weight"], pair.get("scale"), model.expert_dtype, target.dtype)
             for slot in slots:
-                target[slot].copy_(experts[(layer, w)][expert])
+                target[slot].copy_(weight)
+                if scale_target is not None:
+                    scale_target[slot].copy_(scale)
 
 def save_pretrained(model: DSV4Model, directory: str) -> None:
-    """config.json (official form) + safetensors under official names (tid2eid as int64, like the release)."""
+    """config.json (official form) + safetensors under official names (tid2eid as int64, like the release;
+    quantised experts as the release stores them, see official_state_dict)."""
     os.makedirs(directory, exist_ok=True)
+    config = model.config.to_dict()
+    if model.expert_dtype != "bf16":  # the release's key (informational: loading reads the tensors' dtypes)
+        config["expert_dtype"] = model.expert_dtype
     with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(model.config.to_dict(), f, indent=2)
+        json.dump(config, f, indent=2)
     sd = {k: (v.to(torch.int64) if k.endswith("tid2eid") else v) for k, v in official_state_dict(model).items()}
     checkpoint.write_checkpoint(directory, sd)
 
@@ -215,18 +281,47 @@ def _random_tensor(config: ModelConfig, seed: int, name: str, shape: tuple) -> T
 _DEVICE_INIT_MIN_NUMEL = 1 << 16
 
 
-def _init_jobs(model: DSV4Model) -> dict[int | None, list[tuple[str, tuple, list[Tensor]]]]:
-    """layer (None: tensors outside the layers) -> [(official name, shape, target views)]. Routed
-    experts: only those this rank's slots hold, one job per expert, copied into each slot holding it."""
+class _QuantizedSlots:
+    """Init target of one quantised expert matrix: `copy_(dense)` quantises the fp32 draw (on its
+    device) and copies weight and scale into every slot holding the expert."""
+
+    dtype = torch.float32  # what the draw should be
+
+    def __init__(self, expert_dtype: str, weights: list[Tensor], scales: list[Tensor]):
+        self.expert_dtype, self.weights, self.scales = expert_dtype, weights, scales
+        self.device = weights[0].device
+
+    def copy_(self, dense: Tensor) -> None:
+        q, scale = quantize_expert(dense.float(), self.expert_dtype)
+        for w, s in zip(self.weights, self.scales):
+            w.copy_(q)
+            s.copy_(scale)
+
+
+def _init_jobs(model: DSV4Model) -> dict[int | None, list[tuple[str, tuple, list]]]:
+    """layer (None: tensors outside the layers) -> [(official name, shape, targets)]. Routed
+    experts: only those this rank's slots hold, one job per expert (its dense [rows, cols] draw),
+    copied into each slot holding it (quantised first when the model holds them quantised)."""
     units: dict[int | None, list] = {None: []}
-    for name, t in model.state_dict().items():
+    state = model.state_dict()
+    for name, t in state.items():
         layer = int(name.split(".")[1]) if name.startswith("layers.") else None
         m = _STACKED_RE.fullmatch(name)
         if m is None:
             jobs = [(name, tuple(t.shape), [t])]
+        elif m.group(3):  # a scale: filled by its weight's job
+            continue
         else:
-            jobs = [(f"layers.{layer}.ffn.experts.{expert}.{m.group(2)}.weight", tuple(t.shape[1:]),
-                     [t[slot] for slot in slots]) for expert, slots in _local_slots_of(model, layer).items()]
+            w = m.group(2)
+            jobs = []
+            for expert, slots in _local_slots_of(model, layer).items():
+                if model.expert_dtype == "bf16":
+                    targets = [t[slot] for slot in slots]
+                else:
+                    scale = state[f"{name}_scale"]
+                    targets = [_QuantizedSlots(model.expert_dtype, [t[p] for p in slots], [scale[p] for p in slots])]
+                jobs.append((f"layers.{layer}.ffn.experts.{expert}.{w}.weight",
+                             _expert_dense_shape(model.config, w), targets))
         units.setdefault(layer, []).extend(jobs)
     return units
 
@@ -262,7 +357,8 @@ def _fill_on_device(device: torch.device, seed: int, name: str, shape: tuple, ta
     target dtype (into the first target when it lives there), copied into the other targets."""
     mean, mul, div = _gaussian_law(name, shape)
     first = targets[0]
-    x = first if first.device == device else torch.empty(shape, dtype=first.dtype, device=device)
+    in_place = isinstance(first, Tensor) and first.device == device
+    x = first if in_place else torch.empty(shape, dtype=first.dtype, device=device)
     x.normal_(mean, mul / div, generator=_generator(seed, name, device))
     for target in targets:
         if target is not x:
@@ -308,8 +404,9 @@ def _official_shapes(config: ModelConfig) -> dict[str, tuple]:
     return out
 
 
-def _empty_model(config, device, dtype, num_physical_experts, ep_rank, ep_size) -> DSV4Model:
-    model = DSV4Model(config, num_physical_experts, ep_rank, ep_size, dtype=dtype, device="meta")
+def _empty_model(config, device, dtype, num_physical_experts, ep_rank, ep_size, expert_dtype="bf16") -> DSV4Model:
+    model = DSV4Model(config, num_physical_experts, ep_rank, ep_size, dtype=dtype, device="meta",
+                      expert_dtype=expert_dtype)
     model.to_empty(device=device)
     model.inv_freq_main.copy_(rope_inv_freq(config.qk_rope_head_dim, config.rope_theta, None))
     model.inv_freq_compress.copy_(rope_inv_freq(config.qk_rope_head_dim, config.compress_rope_theta, config.rope_scaling))
@@ -319,7 +416,7 @@ def _empty_model(config, device, dtype, num_physical_experts, ep_rank, ep_size) 
 
 def build_model(config: ModelConfig, seed: int = 0, device="cpu", dtype=torch.float32,
                 num_physical_experts: int | None = None, ep_rank: int = 0, ep_size: int = 1,
-                init_device=None, progress: bool | None = None) -> DSV4Model:
+                init_device=None, progress: bool | None = None, expert_dtype: str = "bf16") -> DSV4Model:
     """Random-init model; identical weights for the same seed on every machine and placement.
 
     Every tensor has its own generator, seeded from `seed` and its official name, so the weights do
@@ -337,8 +434,10 @@ def build_model(config: ModelConfig, seed: int = 0, device="cpu", dtype=torch.fl
     on the launch grid, i.e. on the GPU model) and still placement-independent. tid2eid, gate.bias and
     the small tensors (norms, sinks, hc base / scale) stay on the CPU path: the same as the CPU init.
     progress: a tqdm bar over layers; None = only when this model holds > 1 G parameters.
+    expert_dtype: "bf16" (routed experts in `dtype`), "fp8" or "fp4": each expert's fp32 draw is
+    quantised (checkpoint.quantize_*, on the init device) into the slots holding it.
     """
-    model = _empty_model(config, device, dtype, num_physical_experts, ep_rank, ep_size)
+    model = _empty_model(config, device, dtype, num_physical_experts, ep_rank, ep_size, expert_dtype)
     fast = None
     if init_device is not None and torch.device(init_device).type == "cuda":
         fast = torch.device(init_device)
@@ -348,12 +447,28 @@ def build_model(config: ModelConfig, seed: int = 0, device="cpu", dtype=torch.fl
     return model
 
 
+def stored_expert_dtype(sd: dict[str, Tensor]) -> str:
+    """The format a state dict's routed experts are stored in: "fp4", "fp8" or "bf16" (dense)."""
+    for name, t in sd.items():
+        m = _EXPERT_KEY_RE.fullmatch(name)
+        if m and m.group(4) == "weight":
+            has_scale = name[: -len("weight")] + "scale" in sd
+            return checkpoint.quantized_format(t) if has_scale else "bf16"
+    return "bf16"
+
+
 def load_model(path: str, device="cpu", dtype=torch.bfloat16, num_layers: int | None = None,
-               num_physical_experts: int | None = None, ep_rank: int = 0, ep_size: int = 1) -> DSV4Model:
-    """A checkpoint directory (config.json + safetensors, official or transformers names)."""
+               num_physical_experts: int | None = None, ep_rank: int = 0, ep_size: int = 1,
+               expert_dtype: str | None = None) -> DSV4Model:
+    """A checkpoint directory (config.json + safetensors, official or transformers names).
+    expert_dtype: how the model holds its routed experts; None = as the checkpoint stores them
+    (the release: "fp4"; Flash-Base: "fp8"; a dense checkpoint: "bf16", i.e. `dtype`)."""
     config = ModelConfig.from_pretrained(path)
     if num_layers is not None:
         config = config.truncated(num_layers)
-    model = _empty_model(config, device, dtype, num_physical_experts, ep_rank, ep_size)
-    load_official_state_dict(model, checkpoint.read_checkpoint(path, num_layers=config.num_hidden_layers, dtype=dtype))
+    sd = checkpoint.read_checkpoint(path, num_layers=config.num_hidden_layers, dtype=dtype,
+                                    keep_quantized_experts=True)
+    model = _empty_model(config, device, dtype, num_physical_experts, ep_rank, ep_size,
+                         expert_dtype or stored_expert_dtype(sd))
+    load_official_state_dict(model, sd)
     return model

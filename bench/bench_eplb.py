@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import eplb  # noqa: E402
+from planner import balancedness, rank_load, rebalance_experts, replica_load  # noqa: E402
 
 L, E = 43, 256  # DeepSeek-V4-Flash: 43 MoE layers, 256 routed experts
 SIZES = [(P, G) for P in (256, 288, 320) for G in (8, 32, 64) if P % G == 0]
@@ -46,7 +47,7 @@ def timed(fn, repeats: int):
 
 
 def mean_balancedness(load, phy2log, G):
-    return eplb.balancedness(eplb.rank_load(eplb.replica_load(load, phy2log), G))
+    return balancedness(rank_load(replica_load(load, phy2log), G))
 
 
 def bench_planner(repeats: int) -> list[dict]:
@@ -61,12 +62,12 @@ def bench_planner(repeats: int) -> list[dict]:
         load = synthetic_load(kind, 0)
         drifted = load * torch.exp(0.2 * torch.randn(L, E, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
         for P, G in SIZES:
-            (plain, _, _), t_plain, _ = timed(lambda: eplb.rebalance_experts(load, P, 1, 1, G, refine=False), repeats)
-            (ours, _, _), t_ours, t_best = timed(lambda: eplb.rebalance_experts(load, P, 1, 1, G), repeats)
+            (plain, _, _), t_plain, _ = timed(lambda: rebalance_experts(load, P, 1, 1, G, refine=False), repeats)
+            (ours, _, _), t_ours, t_best = timed(lambda: rebalance_experts(load, P, 1, 1, G), repeats)
             trivial = eplb.ExpertLocation.trivial(L, E, P, G).phy2log
             b_triv, b_plain, b_ours = (mean_balancedness(load, p, G) for p in (trivial, plain, ours))
-            fresh, _, _ = eplb.rebalance_experts(drifted, P, 1, 1, G)
-            kept, _, _ = eplb.rebalance_experts(drifted, P, 1, 1, G, old_phy2log=ours)
+            fresh, _, _ = rebalance_experts(drifted, P, 1, 1, G)
+            kept, _, _ = rebalance_experts(drifted, P, 1, 1, G, old_phy2log=ours)
             row = dict(load=kind, P=P, G=G, greedy_ms=t_plain * 1e3, ours_ms=t_ours * 1e3, ours_best_ms=t_best * 1e3,
                        balancedness_trivial=float(b_triv.mean()), balancedness_greedy=float(b_plain.mean()),
                        balancedness_ours=float(b_ours.mean()), min_layer_greedy=float(b_plain.min()),
@@ -87,8 +88,8 @@ def bench_hierarchical(repeats: int) -> list[dict]:
     print("\nHierarchical (groups = E, replicas stay inside their node), P=288, G=32")
     for nodes in (2, 4):
         load = synthetic_load("zipf", 0)
-        (plain, _, _), t_plain, _ = timed(lambda: eplb.rebalance_experts(load, 288, E, nodes, 32, refine=False), repeats)
-        (ours, _, _), t_ours, _ = timed(lambda: eplb.rebalance_experts(load, 288, E, nodes, 32), repeats)
+        (plain, _, _), t_plain, _ = timed(lambda: rebalance_experts(load, 288, E, nodes, 32, refine=False), repeats)
+        (ours, _, _), t_ours, _ = timed(lambda: rebalance_experts(load, 288, E, nodes, 32), repeats)
         b_plain, b_ours = mean_balancedness(load, plain, 32), mean_balancedness(load, ours, 32)
         rows.append(dict(nodes=nodes, greedy_ms=t_plain * 1e3, ours_ms=t_ours * 1e3,
                          balancedness_greedy=float(b_plain.mean()), balancedness_ours=float(b_ours.mean())))
@@ -128,7 +129,7 @@ def bench_move(device: torch.device, slots: int, layers: int, ranks: int, repeat
     experts = slots - slots // 8  # 1/8 of the slots are redundant
     load = (1e3 * torch.exp(1.5 * torch.randn(layers, experts, generator=torch.Generator().manual_seed(0)))).round()
     old = eplb.ExpertLocation.trivial(layers, experts, slots, ranks).phy2log
-    new, _, _ = eplb.rebalance_experts(load, slots, 1, 1, ranks)
+    new, _, _ = rebalance_experts(load, slots, 1, 1, ranks)
     mover = eplb.LocalMover(ranks)
     slot_bytes = sum(w[0].numel() * w[0].element_size() for w in weights[0])
     changed = int((old != new).sum())

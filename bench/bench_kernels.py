@@ -1,7 +1,7 @@
 """GPU benchmark of kernels.py: every Triton kernel against its torch twin (run on the same GPU).
 
     python bench/bench_kernels.py            # one table on stdout; JSON to $OUT/bench_kernels.json
-    python bench/bench_kernels.py --only routing|moe [--sweep] [--profile]
+    python bench/bench_kernels.py --only routing|moe|qmoe [--sweep] [--profile]
         --sweep: also time alternative routing launch configs (T=1M) and mini MoE block configs;
         --profile: per-kernel GPU times (torch.profiler) of a few cases.
 
@@ -11,6 +11,11 @@ MoE experts at decode (T = 64, 256) and prefill (T = 8192), released-size expert
 I=2048, K=6) and the mini preset (d=512, I=256, E=32 on P=36 slots, K=4), bf16: TFLOP/s and GB/s
 of expert weights actually read, against ceilings measured in this run (device copy bandwidth,
 bf16 torch.matmul rate). Correctness (Triton vs twin on the bench inputs) is checked first.
+Quantised experts (qmoe): released-size MoE at decode T=64 and prefill T=8192 with the routed experts
+in bf16, fp8 (e4m3, 128x128 ue8m0 blocks) and fp4 (packed e2m1, ue8m0 per 32): ms, the bytes actually
+read (the experts the routing touches: weights + scales), GB/s and % of copy bandwidth, the speedup over
+bf16 on the same routing, and the relative error against bf16 experts holding the dequantised weights
+(and, at T=64, against the quantised torch twin). A bounded sweep of alternative block configs follows.
 Times are medians of triton.testing.do_bench (CUDA events, L2 flushed, launch overhead included).
 """
 import argparse
@@ -32,6 +37,7 @@ os.environ.pop("DSV4_KERNELS", None)  # the bench calls each twin by name
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
+import checkpoint  # noqa: E402
 import eplb  # noqa: E402
 import kernels  # noqa: E402
 
@@ -311,6 +317,149 @@ def moe_rows(copy_gbs, mm_tflops, results):
         torch.cuda.empty_cache()
 
 
+# ------------------------------------------------------------------------------------ quantised experts
+QMOE_T = (64, 8192)
+QMOE_SWEEP_BUDGET_S = 420  # skip further sweep configs once the run has taken this long
+QMOE_SWEEP = {  # alternative block configs per (format, phase), timed after the default
+    ("fp8", "decode"): [dict(BLOCK_M=16, up=(64, 128, 4), down=(64, 128, 4)),
+                        dict(BLOCK_M=16, up=(128, 128, 8), down=(128, 128, 8)),
+                        dict(BLOCK_M=16, up=(128, 64, 4), down=(128, 64, 4))],
+    ("fp4", "decode"): [dict(BLOCK_M=16, up=(64, 256, 4), down=(64, 256, 4)),
+                        dict(BLOCK_M=16, up=(128, 128, 8), down=(128, 128, 8)),
+                        dict(BLOCK_M=16, up=(128, 256, 4), down=(128, 256, 4))],
+    ("fp8", "prefill"): [dict(BLOCK_M=128, up=(128, 128, 8), down=(128, 128, 8)),
+                         dict(BLOCK_M=64, up=(128, 64, 4), down=(128, 64, 4))],
+    ("fp4", "prefill"): [dict(BLOCK_M=128, up=(128, 128, 8), down=(128, 128, 8)),
+                         dict(BLOCK_M=64, up=(128, 64, 4), down=(128, 64, 4))],
+}
+
+
+def quantize_stack(w, fmt):
+    """[P, rows, cols] bf16 on the GPU -> (weight, uint8 e8m0 scale) slot-stacked, as dsv4_mini holds them,
+    and the dequantised bf16 copy (the reference), each slot through checkpoint's (de)quantisers."""
+    quantize = checkpoint.quantize_fp4_packed if fmt == "fp4" else checkpoint.quantize_fp8_blockwise
+    qs, ss, dq = [], [], []
+    for m in w:
+        q, scale = quantize(m.float())
+        qs.append(q.view(torch.uint8) if fmt == "fp4" else q)
+        ss.append(scale.view(torch.uint8))
+        dq.append(checkpoint.dequantize(fmt, q, scale, torch.bfloat16))
+    return torch.stack(qs), torch.stack(ss), torch.stack(dq)
+
+
+def slot_bytes(w1, w3, w2, scales):
+    """Bytes of one slot: its three weights and (if quantised) their scales."""
+    tensors = [w1, w3, w2] + list(scales or ())
+    return sum(t[0].numel() * t.element_size() for t in tensors)
+
+
+def qmoe_sweep(row, fmt, phase, args):
+    sweep = []
+    for cfg in QMOE_SWEEP.get((fmt, phase), []):
+        if time.time() - T0 > QMOE_SWEEP_BUDGET_S:
+            log("qmoe sweep: time budget spent, skipping the rest")
+            break
+        try:
+            ms = bench_ms(lambda: kernels.moe_experts_triton(*args, config=cfg), warmup=10, rep=50)
+            sweep.append(dict(ms=ms, cfg=cfg))
+        except Exception as e:  # e.g. out of shared memory for one config
+            log(f"qmoe sweep {fmt} {phase} {cfg} failed: {type(e).__name__}: {e}")
+    if sweep:
+        best = min(sweep, key=lambda r: r["ms"])
+        row["sweep_best_ms"], row["sweep_best_cfg"], row["sweep"] = best["ms"], best["cfg"], sweep
+        log(f"qmoe sweep {fmt} T={row['T']}: " + "; ".join(f"{r['ms']:.4f} ms {r['cfg']}" for r in sweep))
+
+
+def qmoe_case(fmt, T, x, weights, ids, experts, copy_gbs, bf16_ms, ref_out):
+    """One (format, T) row: time, bytes read, GB/s, speedup over bf16, error against ref_out."""
+    w1, w3, w2, scales = experts
+    phase = "prefill" if T >= 4096 else "decode"
+    row = dict(section="qmoe", case=f"{fmt} {phase}", fmt=fmt, T=T)
+    try:
+        args = (x, weights, ids, w1, w3, w2, 10.0, 0, scales)
+        out = kernels.moe_experts_triton(*args)
+        if ref_out is not None:
+            row["rel_err"] = float((out - ref_out).abs().max()) / max(float(ref_out.abs().max()), 1e-30)
+        if fmt != "bf16" and T <= 256:  # the quantised torch twin (dequantises the used slots)
+            twin = kernels.moe_experts_torch(*args)
+            row["rel_err_twin"] = float((out - twin).abs().max()) / max(float(twin.abs().max()), 1e-30)
+        row["ok"] = max(row.get("rel_err", 0.0), row.get("rel_err_twin", 0.0)) < 2e-2
+        slots_read = int(torch.unique(ids).numel())
+        row["slots_read"] = slots_read
+        row["bytes_read"] = slots_read * slot_bytes(w1, w3, w2, scales)
+        row["triton_ms"] = bench_ms(lambda: kernels.moe_experts_triton(*args))
+        row["GB/s"] = row["bytes_read"] / row["triton_ms"] / 1e6
+        row["pct_copy"] = 100 * row["GB/s"] / copy_gbs
+        row["x_bf16"] = bf16_ms / row["triton_ms"] if bf16_ms else 1.0
+        targets = {("fp4", "decode"): (3.0, 70), ("fp8", "decode"): (1.8, 70), ("fp8", "prefill"): (1.0, 0)}
+        if (fmt, phase) in targets:
+            speedup, pct = targets[(fmt, phase)]
+            row["target"] = f">={speedup}x bf16" + (f" & >={pct}% copy" if pct else "")
+            row["target_met"] = row["x_bf16"] >= speedup and row["pct_copy"] >= pct
+        if fmt != "bf16":
+            qmoe_sweep(row, fmt, phase, args)
+    except Exception as e:  # keep going: one run must produce the whole table
+        row["error"] = f"{type(e).__name__}: {e}"
+        traceback.print_exc()
+    log(f"qmoe {fmt} T={T} done")
+    return row
+
+
+def qmoe_rows(copy_gbs, results):
+    """Released-size routed experts in bf16, fp8, fp4 on the same random weights and routings."""
+    E, P, d, I, K = PRESETS["released"]
+    gen = torch.Generator(device=DEV).manual_seed(3)
+    dense = [torch.randn(P, I, d, dtype=torch.bfloat16, device=DEV, generator=gen).mul_(d ** -0.5),
+             torch.randn(P, I, d, dtype=torch.bfloat16, device=DEV, generator=gen).mul_(d ** -0.5),
+             torch.randn(P, d, I, dtype=torch.bfloat16, device=DEV, generator=gen).mul_(I ** -0.5)]
+    inputs = {}
+    for T in QMOE_T:
+        weights, ids = kernels.score_topk_torch(torch.randn(T, E, device=DEV, generator=gen), None, K, 1.5)
+        inputs[T] = (torch.randn(T, d, dtype=torch.bfloat16, device=DEV, generator=gen), weights, ids)
+    bf16_ms = {}
+    for T in QMOE_T:
+        row = qmoe_case("bf16", T, *inputs[T], (*dense, None), copy_gbs, None, None)
+        bf16_ms[T] = row.get("triton_ms")
+        results.append(row)
+    for fmt in ("fp8", "fp4"):
+        t = time.time()
+        quant = [quantize_stack(w, fmt) for w in dense]  # [(q, scale, dequantised)] for w1, w3, w2
+        log(f"qmoe: quantised the experts to {fmt} in {time.time() - t:.1f} s")
+        experts = (quant[0][0], quant[1][0], quant[2][0], (quant[0][1], quant[1][1], quant[2][1]))
+        for T in QMOE_T:
+            x, weights, ids = inputs[T]
+            ref = kernels.moe_experts_triton(x, weights, ids, quant[0][2], quant[1][2], quant[2][2], 10.0, 0)
+            results.append(qmoe_case(fmt, T, x, weights, ids, experts, copy_gbs, bf16_ms[T], ref))
+            del ref
+        del quant, experts
+        torch.cuda.empty_cache()
+    del dense
+    torch.cuda.empty_cache()
+
+
+def print_qmoe_table(results):
+    rows = [r for r in results if r["section"] == "qmoe"]
+    if not rows:
+        return
+    head = (f"{'format':6} {'phase':7} {'T':>6} {'ms':>8} {'GB read':>8} {'GB/s':>7} {'%copy':>6} {'x bf16':>7} "
+            f"{'rel err':>8} {'err twin':>8} {'target':>26} {'met':>4} {'sweep best':>11}")
+    print("\n" + head)
+    print("-" * len(head))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['fmt']:6} {r['case'].split()[1]:7} {r['T']:>6} ERROR {r['error'][:90]}")
+            continue
+        met = "" if "target" not in r else ("met" if r["target_met"] else "MISS")
+        print(f"{r['fmt']:6} {r['case'].split()[1]:7} {r['T']:>6} {r['triton_ms']:>8.4f} {r['bytes_read'] / 1e9:>8.3f} "
+              f"{r['GB/s']:>7.0f} {r['pct_copy']:>6.1f} {r['x_bf16']:>7.2f} {fmt(r.get('rel_err'), '8.1e')} "
+              f"{fmt(r.get('rel_err_twin'), '8.1e')} {r.get('target', '-'):>26} {met:>4} "
+              f"{fmt(r.get('sweep_best_ms'), '11.4f')}" + ("" if r.get("ok", True) else "  BAD"))
+    print("GB read: the bytes of the slots the routing touches (weights + scales); %copy: GB/s over the device "
+          "copy bandwidth of this run; rel err: max |out - ref| / max |ref| against bf16 experts holding the "
+          "dequantised weights (err twin: against the quantised torch twin); sweep best: fastest alternative "
+          "block config (JSON has all).")
+
+
 # ------------------------------------------------------------------------------------ report
 def fmt(v, spec):
     return format(v, spec) if isinstance(v, (int, float)) else "-"
@@ -325,6 +474,8 @@ def print_table(meta, results):
     print(head)
     print("-" * len(head))
     for r in results:
+        if r["section"] == "qmoe":
+            continue
         if "error" in r:
             print(f"{r['section']:8} {r['case']:17} {r['T']:>8} ERROR {r['error'][:90]}")
             continue
@@ -358,8 +509,11 @@ def main():
         routing_rows(copy_gbs, results)
     if OPTS.only in ("all", "moe"):
         moe_rows(copy_gbs, mm_tflops, results)
+    if OPTS.only in ("all", "qmoe"):
+        qmoe_rows(copy_gbs, results)
     meta["route_cfg"] = dict(kernels.ROUTE_CFG)
     print_table(meta, results)
+    print_qmoe_table(results)
     sys.stdout.flush()
     meta["wall_s"] = time.time() - T0
     if os.environ.get("OUT"):
@@ -374,7 +528,7 @@ def main():
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=["all", "routing", "moe"], default="all")
+    ap.add_argument("--only", choices=["all", "routing", "moe", "qmoe"], default="all")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--profile", action="store_true")
     OPTS = ap.parse_args()

@@ -2,13 +2,20 @@
 
     python bench/bench_serve.py                                 # CPU, mini, concurrency 1..64, EPLB off and on
     python bench/bench_serve.py --device cuda --preset flash --num-layers 4 --hf-baseline
+    python bench/bench_serve.py --device cuda --preset flash --num-layers 8 --concurrency 64 \
+        --eplb-modes off --sampling greedy --expert-dtype bf16 fp4     # routed experts kept in FP4 vs bf16
+    python bench/bench_serve.py --device cuda --concurrency 64 --output-len 256 --eplb-modes off on \
+        --sampling greedy sampled --temperature 1 --top-p 0.9     # sampled vs greedy, EPLB on vs off
 
-For each EPLB setting and concurrency C: C clients each send `requests_per_client` streaming
-completions (fixed seed, ignore_eos, fixed prompt/output lengths). Reports output tok/s, TTFT and
-per-output-token latency p50/p99, and the server's EPLB balancedness. The baseline is transformers
+For each EPLB setting, sampling setting and concurrency C: C clients each send `requests_per_client`
+streaming completions (fixed seeds, ignore_eos, fixed prompt/output lengths). "greedy" is temperature 0;
+"sampled" uses --temperature/--top-p/--top-k/--min-p. Reports output tok/s, TTFT and per-output-token
+latency p50/p99, the server's EPLB balancedness, and the ratios sampled/greedy and EPLB mode/off. The baseline is transformers
 `generate` on the same weights as one static batch of C prompts (where the HF model is available).
 `--preset flash` draws the random weights on the GPU (`--init-device model`, the default there), in the
 server and for the baseline alike.
+`--expert-dtype A B ...` runs the whole sweep once per routed-expert format (serve.py --expert-dtype) and
+adds each row's tok/s ratio to the first format's row at the same EPLB mode and concurrency.
 Prints a table; writes JSON to $OUT/bench_serve.json when OUT is set.
 """
 from __future__ import annotations
@@ -36,15 +43,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args, eplb: str) -> tuple[subprocess.Popen, str, float]:
+def start_server(args, eplb: str, expert_dtype: str | None = None) -> tuple[subprocess.Popen, str, float]:
     """eplb: "off"; "record" (count load on every step, never move: P = E, one rank, so the only
-    difference from "off" is the counting); "on" (EP ranks, redundant slots, rebalance every 50 steps)."""
+    difference from "off" is the counting); "on" (EP ranks, redundant slots, rebalance every 50 steps).
+    expert_dtype: serve.py --expert-dtype (None: the server's default)."""
     port = free_port()
     flags = ["--preset", args.preset, "--device", args.device, "--port", str(port), "--log-level", "warning",
              "--max-batch-size", str(max(args.concurrency)), "--max-seq-len", str(args.prompt_len + args.output_len + 8)]
     if args.num_layers:
         flags += ["--num-layers", str(args.num_layers)]
     flags += ["--init-device", args.init_device]
+    if expert_dtype:
+        flags += ["--expert-dtype", expert_dtype]
     if eplb == "record":
         flags += ["--eplb", "--eplb-rebalance-num-iterations", str(10**9)]
     elif eplb == "on":
@@ -72,7 +82,7 @@ def make_prompt(rng: random.Random, n_words: int) -> str:
 async def one_request(http, url, model, prompt, args, seed) -> dict:
     """One streaming completion. Counts the tokens the server says it generated (usage) and fails
     loudly on any finish other than "length": an aborted stream must never count as throughput."""
-    body = {"model": model, "prompt": prompt, "max_tokens": args.output_len, "temperature": args.temperature,
+    body = {"model": model, "prompt": prompt, "max_tokens": args.output_len, **args.sampling_body,
             "seed": seed, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     stamps, finish, usage = [], None, None
@@ -186,6 +196,64 @@ def hf_baseline(args, concurrency: int) -> float | None:
         return None
 
 
+def sampling_body(args, setting: str) -> dict:
+    """The request's sampling fields for a --sampling setting (top_k / min_p only when on)."""
+    if setting == "greedy":
+        return {"temperature": 0.0}
+    body = {"temperature": args.temperature, "top_p": args.top_p}
+    if args.top_k > 0:
+        body["top_k"] = args.top_k
+    if args.min_p > 0:
+        body["min_p"] = args.min_p
+    return body
+
+
+def sweep_server(args, eplb: str, expert_dtype: str | None, meta: dict) -> list[dict]:
+    """Start one server (EPLB mode, expert format); per sampling setting, warm it up at the largest
+    concurrency (first-use compiles and captures stay out of the timing), then run every concurrency."""
+    rows = []
+    proc, url, ready_s = start_server(args, eplb, expert_dtype)
+    model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+    meta[f"ready_seconds_eplb_{eplb}" + (f"_{expert_dtype}" if expert_dtype else "")] = ready_s
+    try:
+        for setting in args.sampling:
+            point_args = argparse.Namespace(**vars(args), sampling_body=sampling_body(args, setting))
+            warm_up = argparse.Namespace(**{**vars(point_args), "output_len": 8})
+            sweep_point(url, model, max(args.concurrency), warm_up)
+            for c in args.concurrency:
+                row = sweep_point(url, model, c, point_args)
+                row["eplb"], row["sampling"], row["expert_dtype"] = eplb, setting, expert_dtype
+                if eplb != "off":
+                    row["balancedness"] = httpx.get(url + "/eplb/state").json().get("balancedness")
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    return rows
+
+
+def print_ratios(rows: list[dict]) -> None:
+    """sampled / greedy at each (format, EPLB mode, C); EPLB mode / off at each (format, sampling, C);
+    each format / the first format at each (EPLB mode, sampling, C)."""
+    tok_s = {(r["expert_dtype"], r["eplb"], r["sampling"], r["concurrency"]): r["output_tok_s"] for r in rows}
+    first_format = rows[0]["expert_dtype"] if rows else None
+    lines = []
+    for (fmt, eplb, sampling, c), value in tok_s.items():
+        where = f"experts {fmt or '-':>4}  C={c:<4}"
+        greedy = tok_s.get((fmt, eplb, "greedy", c))
+        if sampling != "greedy" and greedy:
+            lines.append(f"  {where} eplb {eplb:>6}: {sampling} / greedy = {value / greedy:.3f}")
+        off = tok_s.get((fmt, "off", sampling, c))
+        if eplb != "off" and off:
+            lines.append(f"  {where} {sampling:>8}: eplb {eplb} / off = {value / off:.3f}")
+        base = tok_s.get((first_format, eplb, sampling, c))
+        if fmt != first_format and base:
+            lines.append(f"  {where} eplb {eplb:>6} {sampling}: {fmt} / {first_format} = {value / base:.3f}")
+    if lines:
+        print("\nratios (output tok/s)\n" + "\n".join(lines))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -198,47 +266,43 @@ def main() -> None:
     p.add_argument("--ep-size", type=int, default=4)
     p.add_argument("--redundant", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, like the HF baseline")
+    p.add_argument("--sampling", nargs="+", default=["greedy", "sampled"], choices=["greedy", "sampled"],
+                   help="greedy: temperature 0, like the HF baseline; sampled: the settings below")
+    p.add_argument("--temperature", type=float, default=1.0, help="of the sampled setting")
+    p.add_argument("--top-p", type=float, default=0.9, help="of the sampled setting")
+    p.add_argument("--top-k", type=int, default=0, help="of the sampled setting (0 = off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="of the sampled setting (0 = off)")
     p.add_argument("--eplb-modes", nargs="+", default=["off", "record", "on"], choices=["off", "record", "on"])
     p.add_argument("--client-procs", type=int, default=4, help="load-generator processes (clients spread over them)")
     p.add_argument("--hf-baseline", action="store_true", help="also time transformers generate (static batch)")
     p.add_argument("--init-device", choices=("cpu", "model"), default=None,
                    help="serve.py --init-device: where the random weights are drawn (default: model for "
                         "--preset flash, cpu otherwise); the HF baseline uses the same init")
+    p.add_argument("--expert-dtype", nargs="+", choices=("bf16", "fp8", "fp4"), default=None,
+                   help="serve.py --expert-dtype, one sweep per format (e.g. bf16 fp4); default: the server's")
     args = p.parse_args()
     if args.init_device is None:
         args.init_device = "model" if args.preset == "flash" else "cpu"
 
     rows, meta = [], {"args": vars(args)}
-    for eplb in args.eplb_modes:
-        proc, url, ready_s = start_server(args, eplb)
-        model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-        meta[f"ready_seconds_eplb_{eplb}"] = ready_s
-        try:
-            sweep_point(url, model, 2, argparse.Namespace(**{**vars(args), "output_len": 4}))  # warm-up
-            for c in args.concurrency:
-                row = sweep_point(url, model, c, args)
-                row["eplb"] = eplb
-                if eplb != "off":
-                    row["balancedness"] = httpx.get(url + "/eplb/state").json().get("balancedness")
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
+    for expert_dtype in args.expert_dtype or [None]:
+        for eplb in args.eplb_modes:
+            rows += sweep_server(args, eplb, expert_dtype, meta)
     if args.hf_baseline:
-        for row in rows:
-            if row["eplb"] == "off":
+        for row in rows:  # transformers runs bf16 experts, greedy
+            if row["eplb"] == "off" and row["sampling"] == "greedy" and row["expert_dtype"] in (None, "bf16"):
                 row["hf_generate_tok_s"] = hf_baseline(args, row["concurrency"])
 
-    header = f"{'eplb':>6} {'conc':>4} {'out tok/s':>10} {'ttft p50':>9} {'ttft p99':>9} {'tpot p50':>9} {'tpot p99':>9} {'bal':>5} {'hf tok/s':>9}"
+    header = (f"{'experts':>7} {'eplb':>6} {'sampling':>8} {'conc':>4} {'out tok/s':>10} {'ttft p50':>9} "
+              f"{'ttft p99':>9} {'tpot p50':>9} {'tpot p99':>9} {'bal':>5} {'hf tok/s':>9}")
     print("\n" + header)
     for r in rows:
         hf = r.get("hf_generate_tok_s")
-        print(f"{r['eplb']:>6} {r['concurrency']:>4} {r['output_tok_s']:>10.1f} "
-              f"{r['ttft_p50'] * 1e3:>7.0f}ms {r['ttft_p99'] * 1e3:>7.0f}ms {r['tpot_p50'] * 1e3:>7.1f}ms "
-              f"{r['tpot_p99'] * 1e3:>7.1f}ms {r.get('balancedness') or float('nan'):>5.2f} "
-              f"{hf if hf is not None else float('nan'):>9.1f}")
+        print(f"{r['expert_dtype'] or '-':>7} {r['eplb']:>6} {r['sampling']:>8} {r['concurrency']:>4} "
+              f"{r['output_tok_s']:>10.1f} {r['ttft_p50'] * 1e3:>7.0f}ms {r['ttft_p99'] * 1e3:>7.0f}ms "
+              f"{r['tpot_p50'] * 1e3:>7.1f}ms {r['tpot_p99'] * 1e3:>7.1f}ms "
+              f"{r.get('balancedness') or float('nan'):>5.2f} {hf if hf is not None else float('nan'):>9.1f}")
+    print_ratios(rows)
     if os.environ.get("OUT"):
         out = Path(os.environ["OUT"]) / "bench_serve.json"
         out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

@@ -26,8 +26,10 @@ PY_FILES = sorted(p for p in ROOT.rglob("*.py") if ".venv" not in p.parts and "s
 IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 DOTTED = re.compile(rf"^{IDENT}(\.{IDENT})+(\(\))?$")
 SINGLE = re.compile(rf"^{IDENT}(\(\))?$")
-PATH = re.compile(r"^[\w./-]+\.(py|md|sh|txt|ini|html|js|css|png|json)$")
+# repository files; a bare `config.json` or `tokenizer.json` is a user's checkpoint file, not ours
+PATH = re.compile(r"^([\w.-]+/)*[\w.-]+\.(py|md|sh|ini)$|^([\w.-]+/)+[\w.-]+\.\w+$")
 FLAG = re.compile(r"^--[a-z0-9][a-z0-9-]*$")
+CAMEL = re.compile(r"^[A-Z][a-z0-9]+[A-Z]\w*$")  # a class name like `DecodeGraphs`
 
 
 @lru_cache(maxsize=None)
@@ -89,6 +91,18 @@ def all_source() -> str:
     return "\n".join(p.read_text() for p in PY_FILES)
 
 
+@lru_cache(maxsize=None)
+def string_literals() -> frozenset[str]:
+    """Every string constant in the code (JSON keys, metric and logger names, flags)."""
+    return frozenset(node.value for path in PY_FILES for node in ast.walk(ast.parse(path.read_text()))
+                     if isinstance(node, ast.Constant) and isinstance(node.value, str))
+
+
+def is_literal(name: str) -> bool:
+    """A string the code spells: a JSON key, a logger name, a metric (counters get `_total` on export)."""
+    return name in string_literals() or name.removesuffix("_total") in string_literals()
+
+
 def modules() -> dict[str, Path]:
     found = {p.stem: p for p in ROOT.glob("*.py")}
     found.update({f"bench.{p.stem}": p for p in (ROOT / "bench").glob("*.py")})
@@ -108,7 +122,8 @@ def dotted_exists(name: str) -> bool:
             if rest[0] not in scopes[""]:
                 return False
             return all(part in scopes.get(rest[0], set()) or part in all_identifiers() for part in rest[1:])
-    if parts[0] in {"torch", "triton", "tl", "np", "F", "nn", "dist", "os", "sys", "json", "uvicorn", "fastapi"}:
+    if parts[0] in {"torch", "triton", "tl", "np", "F", "nn", "dist", "os", "sys", "json", "uvicorn", "fastapi",
+                    "asyncio", "loop"}:
         return True  # third-party API, not ours to check
     # `Engine.step`, `ExpertLocation.copy_layer_`: a class of ours and its member
     for path in PY_FILES:
@@ -119,8 +134,14 @@ def dotted_exists(name: str) -> bool:
 
 
 def code_spans(text: str) -> list[str]:
-    text = re.sub(r"```.*?```", "", text, flags=re.S)  # fenced blocks are examples, not names
-    return re.findall(r"`([^`\n]+)`", text)
+    """Inline code spans, plus the names that fenced blocks define or call through a module
+    (`def name(`, `class Name`, `module.name`); the rest of a fenced block is example code."""
+    fenced = re.findall(r"```.*?```", text, flags=re.S)
+    spans = re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+    for block in fenced:
+        spans += re.findall(rf"(?:def|class) ({IDENT})", block)
+        spans += [m for m in re.findall(rf"\b({IDENT}\.{IDENT})\(", block) if m.split(".")[0] in modules()]
+    return spans
 
 
 def problems_in(doc: Path) -> list[str]:
@@ -134,10 +155,10 @@ def problems_in(doc: Path) -> list[str]:
             if f'"{span}"' not in all_source():
                 bad.append(f"{span}: no such flag")
         elif DOTTED.match(span):
-            if not dotted_exists(span):
+            if not dotted_exists(span) and not is_literal(span):
                 bad.append(f"{span}: not defined in the code")
-        elif SINGLE.match(span) and ("_" in span or span.endswith("()")):
-            if span.removesuffix("()") not in all_identifiers():
+        elif SINGLE.match(span) and ("_" in span or span.endswith("()") or CAMEL.match(span)):
+            if span.removesuffix("()") not in all_identifiers() and not is_literal(span):
                 bad.append(f"{span}: not defined in the code")
     for target in re.findall(r"\]\(([^)]+)\)", doc.read_text()):
         if "://" in target or target.startswith("..") or not (doc.parent / target.split("#")[0]).exists():

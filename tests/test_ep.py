@@ -1,7 +1,8 @@
 """Expert parallelism over torch.distributed (gloo, CPU): real `torchrun --nproc-per-node 2 serve.py`
 servers against a single-process one, a forced cross-rank rebalance with the canary on, and a killed rank.
 
-Plus the mover alone (ep.DistributedMover) in two gloo processes, and its transfer plan as a pure function.
+Plus the mover alone (ep.DistributedMover) in two gloo processes; its sources (eplb.slot_sources, a
+pure function) are tested in test_eplb.py.
 """
 import os
 import signal
@@ -14,8 +15,8 @@ import httpx
 import pytest
 import torch
 
-import ep
 import eplb
+import planner
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -124,7 +125,7 @@ def test_two_ranks_match_single_process_and_survive_cross_rank_rebalance(single_
         # placement is exactly what the plan predicted from the recorded logical load.
         replay = server.state()
         logical = torch.tensor(before["logical_load"])                        # [L, E] of the first pass
-        predicted = eplb.rank_load(eplb.replica_load(logical, new), 2)         # [L, G]
+        predicted = planner.rank_load(planner.replica_load(logical, new), 2)   # [L, G]
         measured = torch.tensor(replay["rank_load"]) - torch.tensor(before["rank_load"])
         assert torch.equal(measured.to(predicted.dtype), predicted)
         assert len(replay["ranks"]["moe_seconds_total"]) == 2 and min(replay["ranks"]["moe_seconds_total"]) > 0
@@ -149,18 +150,6 @@ def test_killed_rank_makes_the_server_exit_nonzero():
 
 
 # ---------------------------------------------------------------- the mover alone
-
-def test_transfer_plan_prefers_local_copies_and_spreads_senders():
-    old = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])  # 2 ranks x 4 slots; experts 0..3 on both ranks
-    new = torch.tensor([0, 0, 0, 3, 2, 2, 2, 1])
-    plan = ep.plan_layer_transfers(old, new, 2)
-    assert {(t.dst_slot, t.src_slot) for t in plan} == {(1, 0), (2, 0), (4, 6), (5, 6), (7, 5)}
-    old = torch.tensor([0, 1, 2, 3])              # expert 0 held on rank 0 only, needed on rank 1 twice
-    new = torch.tensor([0, 0, 0, 0])
-    assert [(t.dst_slot, t.src_slot) for t in ep.plan_layer_transfers(old, new, 2)] == [(1, 0), (2, 0), (3, 0)]
-    with pytest.raises(ValueError, match="no replica"):
-        ep.plan_layer_transfers(torch.tensor([0, 0]), torch.tensor([1, 1]), 1)
-
 
 MOVER_SCRIPT = r"""
 import sys, torch

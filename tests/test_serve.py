@@ -112,7 +112,7 @@ def test_openai_error_types(server, client):
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt="x", max_tokens=500)
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], n=2)
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], n=99)
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt="x")
     bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
@@ -120,6 +120,43 @@ def test_openai_error_types(server, client):
         bad.models.list()
     assert httpx.get(server.url + "/health").status_code == 200          # stays open
     assert httpx.post(server.url + "/eplb/rebalance").status_code == 401
+
+
+def test_openai_client_logprobs_echo_and_n(client):
+    """Prompt and token logprobs (completions with echo, and chat) are log_softmax of the model's logits
+    (the server's model rebuilt here); n choices with a seed are the single requests seeded seed + i."""
+    import dsv4_mini
+    import serve
+    import torch
+    model = serve.build_model_for_rank(serve.parse_args(["--preset", "tiny"]), "cpu", torch.float32)
+    prompt = [5, 17, 42, 7, 99]
+    done = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0, logprobs=2, echo=True,
+                                     extra_body={"ignore_eos": True}).choices[0]
+    ids = dsv4_mini.generate(model, torch.tensor([prompt]), 3)[0].tolist()
+    want = torch.log_softmax(model.forward(torch.tensor([ids]))[0].double(), -1)  # row j predicts ids[j + 1]
+    lp = done.logprobs
+    assert len(lp.tokens) == len(ids) and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx([want[j - 1, ids[j]].item() for j in range(1, len(ids))], abs=1e-3)
+    assert all(len(top) <= 3 and max(top.values()) == pytest.approx(want[j].max().item(), abs=1e-3)
+               for j, top in enumerate(lp.top_logprobs[1:]))
+    only_prompt = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, logprobs=1, echo=True).choices[0]
+    assert only_prompt.logprobs.token_logprobs == pytest.approx(lp.token_logprobs[:len(prompt)], abs=1e-5)
+    chat = dict(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0,
+                logprobs=True, top_logprobs=3)
+    whole = client.chat.completions.create(**chat).choices[0].logprobs.content
+    assert len(whole) == 4 and all(e.logprob == pytest.approx(e.top_logprobs[0].logprob) for e in whole)  # greedy
+    streamed = [e for c in client.chat.completions.create(**chat, stream=True) if c.choices and c.choices[0].logprobs
+                for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in whole]
+    sampled = dict(model=MODEL, prompt="abc", max_tokens=8, temperature=1.0, extra_body={"ignore_eos": True, "min_p": 0.05},
+                   presence_penalty=0.5, frequency_penalty=0.3)
+    three = client.completions.create(**sampled, n=3, seed=5).choices
+    assert [c.index for c in three] == [0, 1, 2]
+    assert [c.text for c in three] == [client.completions.create(**sampled, seed=5 + i).choices[0].text for i in range(3)]
+    assert len({c.text for c in three}) > 1
+    chunks = list(client.completions.create(**sampled, n=2, seed=5, stream=True))
+    assert ["".join(c.choices[0].text for c in chunks if c.choices[0].index == i) for i in range(2)] == \
+        [c.text for c in three[:2]]
 
 
 async def stream_text(http: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> str:

@@ -1,4 +1,4 @@
-"""Server pieces without a model: tokenizer and text streaming (text.py), sampler, the CLI (serve.py), and
+"""Server pieces without a model: tokenizer and text streaming (text.py), the CLI (serve.py), and
 the app's error surface (app.py, with a small fake engine that lives only in this file)."""
 import asyncio
 import json
@@ -10,8 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 import serve
 from app import Runtime, create_app
-from engine import EngineStats, QueueFull, SamplingParams
-from runner import sample_next
+from engine import EngineStats, QueueFull, SamplingParams, TokenLogprobs
 from text import ASSISTANT, BOS, THINK_END, USER, TextStream, TextTokenizer, builtin_tokenizer
 
 TOKENIZER = TextTokenizer(builtin_tokenizer(512))
@@ -64,21 +63,6 @@ def test_held_back_prefix_is_released_when_it_cannot_match():
     assert text == "a STX" and not stream.stopped
 
 
-# ---------------------------------------------------------------- sampler
-
-def test_sampler_greedy_topk_topp_and_seed():
-    logits = torch.tensor([0.1, 2.0, 1.9, -1.0])
-    assert sample_next(logits, SamplingParams(temperature=0), None) == 1
-    assert sample_next(logits, SamplingParams(temperature=1.5, top_k=1), torch.Generator()) == 1
-    assert sample_next(logits, SamplingParams(temperature=1.0, top_p=1e-6), torch.Generator()) == 1
-    draws = lambda seed: [sample_next(logits, SamplingParams(temperature=1.0), g)  # noqa: E731
-                          for g in [torch.Generator().manual_seed(seed)] for _ in range(20)]
-    assert draws(7) == draws(7) and len(set(draws(7))) > 1
-    top2 = {sample_next(logits, SamplingParams(temperature=5.0, top_k=2), torch.Generator().manual_seed(s))
-            for s in range(50)}
-    assert top2 == {1, 2}
-
-
 # ---------------------------------------------------------------- CLI: --init-device
 
 def test_init_device_flag_is_documented_checked_and_reaches_build_model(capsys, tmp_path):
@@ -105,8 +89,12 @@ def test_init_device_flag_is_documented_checked_and_reaches_build_model(capsys, 
 
 # ---------------------------------------------------------------- app error surface (fake engine)
 
+A_ID = TOKENIZER.tokenizer.token_to_id("a")
+
+
 class FakeEngine:
-    """Emits max_tokens copies of the token "a", or raises QueueFull when full=True."""
+    """Emits max_tokens copies of the token "a" (logprob -0.5, top: "a" then "b"; prompt tokens -1.0
+    when asked), or raises QueueFull when full=True."""
 
     def __init__(self, full=False):
         self.full, self.device = full, "cpu"
@@ -118,8 +106,15 @@ class FakeEngine:
         if self.full:
             raise QueueFull
         self.submitted.append(seq)
+        if seq.params.prompt_logprobs is not None:
+            seq.prompt_logprobs = [None] + [TokenLogprobs(-1.0, [(A_ID, -0.5)]) for _ in seq.prompt_ids[1:]]
+        if seq.params.max_tokens == 0:
+            seq.on_token(None, "length")
         for i in range(seq.params.max_tokens):
-            seq.on_token(TOKENIZER.tokenizer.token_to_id("a"), "length" if i == seq.params.max_tokens - 1 else None)
+            if seq.params.logprobs is not None:
+                top = [(A_ID, -0.5), (TOKENIZER.tokenizer.token_to_id("b"), -1.5)][:seq.params.logprobs]
+                seq.logprobs.append(TokenLogprobs(-0.5, top))
+            seq.on_token(A_ID, "length" if i == seq.params.max_tokens - 1 else None)
         return seq
 
     def abort(self, seq):
@@ -195,12 +190,17 @@ BASE = {"model": "m", "prompt": "hi"}
     ({**BASE, "prompt": [1, 2, 99999]}, "prompt"),
     ({**BASE, "prompt": ["a", "b"]}, "prompt"),
     ({**BASE, "max_tokens": 100}, "max_tokens"),       # 1 + 100 > 64: over the context
-    ({**BASE, "logprobs": 2}, "logprobs"),
-    ({**BASE, "n": 2}, "n"),
+    ({**BASE, "logprobs": 21}, "logprobs"),
+    ({**BASE, "logprobs": -1}, "logprobs"),
+    ({**BASE, "logprobs": True}, "logprobs"),
+    ({**BASE, "n": 0}, "n"),
+    ({**BASE, "n": 17}, "n"),
+    ({**BASE, "min_p": 1.5}, "min_p"),
+    ({**BASE, "presence_penalty": 2.5}, "presence_penalty"),
+    ({**BASE, "frequency_penalty": -3}, "frequency_penalty"),
+    ({**BASE, "echo": True, "max_tokens": -1}, "max_tokens"),
     ({**BASE, "best_of": 3}, "best_of"),
-    ({**BASE, "echo": True}, "echo"),
     ({**BASE, "suffix": "x"}, "suffix"),
-    ({**BASE, "presence_penalty": 0.5}, "presence_penalty"),
     ({**BASE, "logit_bias": {"5": 1.0}}, "logit_bias"),
 ])
 def test_completion_400s_name_the_parameter(client, body, param):
@@ -214,8 +214,10 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"functions": [{"name": "f"}]}, "functions"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"logprobs": True}, "logprobs"),
-    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"logprobs": 2}, "logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"n": 17}, "n"),
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
 ])
@@ -305,3 +307,61 @@ def test_fuzz_openapi_schema_finds_no_5xx_and_the_schema_is_true(client):
     run()
     assert not failures, failures[:3]
     assert json.loads(client.get("/openapi.json").text)["paths"]["/v1/completions"]
+
+
+# ---------------------------------------------------------------- CLI: --expert-dtype
+
+@pytest.mark.parametrize("fmt, weight_dtype", [("fp4", torch.uint8), ("fp8", torch.float8_e4m3fn), (None, torch.float32)])
+def test_expert_dtype_flag_reaches_the_routed_experts(fmt, weight_dtype):
+    argv = ["--preset", "tiny"] + (["--expert-dtype", fmt] if fmt else [])
+    model = serve.build_model_for_rank(serve.parse_args(argv), "cpu", torch.float32)
+    experts = model.layers[0].ffn.experts
+    assert experts.w1.dtype == weight_dtype and model.layers[0].attn.wkv.weight.dtype == torch.float32
+    assert len(model.expert_weights(0)) == (3 if fmt is None else 6)  # quantised slots move with their scales
+
+
+# ---------------------------------------------------------------- the OpenAI sampling surface (fake engine)
+
+def test_n_choices_and_seeds(client):
+    r = client.post("/v1/completions", json={**BASE, "max_tokens": 2, "n": 3, "seed": 10, "presence_penalty": 0.5,
+                                              "frequency_penalty": -0.5, "min_p": 0.1}).json()
+    assert [c["index"] for c in r["choices"]] == [0, 1, 2] and all(c["text"] == "aa" for c in r["choices"])
+    assert r["usage"]["completion_tokens"] == 6 and r["usage"]["prompt_tokens"] == len(TOKENIZER.encode("hi"))
+    engine = client.app.state.runtime.engine
+    params = [s.params for s in engine.submitted[-3:]]
+    assert [p.seed for p in params] == [10, 11, 12]
+    assert params[0].presence_penalty == 0.5 and params[0].frequency_penalty == -0.5 and params[0].min_p == 0.1
+    events = [json.loads(line[6:]) for line in client.post(
+        "/v1/chat/completions", json={**CHAT, "max_tokens": 2, "n": 2, "stream": True}).text.splitlines()
+        if line.startswith("data: {")]
+    for i in range(2):
+        mine = [e["choices"][0] for e in events if e["choices"][0]["index"] == i]
+        assert mine[0]["delta"] == {"role": "assistant", "content": ""}
+        assert "".join(c["delta"].get("content", "") for c in mine) == "aa" and mine[-1]["finish_reason"] == "length"
+
+
+def test_completion_logprobs_and_echo(client):
+    r = client.post("/v1/completions", json={**BASE, "max_tokens": 2, "logprobs": 1, "echo": True}).json()
+    choice, prompt_len = r["choices"][0], len(TOKENIZER.encode("hi"))
+    assert choice["text"] == "hiaa"
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == prompt_len + 2 and lp["tokens"][-2:] == ["a", "a"]
+    assert lp["token_logprobs"][0] is None and lp["token_logprobs"][1:] == [-1.0] * (prompt_len - 1) + [-0.5, -0.5]
+    assert lp["top_logprobs"][0] is None and lp["top_logprobs"][-1] == {"a": -0.5}
+    assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][-1] == len("".join(lp["tokens"][:-1]))
+    only_prompt = client.post("/v1/completions", json={**BASE, "max_tokens": 0, "logprobs": 0, "echo": True}).json()
+    assert only_prompt["choices"][0]["text"] == "hi" and only_prompt["usage"]["completion_tokens"] == 0
+    assert len(only_prompt["choices"][0]["logprobs"]["tokens"]) == prompt_len
+    plain = client.post("/v1/completions", json={**BASE, "max_tokens": 2}).json()["choices"][0]
+    assert plain["logprobs"] is None
+
+
+def test_chat_logprobs_streamed_and_not(client):
+    body = {**CHAT, "max_tokens": 2, "logprobs": True, "top_logprobs": 2}
+    whole = client.post("/v1/chat/completions", json=body).json()["choices"][0]["logprobs"]["content"]
+    assert [e["token"] for e in whole] == ["a", "a"] and whole[0]["logprob"] == -0.5
+    assert [t["token"] for t in whole[0]["top_logprobs"]] == ["a", "b"] and whole[0]["bytes"] == [ord("a")]
+    events = [json.loads(line[6:]) for line in client.post("/v1/chat/completions", json={**body, "stream": True}).text.splitlines()
+              if line.startswith("data: {")]
+    streamed = [e for ev in events for e in (ev["choices"][0]["logprobs"] or {}).get("content", [])]
+    assert streamed == whole
