@@ -676,8 +676,11 @@ async def dump_record(request: Request):
     if rt.record_dir is None:
         raise APIError(400, "start the server with --record-dir DIR to dump records", code="no_record_dir")
     path = rt.record_dir / f"expert_distribution_{time.strftime('%Y%m%d-%H%M%S')}_{uuid.uuid4().hex[:8]}.pt"
-    record = await asyncio.wrap_future(rt.engine.call(
-        lambda: rt.eplb.recorder.dump(path, rt.eplb.location.phy2log)))
+    try:
+        record = await asyncio.wrap_future(rt.engine.call(
+            lambda: rt.eplb.recorder.dump(path, rt.eplb.location.phy2log)))
+    except ValueError as error:  # the recorder refuses an empty dump
+        raise APIError(400, str(error), code="nothing_recorded") from None
     return {"path": str(path), "steps": int(record["logical_count"].shape[0])}
 
 

@@ -5,6 +5,7 @@ CLI and the README: every flag the README names exists, the defaults it states a
 every default."""
 import hmac
 import json
+import pickle
 import re
 import sys
 from pathlib import Path
@@ -12,10 +13,12 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 
 import app
 import dsv4_mini
 import eplb
+import records
 import serve
 from text import EOS, USER, TextTokenizer, builtin_tokenizer
 
@@ -183,6 +186,8 @@ def test_sglang_and_openai_endpoints(server):
     assert httpx.post(server.url + "/stop_expert_distribution_record", headers=AUTH).status_code == 200
     dumped = httpx.get(server.url + "/dump_expert_distribution_record", headers=AUTH, timeout=60).json()
     assert Path(dumped["path"]).is_file() and dumped["steps"] > 0
+    again = httpx.post(server.url + "/dump_expert_distribution_record", headers=AUTH, timeout=60)
+    assert assert_openai_error(again, 400)["code"] == "nothing_recorded"     # no step since: no made-up zeros
 
 
 def test_rebalance_on_one_rank_is_what_the_readme_says(server):
@@ -206,6 +211,69 @@ def test_health_generate_is_503_when_the_engine_does_not_answer(monkeypatch):
         r = client.get("/health_generate")
         assert assert_openai_error(r, 503)["code"] == "unhealthy" and r.headers["retry-after"]
         client.__exit__(None, None, None)
+
+
+# ---------------------------------------------------------------- eplb.py plan and record files
+
+@pytest.fixture
+def record_file(tmp_path) -> str:
+    path = tmp_path / "record.json"
+    records.save_record(path, {"logical_count": torch.arange(2 * 2 * 8, dtype=torch.float64).view(2, 2, 8)})
+    return str(path)   # 2 steps, L=2, E=8
+
+
+@pytest.mark.timeout(60)   # --num-replicas 100000000 used to run until killed
+@pytest.mark.parametrize("flags,message", [
+    (["--num-replicas", "16", "--num-gpus", "0"], "num_gpus must be >= 1, got 0"),
+    (["--num-replicas", "16", "--num-gpus", "2", "--num-groups", "3"], "num_groups (3) must divide the 8 experts"),
+    (["--num-replicas", "100000000", "--num-gpus", "2"], "num_replicas must be between the 8 experts and 512"),
+    (["--num-replicas", "4", "--num-gpus", "2"], "num_replicas must be between the 8 experts"),
+    (["--num-replicas", "15", "--num-gpus", "2"], "must be a multiple of num_gpus (2)"),
+    (["--num-replicas", "16", "--num-gpus", "2", "--num-nodes", "0"], "num_nodes must be >= 1, got 0"),
+    (["--num-replicas", "16", "--num-gpus", "2", "--num-nodes", "3"], "--num-nodes 3 would be ignored"),
+    (["--num-replicas", "16", "--num-gpus", "3", "--num-groups", "2", "--num-nodes", "2"], "multiple of num_gpus"),
+    (["--num-replicas", "16", "--num-gpus", "4", "--num-groups", "2", "--num-nodes", "3"], "would be ignored"),
+    (["--num-rep", "16", "--num-gpus", "2"], "required: --num-replicas"),    # no abbreviations
+])
+def test_plan_cli_refuses_every_bad_argument_in_one_line(record_file, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        eplb.main(["plan", record_file, *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and err[-1].startswith("eplb.py plan: error:") and message in err[-1], err
+
+
+def test_plan_cli_plans_hierarchically_when_asked(record_file, capsys):
+    eplb.main(["plan", record_file, "--num-replicas", "16", "--num-gpus", "4", "--num-groups", "2",
+               "--num-nodes", "2"])
+    assert "policy=hierarchical" in capsys.readouterr().out
+
+
+def test_record_file_errors_name_the_file_and_the_problem(tmp_path, capsys):
+    huge = tmp_path / "huge.json"
+    huge.write_text(json.dumps({"logical_count": [[[1e300] * 8] * 2]}))
+    pickled = tmp_path / "pickled.json"
+    pickled.write_bytes(pickle.dumps({"logical_count": [[1.0] * 8]}))   # written here, never unpickled
+    for path, problem in [(huge, "holds 1e+300, above 2**53"), (pickled, "not UTF-8 text"),
+                          (tmp_path / "missing.pt", "no such file")]:
+        with pytest.raises(ValueError) as error:
+            records.load_record(path)
+        assert f"record file {str(path)!r}: " in str(error.value) and problem in str(error.value)
+        with pytest.raises(SystemExit):
+            eplb.main(["plan", str(path), "--num-replicas", "8", "--num-gpus", "2"])
+        assert str(path) in capsys.readouterr().err.strip().splitlines()[-1]
+    with pytest.raises(ValueError, match="inline JSON record: malformed JSON"):
+        records.load_record("{nope")
+
+
+def test_recorder_refuses_an_empty_dump():
+    recorder = eplb.ExpertLoadRecorder(num_layers=1, num_physical=2, num_experts=2, window=4)
+    recorder.start()
+    with pytest.raises(ValueError, match="nothing to dump"):
+        recorder.dump()
+    recorder.step(torch.tensor([[0, 1]]))
+    assert recorder.dump()["logical_count"].shape == (1, 1, 2)
+    with pytest.raises(ValueError, match="nothing to dump"):   # the dump cleared the session
+        recorder.dump()
 
 
 # ---------------------------------------------------------------- CLI help and README
