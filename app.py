@@ -68,6 +68,11 @@ class StreamOptions(StrictModel):
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def escaped_surrogates(text: str | None) -> str | None:
+    """`text` with any lone surrogate written as its escape ("\\ud800"), so UTF-8 can encode it."""
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def lone_surrogate_at(body: Any) -> str | None:
     """Where in a parsed JSON body a string (or key) holds a lone UTF-16 surrogate, as "a.0.b";
     None if nowhere. JSON may spell one ("\\ud800"), but it is no character: UTF-8 cannot encode it."""
@@ -79,7 +84,7 @@ def lone_surrogate_at(body: Any) -> str | None:
         if isinstance(value, dict):
             for key, item in value.items():
                 if LONE_SURROGATE.search(key):
-                    return ".".join(map(str, path + (key.encode("utf-8", "backslashreplace").decode(),)))
+                    return ".".join(map(str, path + (escaped_surrogates(key),)))
                 pending.append((path + (key,), item))
         elif isinstance(value, list):
             pending.extend((path + (i,), item) for i, item in enumerate(value))
@@ -335,9 +340,8 @@ class ErrorBody(BaseModel):
 
 def error_response(status: int, message: str, type: str = "invalid_request_error",
                    param: str | None = None, code: str | None = None, headers=None) -> JSONResponse:
-    # An error may quote the client's text; a lone surrogate in it is written as its escape.
-    message, param = (None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
-                      for text in (message, param))
+    # an error may quote the client's text, lone surrogates and all
+    message, param = escaped_surrogates(message), escaped_surrogates(param)
     return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}},
                         status_code=status, headers=headers)
 
@@ -352,8 +356,8 @@ def needs_api_key(path: str) -> bool:
 
 class APIKeyCheck:
     """ASGI middleware: under --api-key every path but PROBE_PATHS (the docs and schema too) needs
-    'Authorization: Bearer KEY' (scheme in any case). Checked before the body is read, so a request
-    without the key learns nothing about its body, and in constant time."""
+    'Authorization: Bearer KEY' (scheme in any case). Checked before the body is read, so without the
+    key nothing is said about the body; the key is compared in constant time."""
 
     def __init__(self, app, api_key: str | None):
         self.app = app

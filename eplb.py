@@ -668,8 +668,8 @@ def _demo_command(parser: argparse.ArgumentParser, args) -> None:
                      f"--layers-per-step >= 1, --redundant >= 0")
     config = dsv4_mini.ModelConfig.tiny() if args.tiny else dsv4_mini.ModelConfig.mini()
     try:   # the demo plans E + redundant slots over --num-ranks: the planner's own limits
-        check_plan_sizes(config.num_hidden_layers, config.n_routed_experts, config.n_routed_experts + args.redundant,
-                         1, 1, args.num_ranks)
+        experts = config.n_routed_experts
+        check_plan_sizes(config.num_hidden_layers, experts, experts + args.redundant, 1, 1, args.num_ranks)
     except ValueError as error:
         parser.error(f"--redundant {args.redundant} --num-ranks {args.num_ranks}: {error}")
 

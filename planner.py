@@ -8,7 +8,8 @@ The first two steps are DeepSeek's EPLB greedy (deepseek-ai/EPLB) with its arith
 balancedness and keeping slots changes no rank's load, only how many weights move.
 
 API: `rebalance_experts` (DeepSeek's entry point and outputs), its `placement_policy` and
-`check_plan_sizes`; the measures of a placement, `replica_load` → `rank_load` → `balancedness`; `logical_to_physical`.
+`check_plan_sizes`; the measures of a placement, `replica_load` → `rank_load` → `balancedness`;
+`logical_to_physical`.
 
 Shapes: L MoE layers, E logical experts, P physical slots (P = E + redundant), G ranks (GPUs),
 S = P // G slots per rank: slot p lives on rank p // S. Pure functions. The greedy steps are numpy
@@ -342,7 +343,8 @@ def check_plan_sizes(num_layers: int, num_experts: int, num_replicas: int, num_g
         raise ValueError(f"num_replicas must be between the {num_experts} experts and {most} "
                          f"({MAX_REPLICAS_PER_EXPERT} per expert), got {num_replicas}")
     if num_layers * num_replicas > MAX_PLANNED_SLOTS:
-        raise ValueError(f"{num_layers} layers x {num_replicas} replicas is more than {MAX_PLANNED_SLOTS} slots to plan")
+        raise ValueError(f"{num_layers} layers x {num_replicas} replicas is more than {MAX_PLANNED_SLOTS} "
+                         "slots to plan")
     if num_replicas % num_gpus:
         raise ValueError(f"num_replicas ({num_replicas}) must be a multiple of num_gpus ({num_gpus})")
     if placement_policy(num_groups, num_nodes) == "hierarchical":
