@@ -7,12 +7,19 @@ stop-string hold-back) → SSE chunks or one JSON body.
 `create_app(load)` wires the app; the handlers below are plain functions that find what they share
 on `request.app.state`: `runtime` (None until the background load has finished), `load_error`,
 `metrics` and `api_key`.
+
+Hostile input ends in a 4xx in OpenAI's error shape, never a 500: the API key is checked (in constant
+time) before the body is read, the body size before it is parsed, text that is not Unicode (a lone
+surrogate escape such as "\\ud800") before it reaches the tokenizer, and chat text never becomes a
+control token (text.py).
 """
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -22,12 +29,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import dashboard
@@ -57,8 +66,44 @@ class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def escaped_surrogates(text: str | None) -> str | None:
+    """`text` with any lone surrogate written as its escape ("\\ud800"), so UTF-8 can encode it."""
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def lone_surrogate_at(body: Any) -> str | None:
+    """Where in a parsed JSON body a string (or key) holds a lone UTF-16 surrogate, as "a.0.b";
+    None if nowhere. JSON may spell one ("\\ud800"), but it is no character: UTF-8 cannot encode it."""
+    pending = [((), body)]              # a loop, not recursion: JSON nests as deep as its parser allows
+    while pending:
+        path, value = pending.pop()
+        if isinstance(value, str) and LONE_SURROGATE.search(value):
+            return ".".join(map(str, path)) or "body"
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if LONE_SURROGATE.search(key):
+                    return ".".join(map(str, path + (escaped_surrogates(key),)))
+                pending.append((path + (key,), item))
+        elif isinstance(value, list):
+            pending.extend((path + (i,), item) for i, item in enumerate(value))
+    return None
+
+
 class SamplingFields(StrictModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def text_is_unicode(cls, body: Any) -> Any:
+        where = lone_surrogate_at(body)
+        if where is not None:
+            raise PydanticCustomError("lone_surrogate", "{param}: a lone surrogate escape (\\ud800-\\udfff) "
+                                      "is not text", {"param": where})
+        return body
+
     model: str
     max_tokens: int | None = None
     temperature: float = 1.0
@@ -295,15 +340,63 @@ def engine_snapshot(rt: Runtime) -> dict:
 
 # ====================================================================== the app
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error shape: every non-2xx answer of this server."""
+    error: ErrorDetail
+
+
 def error_response(status: int, message: str, type: str = "invalid_request_error",
                    param: str | None = None, code: str | None = None, headers=None) -> JSONResponse:
+    # an error may quote the client's text, lone surrogates and all
+    message, param = escaped_surrogates(message), escaped_surrogates(param)
     return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}},
                         status_code=status, headers=headers)
 
 
+# Polled by load balancers and Prometheus: open under --api-key (as in sglang), quiet in the access log.
+PROBE_PATHS = ("/health", "/health_generate", "/metrics")
+
+
+def needs_api_key(path: str) -> bool:
+    """Probes and the dashboard page with its static files are open; the page asks for the key and
+    sends it with every data request (/eplb/state, /dashboard/route, ...)."""
+    return path not in PROBE_PATHS and not dashboard.is_page_path(path)
+
+
+class APIKeyCheck:
+    """ASGI middleware: under --api-key every path but PROBE_PATHS (the docs and schema too) needs
+    'Authorization: Bearer KEY' (scheme in any case). Checked before the body is read, so without the
+    key nothing is said about the body; the key is compared in constant time."""
+
+    def __init__(self, app, api_key: str | None):
+        self.app = app
+        self.key = None if api_key is None else api_key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and self.key is not None and needs_api_key(scope["path"]) \
+                and not self.authorized(scope):
+            response = error_response(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                                      type="authentication_error", code="invalid_api_key",
+                                      headers={"WWW-Authenticate": "Bearer"})
+            return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def authorized(self, scope) -> bool:
+        scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").strip().partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
+
+
 class BodySizeLimit:
-    """ASGI middleware: a declared body over `limit` bytes gets 413 before any parsing; a chunked
-    body that grows past it is cut off (the app then sees a disconnect, never a huge body)."""
+    """ASGI middleware: a body over `limit` bytes gets 413 before any parsing, whether its size is
+    declared (Content-Length) or it arrives chunked. The body is read here, at most `limit` bytes of
+    it held, and handed on whole."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -313,16 +406,30 @@ class BodySizeLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.limit:
-            response = error_response(413, f"request body exceeds {self.limit} bytes", code="request_too_large")
-            return await response(scope, receive, send)
-        received = 0
-
-        async def counting_receive():
-            nonlocal received
+            return await self.too_large(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
             message = await receive()
-            received += len(message.get("body", b""))
-            return {"type": "http.disconnect"} if received > self.limit else message
-        await self.app(scope, counting_receive, send)
+            if message["type"] != "http.request":
+                return                  # the client left before its body was complete: no one to answer
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self.too_large(scope, receive, send)
+            more = message.get("more_body", False)
+        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        async def receive_body_then_rest():   # later reads report the client leaving (streaming)
+            nonlocal body
+            if body is None:
+                return await receive()
+            message, body = body, None
+            return message
+        await self.app(scope, receive_body_then_rest, send)
+
+    async def too_large(self, scope, receive, send):
+        response = error_response(413, f"request body exceeds {self.limit} bytes", code="request_too_large")
+        await response(scope, receive, send)
 
 
 async def on_api_error(request: Request, error: APIError):
@@ -333,7 +440,9 @@ async def on_validation_error(request: Request, error: RequestValidationError):
     first = error.errors()[0] if error.errors() else {}
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
     param = ".".join(loc) or None
-    if first.get("type") == "extra_forbidden":
+    if first.get("type") == "lone_surrogate":
+        message, param = first["msg"], first["ctx"]["param"]
+    elif first.get("type") == "extra_forbidden":
         message = f"Unrecognized request argument supplied: {param}"
     elif first.get("type") == "json_invalid":
         message, param = "request body is not valid JSON", None
@@ -383,10 +492,27 @@ def create_app(load: Callable[[], Runtime], *, api_key: str | None = None,
     app.state.api_key = api_key
     app.add_middleware(BodySizeLimit, limit=max_body_bytes)
     app.state.metrics.registry.register(dashboard.EPLBMoveMetrics(app.state.metrics))
+    app.add_middleware(APIKeyCheck, api_key=api_key)   # added last = runs first: no key, no body read
     app.include_router(router)
-    app.include_router(dashboard.page_router)                           # public: the page holds no data
-    app.include_router(dashboard.api_router, dependencies=protected)
+    app.include_router(dashboard.page_router)  # public (see needs_api_key): the page holds no data
+    app.include_router(dashboard.api_router)
+    app.openapi = partial(openapi_schema, app)
     return app
+
+
+def openapi_schema(app: FastAPI) -> dict:
+    """FastAPI's schema plus what it cannot see: the API key that APIKeyCheck asks for."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        if app.state.api_key is not None:
+            schema.setdefault("components", {})["securitySchemes"] = {"apiKey": {"type": "http",
+                                                                                 "scheme": "bearer"}}
+            for path, operations in schema["paths"].items():
+                for operation in operations.values():
+                    if needs_api_key(path):
+                        operation["security"] = [{"apiKey": []}]
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 # ====================================================================== what the handlers check
@@ -407,25 +533,31 @@ def eplb_runtime(request: Request) -> Runtime:
     return rt
 
 
-def check_api_key(request: Request) -> None:
-    api_key = request.app.state.api_key
-    if api_key is None:
-        return
-    if request.headers.get("authorization", "") != f"Bearer {api_key}":
-        raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
-                       type="authentication_error", code="invalid_api_key")
-
-
 def check_model(rt: Runtime, name: str) -> None:
     if name != rt.model_name:
         raise APIError(404, f"The model '{name}' does not exist (this server serves '{rt.model_name}')",
                        param="model", code="model_not_found")
 
 
+def model_card(rt: Runtime) -> dict:
+    return {"id": rt.model_name, "object": "model", "created": 0, "owned_by": "dsv4-mini",
+            "max_model_len": rt.max_seq_len}
+
+
 # ====================================================================== routes
 
-router = APIRouter()
-protected = [Depends(check_api_key)]
+# What the schema says about errors (FastAPI would otherwise promise 422s this server never sends).
+ERROR_RESPONSES = {
+    "4XX": {"model": ErrorBody, "description": "invalid request (400), missing API key (401), unknown "
+                                               "model or path (404), body too large (413)"},
+    "5XX": {"model": ErrorBody, "description": "still loading, busy or unhealthy (503, with Retry-After)"}}
+SSE_OR_JSON = {200: {"description": "one JSON body, or with `stream` server-sent events",
+                     "content": {"text/event-stream": {}}}}
+PROMETHEUS_TEXT = {200: {"description": "Prometheus text format",
+                         "content": {"text/plain": {"schema": {"type": "string"}}}}}
+HEALTH_GENERATE_TIMEOUT_S = 20.0   # as sglang's /health_generate
+
+router = APIRouter(responses=ERROR_RESPONSES)
 
 
 @router.get("/health")
@@ -437,14 +569,48 @@ async def health(request: Request):
     return {"status": "ok"}
 
 
-@router.get("/v1/models", dependencies=protected)
-async def list_models(request: Request):
+@router.get("/health_generate")
+async def health_generate(request: Request):
+    """sglang's deep health check: 200 once the engine has generated one token for a one-token
+    prompt, 503 if it cannot within HEALTH_GENERATE_TIMEOUT_S. Not counted in the request metrics."""
     rt = loaded_runtime(request)
-    return {"object": "list", "data": [{"id": rt.model_name, "object": "model", "created": 0,
-                                        "owned_by": "dsv4-mini", "max_model_len": rt.max_seq_len}]}
+    loop = asyncio.get_running_loop()
+    answered = loop.create_future()
+
+    def on_token(token, reason):   # engine thread → event loop
+        try:
+            loop.call_soon_threadsafe(lambda: answered.done() or answered.set_result(token is not None))
+        except RuntimeError:       # loop already closed at shutdown
+            pass
+    seq = Sequence([rt.tokenizer.bos_id or 0], SamplingParams(max_tokens=1, temperature=0.0), on_token)
+    try:
+        rt.engine.submit(seq)
+        generated = await asyncio.wait_for(answered, HEALTH_GENERATE_TIMEOUT_S)
+    except (QueueFull, asyncio.TimeoutError):
+        generated = False
+    finally:
+        rt.engine.abort(seq)
+    if not generated:
+        log.warning("/health_generate: the engine did not generate a token")
+        raise APIError(503, f"the engine did not generate a token (queue full, or none within "
+                            f"{HEALTH_GENERATE_TIMEOUT_S:g} s)",
+                       type="server_error", code="unhealthy", headers={"Retry-After": "1"})
+    return {"status": "ok"}
 
 
-@router.get("/metrics")
+@router.get("/v1/models")
+async def list_models(request: Request):
+    return {"object": "list", "data": [model_card(loaded_runtime(request))]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str, request: Request):
+    rt = loaded_runtime(request)
+    check_model(rt, model_id)
+    return model_card(rt)
+
+
+@router.get("/metrics", response_class=Response, responses=PROMETHEUS_TEXT)
 async def prometheus_metrics(request: Request):
     metrics, rt = request.app.state.metrics, request.app.state.runtime
     if rt is not None:
@@ -452,7 +618,7 @@ async def prometheus_metrics(request: Request):
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.post("/v1/completions", dependencies=protected)
+@router.post("/v1/completions", responses=SSE_OR_JSON)
 async def completions(body: CompletionRequest, request: Request):
     rt = loaded_runtime(request)
     check_model(rt, body.model)
@@ -475,7 +641,7 @@ async def completions(body: CompletionRequest, request: Request):
     return await respond(request, rt, body, prompt_ids, params, stop, chat=False, echo=echo)
 
 
-@router.post("/v1/chat/completions", dependencies=protected)
+@router.post("/v1/chat/completions", responses=SSE_OR_JSON)
 async def chat_completions(body: ChatRequest, request: Request):
     rt = loaded_runtime(request)
     check_model(rt, body.model)
@@ -490,12 +656,12 @@ async def chat_completions(body: ChatRequest, request: Request):
     for m in body.messages:
         text = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
         turns.append(("system" if m.role == "developer" else m.role, text))
-    prompt_ids = rt.tokenizer.encode(rt.tokenizer.render_chat(turns), add_bos=False)
+    prompt_ids = rt.tokenizer.encode_chat(turns)
     params, stop = sampling_params(body, len(prompt_ids), rt.max_seq_len, rt.vocab_size, None)
     return await respond(request, rt, body, prompt_ids, params, stop, chat=True)
 
 
-@router.get("/eplb/state", dependencies=protected)
+@router.get("/eplb/state")
 async def eplb_state(request: Request):
     rt = loaded_runtime(request)
     if rt.eplb is None:
@@ -504,34 +670,40 @@ async def eplb_state(request: Request):
                                                              "ranks": rank_stats(rt)}))
 
 
-@router.post("/eplb/rebalance", dependencies=protected)
+@router.post("/eplb/rebalance")
 async def eplb_rebalance(request: Request):
     rt = eplb_runtime(request)
     return await asyncio.wrap_future(rt.engine.call(partial(rt.eplb.rebalance, force=True)))
 
 
-@router.post("/start_expert_distribution_record", dependencies=protected)
+@router.post("/start_expert_distribution_record")
+@router.get("/start_expert_distribution_record")     # sglang takes GET and POST: scripts use both
 async def start_record(request: Request):
     rt = eplb_runtime(request)
     await asyncio.wrap_future(rt.engine.call(rt.eplb.recorder.start))
     return {"status": "recording"}
 
 
-@router.post("/stop_expert_distribution_record", dependencies=protected)
+@router.post("/stop_expert_distribution_record")
+@router.get("/stop_expert_distribution_record")     # sglang takes GET and POST: scripts use both
 async def stop_record(request: Request):
     rt = eplb_runtime(request)
     await asyncio.wrap_future(rt.engine.call(rt.eplb.recorder.stop))
     return {"status": "stopped"}
 
 
-@router.post("/dump_expert_distribution_record", dependencies=protected)
+@router.post("/dump_expert_distribution_record")
+@router.get("/dump_expert_distribution_record")     # sglang takes GET and POST: scripts use both
 async def dump_record(request: Request):
     rt = eplb_runtime(request)
     if rt.record_dir is None:
         raise APIError(400, "start the server with --record-dir DIR to dump records", code="no_record_dir")
     path = rt.record_dir / f"expert_distribution_{time.strftime('%Y%m%d-%H%M%S')}_{uuid.uuid4().hex[:8]}.pt"
-    record = await asyncio.wrap_future(rt.engine.call(
-        lambda: rt.eplb.recorder.dump(path, rt.eplb.location.phy2log)))
+    try:
+        record = await asyncio.wrap_future(rt.engine.call(
+            lambda: rt.eplb.recorder.dump(path, rt.eplb.location.phy2log)))
+    except ValueError as error:  # the recorder refuses an empty dump
+        raise APIError(400, str(error), code="nothing_recorded") from None
     return {"path": str(path), "steps": int(record["logical_count"].shape[0])}
 
 

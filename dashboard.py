@@ -56,6 +56,11 @@ api_router = APIRouter()
 
 # ====================================================================== the page
 
+def is_page_path(path: str) -> bool:
+    """The page and its static files: public under --api-key (they hold no data)."""
+    return path == "/dashboard" or (path.startswith("/dashboard/") and path[len("/dashboard/"):] in ASSETS)
+
+
 @page_router.get("/dashboard", include_in_schema=False)
 async def dashboard_page():
     return FileResponse(STATIC_DIR / PAGE, media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)

@@ -33,8 +33,8 @@ from typing import NamedTuple
 
 import torch
 
-from planner import (balancedness, logical_to_physical, placement_policy, rank_load, rebalance_experts,
-                     replica_load)
+from planner import (balancedness, check_plan_sizes, logical_to_physical, placement_policy, rank_load,
+                     rebalance_experts, replica_load)
 from records import LAST_MAP_KEY, load_record, save_record
 
 log = logging.getLogger("dsv4.eplb")
@@ -225,9 +225,13 @@ class ExpertLoadRecorder:
     def dump(self, path: str | os.PathLike | None = None, phy2log: torch.Tensor | None = None) -> dict:
         """sglang /dump_expert_distribution_record: {"logical_count": [steps, L, E]} (+ the current
         placement as "last_physical_to_logical_map" if given); written with torch.save / JSON when
-        `path` is set. The session is cleared afterwards, as sglang does."""
-        steps = list(self.session) or [torch.zeros_like(self.logical[0]).cpu()]
-        record = {"logical_count": torch.stack(steps)}
+        `path` is set. The session is cleared afterwards, as sglang does. Nothing recorded since the
+        session started or was last dumped: ValueError (a step of zeros would plan as real load)."""
+        if not self.session:
+            raise ValueError("nothing to dump: no forward step was recorded since "
+                             "/start_expert_distribution_record or the last dump"
+                             + ("" if self.recording else " (recording is stopped)"))
+        record = {"logical_count": torch.stack(list(self.session))}
         if phy2log is not None:
             record[LAST_MAP_KEY] = phy2log.detach().cpu().long()
         if path is not None:
@@ -886,10 +890,25 @@ class EPLBManager:
 # =============================================================================================
 # 6. CLI
 # =============================================================================================
-def _plan_command(args) -> None:
-    record = load_record(args.record)
-    if "logical_count" not in record:
-        raise SystemExit("the record has no logical_count to plan from")
+def _checked_plan_input(parser: argparse.ArgumentParser, args) -> dict[str, torch.Tensor]:
+    """The record, if it and every size can be planned with; else one line (parser.error exits 2)."""
+    try:
+        record = load_record(args.record)
+        if "logical_count" not in record:
+            raise ValueError(f"{args.record}: the record has no logical_count to plan from")
+        _, num_layers, num_experts = record["logical_count"].shape
+        check_plan_sizes(num_layers, num_experts, args.num_replicas, args.num_groups, args.num_nodes,
+                         args.num_gpus)
+    except ValueError as error:
+        parser.error(str(error))
+    if placement_policy(args.num_groups, args.num_nodes) == "global" and max(args.num_groups, args.num_nodes) > 1:
+        parser.error(f"--num-groups {args.num_groups} --num-nodes {args.num_nodes} would be ignored: the "
+                     "hierarchical policy needs --num-groups > 1 and a multiple of --num-nodes")
+    return record
+
+
+def _plan_command(parser: argparse.ArgumentParser, args) -> None:
+    record = _checked_plan_input(parser, args)
     load = record["logical_count"].sum(0)  # [L, E]
     L, E = load.shape
     P, G = args.num_replicas, args.num_gpus
@@ -919,33 +938,51 @@ def _plan_command(args) -> None:
         print(f"placement written to {args.out}")
 
 
-def _demo_command(args) -> None:
-    import eplb_demo  # lazy: the demo builds a model, and nothing else in eplb.py needs dsv4_mini
+MAX_DEMO_STEPS, MAX_DEMO_BATCH = 10_000, 256   # the demo runs on a CPU; larger is a typo
+
+
+def _demo_command(parser: argparse.ArgumentParser, args) -> None:
+    import dsv4_mini  # lazy: the demo builds a model, and nothing else in eplb.py needs the model
+    import eplb_demo
+
+    if not (1 <= args.steps <= MAX_DEMO_STEPS and 1 <= args.batch <= MAX_DEMO_BATCH
+            and (args.layers_per_step is None or args.layers_per_step >= 1) and args.redundant >= 0):
+        parser.error(f"needs --steps in 1..{MAX_DEMO_STEPS}, --batch in 1..{MAX_DEMO_BATCH}, "
+                     f"--layers-per-step >= 1, --redundant >= 0")
+    config = dsv4_mini.ModelConfig.tiny() if args.tiny else dsv4_mini.ModelConfig.mini()
+    try:   # the demo plans E + redundant slots over --num-ranks: the planner's own limits
+        experts = config.n_routed_experts
+        check_plan_sizes(config.num_hidden_layers, experts, experts + args.redundant, 1, 1, args.num_ranks)
+    except ValueError as error:
+        parser.error(f"--redundant {args.redundant} --num-ranks {args.num_ranks}: {error}")
 
     eplb_demo.run_demo(tiny=args.tiny, num_ranks=args.num_ranks, redundant=args.redundant, steps=args.steps,
                        batch=args.batch, layers_per_step=args.layers_per_step)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="eplb.py", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="eplb.py", description=__doc__.split("\n")[0], allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("plan", help="plan a placement from a recorded load (sglang or dsv4-mini record)")
+    # allow_abbrev=False: a shortened flag is an error, never silently another flag
+    p = sub.add_parser("plan", help="plan a placement from a recorded load (sglang or dsv4-mini record)",
+                       allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("record", help=".pt / .json record file or a JSON string with logical_count")
-    p.add_argument("--num-replicas", type=int, required=True)
-    p.add_argument("--num-gpus", type=int, required=True)
-    p.add_argument("--num-groups", type=int, default=1)
-    p.add_argument("--num-nodes", type=int, default=1)
+    p.add_argument("--num-replicas", type=int, required=True, metavar="P", help="physical slots per layer")
+    p.add_argument("--num-gpus", type=int, required=True, metavar="G", help="ranks the slots split over")
+    p.add_argument("--num-groups", type=int, default=1, help="expert groups (hierarchical policy when > 1)")
+    p.add_argument("--num-nodes", type=int, default=1, help="nodes (hierarchical: groups split over them)")
     p.add_argument("--no-refine", action="store_true", help="plain DeepSeek greedy")
     p.add_argument("--out", help="write the placement (physical_to_logical_map) here, .json or .pt")
-    d = sub.add_parser("demo", help="one rebalance end to end on the built-in model")
+    d = sub.add_parser("demo", help="one rebalance end to end on the built-in model", allow_abbrev=False,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d.add_argument("--tiny", action="store_true", help="tiny config (fast) instead of mini")
-    d.add_argument("--num-ranks", type=int, default=4)
-    d.add_argument("--redundant", type=int, default=4)
+    d.add_argument("--num-ranks", type=int, default=4, help="virtual EP ranks")
+    d.add_argument("--redundant", type=int, default=4, help="redundant expert slots")
     d.add_argument("--steps", type=int, default=20, help="steps per window (load before, then after the move)")
-    d.add_argument("--batch", type=int, default=4)
-    d.add_argument("--layers-per-step", type=int, default=None)
+    d.add_argument("--batch", type=int, default=4, help="sequences of 16 tokens per step")
+    d.add_argument("--layers-per-step", type=int, default=None, help="layers moved per step (default: all)")
     args = parser.parse_args(argv)
-    {"plan": _plan_command, "demo": _demo_command}[args.command](args)
+    {"plan": _plan_command, "demo": _demo_command}[args.command](sub.choices[args.command], args)
 
 
 if __name__ == "__main__":

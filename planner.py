@@ -7,8 +7,9 @@ The first two steps are DeepSeek's EPLB greedy (deepseek-ai/EPLB) with its arith
 `refine=False` gives its placement exactly; the last two only ever help: the swaps never lower
 balancedness and keeping slots changes no rank's load, only how many weights move.
 
-API: `rebalance_experts` (DeepSeek's entry point and outputs) and its `placement_policy`; the
-measures of a placement, `replica_load` → `rank_load` → `balancedness`; `logical_to_physical`.
+API: `rebalance_experts` (DeepSeek's entry point and outputs), its `placement_policy` and
+`check_plan_sizes`; the measures of a placement, `replica_load` → `rank_load` → `balancedness`;
+`logical_to_physical`.
 
 Shapes: L MoE layers, E logical experts, P physical slots (P = E + redundant), G ranks (GPUs),
 S = P // G slots per rank: slot p lives on rank p // S. Pure functions. The greedy steps are numpy
@@ -20,8 +21,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["rebalance_experts", "placement_policy", "replica_load", "rank_load", "balancedness",
-           "logical_to_physical"]
+__all__ = ["rebalance_experts", "placement_policy", "check_plan_sizes", "replica_load", "rank_load",
+           "balancedness", "logical_to_physical"]
+
+# Bounds on what a plan may ask for, so a typo cannot run for hours: more replicas per expert than
+# this cannot help balance, and a released model plans well under 100k slots (L x P).
+MAX_REPLICAS_PER_EXPERT = 64
+MAX_PLANNED_SLOTS = 1 << 21
 
 
 # ---------------------------------------------------------------- how good a placement is
@@ -325,6 +331,29 @@ def placement_policy(num_groups: int, num_nodes: int) -> str:
     return "hierarchical" if num_groups > 1 and num_groups % num_nodes == 0 else "global"
 
 
+def check_plan_sizes(num_layers: int, num_experts: int, num_replicas: int, num_groups: int, num_nodes: int,
+                     num_gpus: int) -> None:
+    """ValueError naming the first size `rebalance_experts` cannot plan with."""
+    for name, value in [("num_layers", num_layers), ("num_experts", num_experts), ("num_replicas", num_replicas),
+                        ("num_groups", num_groups), ("num_nodes", num_nodes), ("num_gpus", num_gpus)]:
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    most = MAX_REPLICAS_PER_EXPERT * num_experts
+    if not num_experts <= num_replicas <= most:
+        raise ValueError(f"num_replicas must be between the {num_experts} experts and {most} "
+                         f"({MAX_REPLICAS_PER_EXPERT} per expert), got {num_replicas}")
+    if num_layers * num_replicas > MAX_PLANNED_SLOTS:
+        raise ValueError(f"{num_layers} layers x {num_replicas} replicas is more than {MAX_PLANNED_SLOTS} "
+                         "slots to plan")
+    if num_replicas % num_gpus:
+        raise ValueError(f"num_replicas ({num_replicas}) must be a multiple of num_gpus ({num_gpus})")
+    if placement_policy(num_groups, num_nodes) == "hierarchical":
+        if num_experts % num_groups:
+            raise ValueError(f"num_groups ({num_groups}) must divide the {num_experts} experts")
+        if num_gpus % num_nodes:
+            raise ValueError(f"num_nodes ({num_nodes}) must divide num_gpus ({num_gpus})")
+
+
 def rebalance_experts(weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int,
                       num_gpus: int, *, refine: bool = True, old_phy2log: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -342,9 +371,8 @@ def rebalance_experts(weight: torch.Tensor, num_replicas: int, num_groups: int, 
         raise ValueError("weight must be a real-valued tensor")
     if not bool(torch.isfinite(weight.double()).all()) or bool((weight < 0).any()):
         raise ValueError("weight must be finite and >= 0")
-    _, E = weight.shape  # [L, E]
-    if num_replicas < E or num_replicas % num_gpus:
-        raise ValueError(f"num_replicas={num_replicas} must be >= {E} experts and a multiple of num_gpus={num_gpus}")
+    L, E = weight.shape  # [L, E]
+    check_plan_sizes(L, E, num_replicas, num_groups, num_nodes, num_gpus)
     if placement_policy(num_groups, num_nodes) == "global":  # one group on one node
         num_groups = num_nodes = 1
     weight = weight.detach().cpu()

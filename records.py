@@ -16,6 +16,7 @@ __all__ = ["load_record", "save_record", "LAST_MAP_KEY"]
 
 MAX_RECORD_BYTES = 1 << 30
 MAX_RECORD_ELEMENTS = 1 << 28
+MAX_RECORD_VALUE = 2 ** 53   # float64 counts exactly up to here; a larger "count" is not one
 RECORD_KEYS = ("logical_count", "physical_to_logical_map")
 # not "physical_to_logical_map": sglang's --init-expert-location would use that as the placement
 LAST_MAP_KEY = "last_physical_to_logical_map"
@@ -26,25 +27,36 @@ def load_record(source: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     Returns {"logical_count": [S, L, E] float64} and/or {"physical_to_logical_map": [L, P] int64}
     (and LAST_MAP_KEY [L, P] int64 when present). Anything else (pickled objects, wrong types or
-    shapes, NaN, negatives, oversize) raises ValueError.
+    shapes, NaN, negatives, huge values, oversize) raises ValueError naming the file and the problem.
     """
     text = str(source)
-    if text.lstrip().startswith("{"):
-        raw = _parse_json(text)
-    else:
-        if not os.path.isfile(text):
-            raise ValueError(f"record file {text!r} does not exist")
-        if os.path.getsize(text) > MAX_RECORD_BYTES:
-            raise ValueError(f"record file {text!r} is larger than {MAX_RECORD_BYTES} bytes")
-        if text.endswith(".json"):
-            with open(text) as f:
-                raw = _parse_json(f.read())
-        else:
-            try:
-                raw = torch.load(text, map_location="cpu", weights_only=True)
-            except Exception as e:  # noqa: BLE001 - every failure of an untrusted file is a refusal
-                raise ValueError(f"record file {text!r} refused (only tensors and plain containers "
-                                 f"are accepted): {type(e).__name__}: {str(e)[:200]}") from None
+    inline = text.lstrip().startswith("{")
+    try:
+        return _checked_record(_parse_json(text) if inline else _read_file(text))
+    except ValueError as error:
+        raise ValueError(f"{'inline JSON record' if inline else f'record file {text!r}'}: {error}") from None
+
+
+def _read_file(path: str):
+    if not os.path.isfile(path):
+        raise ValueError("no such file")
+    if os.path.getsize(path) > MAX_RECORD_BYTES:
+        raise ValueError(f"larger than {MAX_RECORD_BYTES} bytes")
+    if path.endswith(".json"):
+        with open(path, "rb") as f:
+            data = f.read()
+        try:
+            return _parse_json(data.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ValueError("not UTF-8 text, so not JSON (a torch.save file needs a .pt name)") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every failure of an untrusted file is a refusal
+        raise ValueError(f"refused (only tensors and plain containers are accepted): "
+                         f"{type(e).__name__}: {str(e)[:200]}") from None
+
+
+def _checked_record(raw) -> dict[str, torch.Tensor]:
     if not isinstance(raw, dict) or not any(k in raw for k in RECORD_KEYS):
         raise ValueError(f"a record must be a dict with one of {RECORD_KEYS}")
     record = {}
@@ -71,11 +83,11 @@ def save_record(path: str | os.PathLike, record: dict[str, torch.Tensor]) -> Non
 
 def _parse_json(text: str):
     if len(text) > MAX_RECORD_BYTES:
-        raise ValueError("JSON record too large")
+        raise ValueError(f"larger than {MAX_RECORD_BYTES} bytes")
     try:
         return json.loads(text)
     except (json.JSONDecodeError, RecursionError) as e:
-        raise ValueError(f"malformed JSON record: {e}") from None
+        raise ValueError(f"malformed JSON: {e}") from None
 
 
 def _checked_tensor(name: str, value, ndims: tuple[int, ...]) -> torch.Tensor:
@@ -100,4 +112,6 @@ def _checked_tensor(name: str, value, ndims: tuple[int, ...]) -> torch.Tensor:
         raise ValueError(f"record '{name}' contains NaN or infinity")
     if bool((value < 0).any()):
         raise ValueError(f"record '{name}' contains negative values")
+    if bool((value > MAX_RECORD_VALUE).any()):
+        raise ValueError(f"record '{name}' holds {value.max().item():.3g}, above 2**53: not a count or an expert id")
     return value

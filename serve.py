@@ -27,11 +27,12 @@ import dsv4_mini
 import ep
 import eplb
 import weights
-from app import Runtime, create_app
+from app import PROBE_PATHS, Runtime, create_app
 from engine import Engine
 from text import load_tokenizer
 
 log = logging.getLogger("dsv4.serve")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 # ====================================================================== CLI
 
@@ -39,19 +40,40 @@ PRESETS = ("mini", "tiny", "flash")
 MAX_EPLB_WINDOW = 100_000
 
 
+class HelpWithDefaults(argparse.HelpFormatter):
+    """Every option's help ends with its default, except where there is none (None, or a flag that
+    is off): there the help says what happens without it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            return action.help
+        return f"{action.help} (default: %(default)s)"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    return args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # allow_abbrev=False: a misspelt or shortened flag is an error, never silently another flag.
+    # Aliases spell what sglang and vLLM users type (--model, --enable-eplb, ...).
     p = argparse.ArgumentParser(
         prog="serve.py", description="OpenAI-compatible server for DeepSeek-V4 MoE models with EPLB.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpWithDefaults, allow_abbrev=False)
     m = p.add_argument_group("model")
-    m.add_argument("--model-path", metavar="DIR",
-                   help="checkpoint directory (config.json, *.safetensors, tokenizer.json); default: the "
+    m.add_argument("--model-path", "--model", metavar="DIR",
+                   help="checkpoint directory (config.json, *.safetensors, tokenizer.json); without it: the "
                         "built-in model of --preset with deterministic random weights and built-in tokenizer")
     m.add_argument("--preset", choices=PRESETS, default="mini",
                    help="built-in config when --model-path is not given (tiny: for tests)")
     m.add_argument("--num-layers", type=int, metavar="N",
                    help="keep only the first N layers (e.g. a released-width config truncated for a bench)")
-    m.add_argument("--served-model-name", help="model id in the API (default: dsv4-<preset> or the directory name)")
+    m.add_argument("--served-model-name", metavar="NAME",
+                   help="model id in the API; without it: dsv4-<preset> (dsv4-mini by default) or the "
+                        "--model-path directory's name")
     m.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = cuda if available")
     m.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="weight dtype; auto = float32 on CPU (exact, batch-stable greedy), bfloat16 on CUDA")
@@ -67,8 +89,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "else bf16")
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless told otherwise)")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1, EPLB and record endpoints")
+    s.add_argument("--port", type=int, default=8000, help="HTTP port")
+    s.add_argument("--api-key", metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every path but /health, /health_generate "
+                        "and /metrics (the docs and /openapi.json included)")
     s.add_argument("--max-batch-size", type=int, default=64, help="KV cache slots = requests running at once")
     s.add_argument("--max-seq-len", type=int, default=1024, help="prompt + completion tokens per request")
     s.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503")
@@ -79,9 +103,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     s.add_argument("--drain-seconds", type=float, default=6.0,
                    help="on SIGTERM, let in-flight requests finish this long, then end them")
-    s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="server and access log (debug also logs the GETs of /health, /health_generate and /metrics)")
     e = p.add_argument_group("expert-parallel load balancing")
-    e.add_argument("--eplb", action="store_true", help="count expert load and rebalance periodically")
+    e.add_argument("--eplb", "--enable-eplb", action="store_true", help="count expert load and rebalance periodically")
     e.add_argument("--ep-size", type=int, default=1,
                    help="expert-parallel ranks (virtual ranks in one process without torchrun)")
     e.add_argument("--ep-num-redundant-experts", type=int, default=0, help="extra physical slots R (P = E + R)")
@@ -107,11 +132,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="hierarchical: balance experts over --eplb-num-nodes first, replicate only inside a node")
     e.add_argument("--eplb-num-nodes", type=int, default=1,
                    help="nodes the --ep-size ranks span (hierarchical needs > 1 and a divisor of --ep-size)")
-    e.add_argument("--eplb-layers-per-step", type=int, default=0,
+    e.add_argument("--eplb-layers-per-step", "--eplb-rebalance-layers-per-chunk", type=int, default=0, metavar="N",
                    help="layers moved per forward step (0 = all layers at once)")
-    e.add_argument("--init-expert-location", metavar="FILE",
-                   help="initial placement from a record dump (.pt with logical_count) or a location file")
-    e.add_argument("--record-dir", metavar="DIR", help="where /dump_expert_distribution_record writes")
+    e.add_argument("--init-expert-location", metavar="SPEC",
+                   help="initial placement: 'trivial', a record file (.pt / .json with logical_count, planned "
+                        "at start, or physical_to_logical_map, used as is) or the same as an inline JSON object; "
+                        "without it: trivial")
+    e.add_argument("--record-dir", metavar="DIR", help="where /dump_expert_distribution_record writes (needs --eplb)")
     e.add_argument("--eplb-canary", action="store_true",
                    help="after every cross-rank expert move, check that each slot holds its planned expert")
     e.add_argument("--eager-decode", action="store_true",
@@ -119,9 +146,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "run-ahead; for comparisons")
     e.add_argument("--ep-timeout", type=float, default=20.0,
                    help="seconds a collective may wait for a peer rank before the server gives up (torchrun)")
-    args = p.parse_args(argv)
-    check_args(p, args)
-    return args
+    return p
 
 
 def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
@@ -143,8 +168,7 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error("--eplb-load-half-life and --eplb-gain-noise-sigmas must be >= 0, --eplb-min-gain in [-1, 1]")
     if a.model_path is not None and not (Path(a.model_path) / "config.json").is_file():
         p.error(f"--model-path {a.model_path}: no config.json there")
-    if a.init_expert_location is not None and not Path(a.init_expert_location).is_file():
-        p.error(f"--init-expert-location {a.init_expert_location}: no such file")
+    check_init_expert_location(p, a.init_expert_location)
     if a.record_dir is not None and Path(a.record_dir).exists() and not Path(a.record_dir).is_dir():
         p.error(f"--record-dir {a.record_dir}: not a directory")
     if a.device == "cuda" and not torch.cuda.is_available():
@@ -167,6 +191,19 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error("--record-dir needs --eplb (expert load is only counted with --eplb)")
     if a.init_device != "cpu" and a.model_path is not None:
         p.error("--init-device only applies to the built-in random weights, not to --model-path")
+
+
+def check_init_expert_location(p: argparse.ArgumentParser, spec: str | None) -> None:
+    """sglang's forms: 'trivial', a file, or inline JSON. The content is checked when the model loads."""
+    if spec is None or spec == "trivial":
+        return
+    if spec.lstrip().startswith("{"):
+        try:
+            json.loads(spec)
+        except ValueError as error:
+            p.error(f"--init-expert-location: inline JSON does not parse ({error})")
+    elif not Path(spec).is_file():
+        p.error(f"--init-expert-location {spec}: no such file (or 'trivial', or an inline JSON object)")
 
 
 def num_routed_experts(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:
@@ -277,8 +314,9 @@ class HTTPServer(uvicorn.Server):
     def __init__(self, args: argparse.Namespace):
         self.args, self.created_at, self.load_error = args, time.monotonic(), None
         self.app = create_app(self.load_runtime, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+        # log_config=None: uvicorn's lines go through the root logger, in the server's one format
         super().__init__(uvicorn.Config(self.app, host=args.host, port=args.port, log_level=args.log_level,
-                                        timeout_graceful_shutdown=args.drain_seconds + 2))
+                                        log_config=None, timeout_graceful_shutdown=args.drain_seconds + 2))
 
     def load_runtime(self) -> Runtime:
         try:
@@ -346,9 +384,28 @@ def worker_main(args: argparse.Namespace) -> int:
     return 0
 
 
+class QuietProbes(logging.Filter):
+    """Drops uvicorn's access line for a GET of a probe path: a load balancer polling /health every
+    second would bury everything else (--log-level debug keeps them). What a probe finds out is
+    logged where it happens: readiness, a failed load, a dead engine, a failed /health_generate."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args   # uvicorn: (client, method, path with query, HTTP version, status)
+        if not (isinstance(args, tuple) and len(args) == 5):
+            return True
+        _, method, path, _, _ = args
+        return not (method == "GET" and str(path).split("?")[0] in PROBE_PATHS)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT)
+    if level != "debug":
+        logging.getLogger("uvicorn.access").addFilter(QuietProbes())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.log_level)
     return worker_main(args) if ep.torchrun_rank() > 0 else serve_http(args)
 
 

@@ -1,9 +1,14 @@
 """Token ids <-> text for the server: the tokenizer (a checkpoint's tokenizer.json or a built-in
 byte-level BPE), the DSV4 chat template, and `TextStream`, which turns one request's token ids into
 text deltas that never split a character and never show the start of a stop string.
+
+Control tokens (BOS, EOS, <｜User｜>, ...) come only from the chat template: message text is encoded as
+plain text, so a message that spells "<｜end▁of▁sentence｜><｜User｜>" cannot end its turn or forge
+another. A raw completion prompt is the model's whole input, so its control-token strings do count.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -46,11 +51,20 @@ def builtin_tokenizer(vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
+def without_added_tokens(tokenizer: Tokenizer) -> Tokenizer:
+    """The same tokenizer minus its added (control) tokens: a control token's spelling encodes as
+    the ordinary text it is, through the same pre-tokenizer and merges."""
+    spec = json.loads(tokenizer.to_str())
+    spec["added_tokens"] = []
+    return Tokenizer.from_str(json.dumps(spec))
+
+
 class TextTokenizer:
     """tokenizers.Tokenizer plus what the server needs: BOS/EOS ids and the chat template."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
+        self.plain_tokenizer = without_added_tokens(tokenizer)
         self.vocab_size = tokenizer.get_vocab_size()
         self.bos_id = tokenizer.token_to_id(BOS)
         eos_id = tokenizer.token_to_id(EOS)
@@ -63,6 +77,7 @@ class TextTokenizer:
         return cls(Tokenizer.from_file(str(path)))
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """A raw prompt: control-token strings in `text` become control tokens (as in vLLM and sglang)."""
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         if add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id] + ids
@@ -71,23 +86,37 @@ class TextTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def render_chat(self, messages: list[tuple[str, str]]) -> str:
-        """DSV4 chat format: BOS, system text, <｜User｜>…<｜Assistant｜></think>…<｜end▁of▁sentence｜>,
-        ending with an open assistant turn. Plain "Role: text" lines for tokenizers without those tokens."""
+    def encode_plain(self, text: str) -> list[int]:
+        """User text: never a control token, whatever it spells."""
+        return self.plain_tokenizer.encode(text, add_special_tokens=False).ids
+
+    def chat_pieces(self, messages: list[tuple[str, str]]) -> list[tuple[str, bool]]:
+        """The DSV4 chat format as (text, is_control_token) pieces: BOS, system text,
+        <｜User｜>…<｜Assistant｜></think>…<｜end▁of▁sentence｜>, ending with an open assistant turn.
+        Plain "Role: text" lines for tokenizers without those tokens."""
         if not self.has_chat_tokens:
             lines = [f"{role.capitalize()}: {content}" for role, content in messages]
-            return "\n".join(lines + ["Assistant:"])
-        opener = ASSISTANT + (THINK_END if self.has_think_end else "")
-        parts = [BOS if self.bos_id is not None else ""]
+            return [("\n".join(lines + ["Assistant:"]), False)]
+        opener = [(ASSISTANT, True)] + ([(THINK_END, True)] if self.has_think_end else [])
+        pieces = [(BOS, True)] if self.bos_id is not None else []
         for role, content in messages:
             if role == "system":
-                parts.append(content)
+                pieces.append((content, False))
             elif role == "user":
-                parts.append(USER + content)
+                pieces += [(USER, True), (content, False)]
             else:
-                parts.append(opener + content + EOS)
-        parts.append(opener)
-        return "".join(parts)
+                pieces += opener + [(content, False), (EOS, True)]
+        return pieces + opener
+
+    def render_chat(self, messages: list[tuple[str, str]]) -> str:
+        """The chat prompt as text (for reading; the server sends `encode_chat`'s ids)."""
+        return "".join(text for text, _ in self.chat_pieces(messages))
+
+    def encode_chat(self, messages: list[tuple[str, str]]) -> list[int]:
+        ids = []
+        for text, is_control in self.chat_pieces(messages):
+            ids += [self.tokenizer.token_to_id(text)] if is_control else self.encode_plain(text)
+        return ids
 
 
 class TextStream:

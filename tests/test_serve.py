@@ -5,6 +5,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,11 +24,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float = 60) -> None:
-    """Until GET /health answers 200; fails with the server's output if it exits first."""
+def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float = 60, output=None) -> None:
+    """Until GET /health answers 200; fails with the server's output (`output()`, else its stdout pipe)
+    if it exits first."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stdout.read()
+        assert proc.poll() is None, output() if output else proc.stdout.read()
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 return
@@ -38,13 +40,18 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float = 60) -> Non
 
 
 class Server:
-    def __init__(self, *flags: str):
+    def __init__(self, *flags: str, log_level: str = "warning"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # the server's output goes to a file: a pipe nobody reads would stall a chatty server once full
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="dsv4-serve-", suffix=".log")
         self.proc = subprocess.Popen(
-            [sys.executable, "serve.py", "--preset", "tiny", "--port", str(self.port), "--log-level", "warning",
-             *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        wait_healthy(self.proc, self.url)
+            [sys.executable, "serve.py", "--preset", "tiny", "--port", str(self.port), "--log-level", log_level,
+             *flags], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, text=True)
+        wait_healthy(self.proc, self.url, output=self.output)
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text()
 
     def metric(self, name: str, headers=None) -> float:
         for line in httpx.get(self.url + "/metrics", headers=headers).text.splitlines():
