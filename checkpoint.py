@@ -28,7 +28,10 @@ import re
 from collections.abc import Iterable, Mapping
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor
+from tqdm import tqdm
 
 INDEX_FILE = "model.safetensors.index.json"
 FP8_BLOCK = 128  # weight_block_size [128, 128] of the release
@@ -353,7 +356,6 @@ def routed_expert_key(name: str) -> bool:
 
 def _shard_map(path: str) -> dict[str, str]:
     """path (dir with index / dir with *.safetensors / one file) -> {stored key: shard file}."""
-    from safetensors import SafetensorError, safe_open
 
     if not os.path.exists(path):
         raise ValueError(f"checkpoint path {path!r} does not exist")
@@ -409,8 +411,6 @@ def read_checkpoint(path: str, num_layers: int | None = None, dtype: torch.dtype
     ``keep_quantized_experts``: routed experts stored quantised stay as stored (``….weight`` FP8 / packed FP4
     and ``….scale``), for a model that keeps them quantised; everything else is dequantised as above.
     """
-    from safetensors import safe_open
-    from tqdm import tqdm
 
     shard_of = _shard_map(path)
     wanted: dict[str, list[str]] = {}  # shard -> stored keys to read
@@ -486,7 +486,6 @@ def write_checkpoint(directory: str, state_dict: Mapping[str, Tensor],
     shards (keys in sorted order, greedily packed) plus ``model.safetensors.index.json``. Tensors are
     stored byte for byte (any dtype safetensors knows, incl. fp8 / e8m0), so reading back is bit-identical.
     """
-    from safetensors.torch import save_file
 
     os.makedirs(directory, exist_ok=True)
     shards: list[dict[str, Tensor]] = [{}]
