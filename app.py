@@ -495,7 +495,7 @@ def create_app(load: Callable[[], Runtime], *, api_key: str | None = None,
     app.add_middleware(APIKeyCheck, api_key=api_key)   # added last = runs first: no key, no body read
     app.include_router(router)
     app.include_router(dashboard.page_router)  # public (see needs_api_key): the page holds no data
-    app.include_router(dashboard.api_router)
+    app.include_router(dashboard.api_router, responses=ERROR_RESPONSES)
     app.openapi = partial(openapi_schema, app)
     return app
 
