@@ -59,7 +59,7 @@ function labelStride(cellWidth, labelWidth) {
 export function drawHeatmap(canvas, spec) {
   const top = spec.groups || spec.rightTitle ? 22 : 6;
   const left = 48;
-  const right = spec.rightLabel ? 58 : 10;
+  const right = spec.rightLabel ? 84 : 10;   // room for "0.93" and the title "balancedness"
   const bottom = 40;
   const height = top + spec.rows * spec.rowHeight + bottom;
   const { ctx, width } = prepareCanvas(canvas, height);
