@@ -290,11 +290,11 @@ def test_fuzz_openapi_schema_finds_no_5xx(client):
               suppress_health_check=list(HealthCheck))
     @given(data=st.data())
     def run(data):
-        for operation in [op.ok() for op in schema.get_all_operations()]:
+        # /dashboard/route runs the model itself (FakeEngine has none): fuzzed in test_dashboard.py
+        for operation in [op.ok() for op in schema.get_all_operations() if op.ok().path != "/dashboard/route"]:
             case = data.draw(operation.as_strategy())
             response = case.call()
-            # /dashboard/route runs the model itself (not in FakeEngine): fuzzed in test_dashboard.py
-            if response.status_code >= 500 and case.path not in ("/health", "/dashboard/route"):
+            if response.status_code >= 500 and not (case.path == "/health"):
                 failures.append((case.method, case.path, case.body, response.status_code, response.text[:200]))
     run()
     assert not failures, failures[:3]
