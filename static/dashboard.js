@@ -2,9 +2,9 @@
 // Drawing is in dashboard_draw.js, pure helpers in dashboard_lib.js.
 import * as draw from "./dashboard_draw.js";
 import {
-  argmax, balancedness, balancednessColor, changedSlotMask, countTrue, expertColor, formatCount, formatMiB, formatMs,
-  formatNumber, loadRatioColor, LOAD_RATIO_MAX, mean, normalizeRowsByMax, normalizeRowsByMean, rankColor,
-  ratioToUnit, replicaColor, REPLICA_COLORS, shareColor,
+  argmax, balancedness, balancednessColor, changedSlotMask, countTrue, expertColor, formatCompact, formatCount,
+  formatMiB, formatMs, formatNumber, loadRatioColor, LOAD_RATIO_MAX, mean, normalizeRowsByMax, normalizeRowsByMean,
+  rankColor, ratioToUnit, replicaColor, REPLICA_COLORS, shareColor,
 } from "./dashboard_lib.js";
 
 const POLL_MS = 1000;
@@ -86,6 +86,7 @@ function onKeySubmit(event) {
 // ---------------------------------------------------------------- one poll's answer
 
 function render(state) {
+  const started = performance.now();
   view.state = state;
   document.body.dataset.eplb = state.enabled ? "on" : "off";
   $("eplb-off").hidden = state.enabled;
@@ -100,6 +101,7 @@ function render(state) {
   renderExperts(state);
   renderRebalances(state);
   document.body.dataset.renderedStep = String(state.step);
+  document.body.dataset.renderMs = (performance.now() - started).toFixed(1);   // the browser test reads it
 }
 
 function worstLayerSeries(state) {
@@ -160,7 +162,7 @@ function renderRankBars(state) {
   canvas.dataset.values = JSON.stringify(tokens);
   draw.drawBars(canvas, {
     values: tokens, height: 250, label: (g) => `${g}`, xTitle: `EP rank (straggler: rank ${straggler})`,
-    yTitle: "routed choices in window", format: (v) => formatCount(v), meanLine: mean(tokens),
+    yTitle: "routed choices in window", format: (v) => formatCount(v), tickFormat: formatCompact, meanLine: mean(tokens),
     color: (g) => (g === straggler && tokens[g] > 0 ? "#c0392b" : "#6d8fc4"),
   });
   const seconds = state.ranks.moe_seconds_last_step;

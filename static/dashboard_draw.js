@@ -57,9 +57,9 @@ function labelStride(cellWidth, labelWidth) {
    groups: {size, label(g)} (thick lines every `size` columns, labels above), highlight(r, c).
    Returns the geometry for hit testing: {x0, y0, colEdges, rowEdges}. */
 export function drawHeatmap(canvas, spec) {
-  const top = spec.groups ? 22 : 6;
+  const top = spec.groups || spec.rightTitle ? 22 : 6;
   const left = 48;
-  const right = spec.rightLabel ? 58 : 10;
+  const right = spec.rightLabel ? 84 : 10;   // room for "0.93" and the title "balancedness"
   const bottom = 40;
   const height = top + spec.rows * spec.rowHeight + bottom;
   const { ctx, width } = prepareCanvas(canvas, height);
@@ -99,15 +99,22 @@ function drawCellText(ctx, value, x, y, background) {
   text(ctx, String(value), x, y + 0.5, { align: "center", color: dark ? "#fff" : "#222", font: SMALL_FONT });
 }
 
+// Marked cells: a black outline, or, in cells too narrow for one (released sizes: 2-4 px), a black
+// bar over the cell's top half, which still reads as "these".
 function drawOutlines(ctx, spec, colEdges, rowEdges) {
+  const narrow = colEdges[1] - colEdges[0] < 8;
   ctx.strokeStyle = "#111";
+  ctx.fillStyle = "#111";
   ctx.lineWidth = 2;
   for (let r = 0; r < spec.rows; r++) {
     for (let c = 0; c < spec.cols; c++) {
       if (!spec.outline(r, c)) continue;
       const x = colEdges[c];
       const y = rowEdges[r];
-      ctx.strokeRect(x + 1, y + 1, colEdges[c + 1] - x - 2, rowEdges[r + 1] - y - 2);
+      const w = colEdges[c + 1] - x;
+      const h = rowEdges[r + 1] - y;
+      if (narrow) ctx.fillRect(x, y, w, Math.ceil(h / 2));
+      else ctx.strokeRect(x + 1, y + 1, w - 2, h - 2);
     }
   }
 }
@@ -147,7 +154,7 @@ function drawHeatmapAxes(ctx, spec, colEdges, rowEdges, width, height) {
     const { text: value, color } = spec.rightLabel(r);
     text(ctx, value, rightX, (rowEdges[r] + rowEdges[r + 1]) / 2, { color, font: SMALL_FONT });
   }
-  text(ctx, spec.rightTitle || "", width - 2, bottomY + 9, { align: "right", font: SMALL_FONT });
+  text(ctx, spec.rightTitle || "", rightX, 10, { font: SMALL_FONT });
 }
 
 function line(ctx, x1, y1, x2, y2) {
@@ -281,7 +288,7 @@ export function drawBars(canvas, spec) {
   for (const tick of niceTicks(0, maxValue * 1.12, 4)) {
     ctx.strokeStyle = GRID_COLOR;
     line(ctx, plot.left, y(tick), plot.right, y(tick));
-    text(ctx, spec.format(tick), plot.left - 6, y(tick), { align: "right", font: SMALL_FONT });
+    text(ctx, (spec.tickFormat || spec.format)(tick), plot.left - 6, y(tick), { align: "right", font: SMALL_FONT });
   }
   const colEdges = edges(plot.left, plot.right - plot.left, spec.values.length);
   const showValues = colEdges[1] - colEdges[0] >= 34;

@@ -185,3 +185,15 @@ export function rankColor(rank, numRanks) {
   const hue = numRanks <= 12 ? (rank * 360) / Math.max(1, numRanks) : (rank * 137.508) % 360;
   return `hsl(${(hue + 210) % 360}, 70%, 86%)`;
 }
+
+// Short axis labels: 950, 12k, 3.4M (one decimal below 10 of a unit).
+export function formatCompact(value) {
+  const abs = Math.abs(value);
+  for (const [size, unit] of [[1e9, "G"], [1e6, "M"], [1e3, "k"]]) {
+    if (abs >= size) {
+      const scaled = value / size;
+      return `${Math.abs(scaled) < 10 ? Number(scaled.toFixed(1)) : Math.round(scaled)}${unit}`;
+    }
+  }
+  return `${Number(value.toFixed(2))}`;
+}

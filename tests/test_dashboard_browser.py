@@ -7,6 +7,7 @@ The browser comes from apt (tests/system_tools.py installs it when missing). Und
 never skips; elsewhere it skips only when the browser cannot be installed (no root or no apt-get).
 """
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -121,6 +122,7 @@ def test_dashboard_in_a_real_browser(chromium, server):
         check_page_matches_state(page, state)
         follow_a_token(page, state)
         page.screenshot(path=str(SCREENSHOT), full_page=True)
+        check_released_sizes_render_fast(page)
         check_eplb_off_notice(page)
         browser.close()
     assert console_problems(messages) == []
@@ -186,6 +188,44 @@ def parse_pick(label: str) -> tuple[int, int, int]:
     """'expert 5 · 0.361 → slot 1 (rank 0)' -> (5, 1, 0)."""
     words = label.replace("(", " ").replace(")", " ").split()
     return int(words[1]), int(words[words.index("slot") + 1]), int(words[words.index("rank") + 1])
+
+
+def released_size_state(num_layers=43, num_experts=256, num_ranks=32, num_redundant=32) -> dict:
+    """An /eplb/state of the released size (DeepSeek-V4 Flash-like), with torchrun's per-rank seconds."""
+    rng = random.Random(0)
+    num_physical = num_experts + num_redundant
+    phy2log = [rng.sample(range(num_experts), num_experts) + [rng.randrange(num_experts) for _ in range(num_redundant)]
+               for _ in range(num_layers)]
+    rank_load = [[rng.randrange(5_000, 15_000) for _ in range(num_ranks)] for _ in range(num_layers)]
+    per_layer = [sum(row) / len(row) / max(row) for row in rank_load]
+    return {
+        "enabled": True, "num_layers": num_layers, "num_experts": num_experts, "num_physical": num_physical,
+        "num_ranks": num_ranks, "step": 5000, "window_steps": 1000,
+        "config": {"num_ranks": num_ranks, "rebalance_num_iterations": 1000, "window": 1000, "algorithm": "global"},
+        "phy2log": phy2log, "logcnt": [[row.count(e) for e in range(num_experts)] for row in phy2log],
+        "logical_load": [[rng.randrange(10, 1000) for _ in range(num_experts)] for _ in range(num_layers)],
+        "rank_load": rank_load, "balancedness_per_layer": per_layer, "balancedness": sum(per_layer) / num_layers,
+        "balancedness_history": [[step, 0.7] for step in range(100, 5001, 100)],
+        "layer_balancedness_history": [[step, per_layer] for step in range(100, 5001, 100)],
+        "changed_slots": [rng.sample(range(num_physical), 20) for _ in range(num_layers)],
+        "rebalance_in_progress": {"layers_left": 12}, "rebalances": [],
+        "counters": {"rebalances_total": 0, "rebalances_skipped_total": 0, "bytes_moved_total": 0, "slots_changed_total": 0},
+        "ranks": {"tokens_window": [sum(row[g] for row in rank_load) for g in range(num_ranks)],
+                  "moe_seconds_last_step": [rng.uniform(0.001, 0.002) for _ in range(num_ranks)]},
+    }
+
+
+def check_released_sizes_render_fast(page) -> None:
+    """43 layers x 256 experts x 32 ranks (288 slots): the whole page redraws well within a poll period."""
+    state = released_size_state()
+    page.route("**/eplb/state", lambda route: route.fulfill(json=state))
+    wait_until_page_shows(page, state["step"])
+    assert page.locator("#heat-rank").evaluate("c => JSON.parse(c.dataset.values)") == state["rank_load"]
+    assert page.locator("#moe-seconds-box").is_visible()
+    assert page.locator("#rebalance-table tbody tr").first.text_content().startswith("nowmoving: 12 layers left")
+    render_ms = float(page.evaluate("() => document.body.dataset.renderMs"))
+    assert render_ms < 1000, f"one redraw at released sizes took {render_ms} ms"
+    page.unroute("**/eplb/state")
 
 
 def check_eplb_off_notice(page) -> None:

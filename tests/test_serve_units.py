@@ -297,7 +297,8 @@ def test_fuzz_openapi_schema_finds_no_5xx_and_the_schema_is_true(client):
               suppress_health_check=list(HealthCheck))
     @given(data=st.data())
     def run(data):
-        for operation in [op.ok() for op in schema.get_all_operations()]:
+        # /dashboard/route runs the model itself (FakeEngine has none): fuzzed in test_dashboard.py
+        for operation in [op.ok() for op in schema.get_all_operations() if op.ok().path != "/dashboard/route"]:
             case = data.draw(operation.as_strategy())
             # /dashboard/route runs the model itself (not in FakeEngine): fuzzed in test_dashboard.py
             if case.path == "/dashboard/route":

@@ -3,7 +3,7 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 
 import {
-  argmax, balancedness, balancednessColor, cellSize, changedSlotMask, clamp, countTrue, expertColor, formatCount,
+  argmax, balancedness, balancednessColor, cellSize, changedSlotMask, clamp, countTrue, expertColor, formatCompact, formatCount,
   formatMiB, formatMs, formatNumber, interpolateStops, linearScale, loadRatioColor, niceTicks, normalizeRowsByMax,
   normalizeRowsByMean, rankColor, rankOfSlot, ratioToUnit, replicaColor, shareColor, textColorOn,
 } from "../../static/dashboard_lib.js";
@@ -106,4 +106,13 @@ test("formatting: missing values are dashes; units convert", () => {
 test("rank colours differ between neighbouring ranks", () => {
   assert.notEqual(rankColor(0, 4), rankColor(1, 4));
   assert.notEqual(rankColor(0, 32), rankColor(1, 32));
+});
+
+test("compact numbers for axis ticks", () => {
+  assert.equal(formatCompact(950), "950");
+  assert.equal(formatCompact(12000), "12k");
+  assert.equal(formatCompact(1500), "1.5k");
+  assert.equal(formatCompact(400000), "400k");
+  assert.equal(formatCompact(3400000), "3.4M");
+  assert.equal(formatCompact(0.25), "0.25");
 });
