@@ -294,10 +294,13 @@ class Metrics:
         for reason, count in eplb["rebalances_skipped_by_reason"].items():
             skipped.add_metric([reason], count)
         yield skipped
-        for key, doc in [("last_gain_predicted", "Last decision: the plan's balancedness gain on held-out steps"),
-                         ("last_gain_margin", "Last decision: the gain a move had to clear (min gain + sigmas x noise)")]:
+        for key, name, doc in [
+                ("last_gain_predicted", "dsv4_eplb_last_gain_predicted", "Last decision: the plan's balancedness "
+                 "gain on held-out steps"),
+                ("last_gain_margin", "dsv4_eplb_last_gain_margin", "Last decision: the gain a move had to clear "
+                 "(min gain + sigmas x noise)")]:
             if eplb[key] is not None:
-                yield GaugeMetricFamily(f"dsv4_eplb_{key}", doc, value=eplb[key])
+                yield GaugeMetricFamily(name, doc, value=eplb[key])
         yield GaugeMetricFamily("dsv4_eplb_rebalance_layers_left", "Layers a started rebalance still has to move",
                                 value=eplb["rebalance_layers_left"])
         ranks = s.get("ranks", {})

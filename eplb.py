@@ -495,21 +495,17 @@ def layers_worth_moving(gain: PlanGain, changed: torch.Tensor, min_gain: float, 
                         per_layer: bool) -> MoveDecision:
     """Which layers of a plan to move, if any: a move must beat the noise of its own estimate.
 
-    gain: from `heldout_gain`; changed [L] bool: the layers the plan changes. The whole plan pays when
-    its model gain (mean over layers) exceeds min_gain + noise_sigmas x its noise; then its changed
-    layers move (per_layer: only those that gain at all, since a layer's move costs its bytes whatever
-    the others gain). Otherwise, per_layer, a layer moves on its own when its gain exceeds
-    min_gain + noise_sigmas x its own noise.
+    gain: from `heldout_gain`; changed [L] bool: the layers the plan changes. The whole plan pays, and
+    all its changed layers move, when its model gain (mean over layers) exceeds min_gain +
+    noise_sigmas x its noise. Otherwise, per_layer, a layer moves alone when its own gain exceeds
+    min_gain + noise_sigmas x its own noise (a layer's move costs only its own bytes).
     """
     model_gain = float(gain.layer_gain.mean())
     noise = float(_jackknife_error(gain.replicates.mean(1)))
     margin = min_gain + noise_sigmas * noise
     pays = model_gain > margin
-    if per_layer:
-        alone = gain.layer_gain > min_gain + noise_sigmas * gain.layer_noise
-        layers = changed & (alone | (pays & (gain.layer_gain > 0)))
-    else:
-        layers = changed & pays
+    alone = gain.layer_gain > min_gain + noise_sigmas * gain.layer_noise  # [L]
+    layers = changed & (alone | pays if per_layer else torch.full_like(changed, pays))
     reason = "gain_below_margin" if not bool(layers.any()) else "plan_pays" if pays else "layers_pay"
     return MoveDecision(layers, reason, model_gain, noise, margin)
 
@@ -530,7 +526,7 @@ class EPLBConfig:
     """
     num_ranks: int = 1
     rebalance_num_iterations: int = 1000
-    window: int | None = None  # steps kept per step in the ring; default = rebalance_num_iterations
+    window: int | None = None  # steps kept one by one (held-out and measured load); default = the period
     algorithm: str = "global"
     num_nodes: int = 1
     num_groups: int | None = None

@@ -53,7 +53,7 @@ def test_layers_worth_moving_rules():
     whole = layers_worth_moving(steady, changed, 0.01, 2.0, per_layer=False)
     assert whole.reason == "plan_pays" and whole.layers.tolist() == [True, True, True, False]
     per_layer = layers_worth_moving(steady, changed, 0.01, 2.0, per_layer=True)
-    assert per_layer.layers.tolist() == [True, True, False, False]  # a losing layer stays put
+    assert per_layer.layers.tolist() == [True, True, True, False]  # a paying plan moves all it changes
     assert per_layer.margin == pytest.approx(0.01) and per_layer.gain == pytest.approx(0.29 / 4)
     # noisy: the plan as a whole does not clear its margin, layer 0 alone does
     noisy = gain([0.3, 0.0, -0.2, 0.0], [[0.3, 0.4, -0.2, 0], [0.3, -0.4, -0.2, 0], [0.3, 0.0, -0.2, 0]])
