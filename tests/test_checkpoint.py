@@ -209,7 +209,7 @@ def test_truncation_reads_only_the_first_layers(tmp_path, monkeypatch):
             requested.append(key)
             return self.f.get_tensor(key)
 
-    monkeypatch.setattr(safetensors, "safe_open", Spy)
+    monkeypatch.setattr(C, "safe_open", Spy)  # checkpoint.py imports safe_open at its top
     got = C.read_checkpoint(str(tmp_path), num_layers=2, progress=False)
     assert_same(got, {k: v for k, v in ref.items() if not k.startswith("layers.2.")})
     assert requested and not [k for k in requested if k.startswith("layers.2.")]
