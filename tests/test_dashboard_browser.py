@@ -167,7 +167,8 @@ def check_page_matches_state(page, state: dict) -> None:
     assert cells[2:] == [f"{measured[-1][k]:.3f}" for k in ("balancedness_before", "balancedness_predicted",
                                                             "balancedness_measured")]
     outlined = int(page.locator("#heat-placement").evaluate("c => c.dataset.changed"))
-    assert outlined == sum(map(len, state["changed_slots"])) == records[-1]["slots_changed"] > 0
+    latest_move = [r for r in records if r["slots_changed"] > 0][-1]  # later records may be skips (#14)
+    assert outlined == sum(map(len, state["changed_slots"])) == latest_move["slots_changed"] > 0
 
 
 def follow_a_token(page, state: dict) -> None:
