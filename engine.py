@@ -323,10 +323,7 @@ class Engine:
         """Whether this step's eplb.after_step() may move expert weights and maps (a move in progress
         goes on, or a rebalance check is due). A step launched ahead of it would have been counted
         with the old placement and folded with the new one, so none is launched then."""
-        eplb = self.eplb
-        if eplb is None:
-            return False
-        return eplb.rebalancer.busy or eplb.step_count + 1 - eplb.last_check >= eplb.config.rebalance_num_iterations
+        return self.eplb is not None and self.eplb.may_move_after_next_step()
 
     def _decode(self, rows: list[Sequence], load, run_ahead: bool) -> None:
         """One batched one-token step over `rows`."""

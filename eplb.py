@@ -643,13 +643,20 @@ class EPLBManager:
         self.step_count += 1
         self.move_pending_layers()
         self._measure_if_due()
-        due = self.step_count - self.last_check >= self.config.rebalance_num_iterations
-        if due and self.config.num_ranks > 1 and not self.rebalancer.busy:
+        if self._rebalance_due(self.step_count) and self.config.num_ranks > 1 and not self.rebalancer.busy:
             self.rebalance()
         if self.step_count % max(1, self.window // 10) == 0:
             per_layer = self.layer_balancedness()
             self.history.append((self.step_count, float(per_layer.mean())))
             self.layer_history.append((self.step_count, per_layer.tolist()))
+
+    def _rebalance_due(self, step_count: int) -> bool:
+        return step_count - self.last_check >= self.config.rebalance_num_iterations
+
+    def may_move_after_next_step(self) -> bool:
+        """Whether the next after_step() may move expert weights and maps (a move in progress goes on,
+        or a rebalance check is due): the engine launches no step ahead of such a step."""
+        return self.rebalancer.busy or self._rebalance_due(self.step_count + 1)
 
     def move_pending_layers(self) -> bool:
         """Move the next chunk of a rebalance in progress: after a forward step, and from the engine's
