@@ -186,7 +186,8 @@ class ExpertLoadRecorder:
 
     def _last(self, ring: torch.Tensor, steps: int | None) -> torch.Tensor:
         n = min(self.steps, self.window, self.window if steps is None else steps)
-        idx = (torch.arange(self.steps - n, self.steps) % self.window).to(ring.device)
+        # built on the ring's device: a host-built index would be a pageable copy, which waits for the GPU
+        idx = torch.arange(self.steps - n, self.steps, device=ring.device) % self.window
         return ring.index_select(0, idx)
 
     def logical_load(self, steps: int | None = None) -> torch.Tensor:
@@ -620,8 +621,9 @@ class EPLBManager:
         self.step_count = 0
         self.last_check = 0
         self.records: deque[RebalanceRecord] = deque(maxlen=64)
-        self.history: deque[tuple[int, float]] = deque(maxlen=config.history)
-        self.layer_history: deque[tuple[int, list[float]]] = deque(maxlen=config.history)  # [L] per sample
+        # (step, [L] per-layer balancedness of the window then), sampled every window/10 steps and kept
+        # on the model's device until read: a host read per sample would stall the steps queued ahead
+        self._samples: deque[tuple[int, torch.Tensor]] = deque(maxlen=config.history)
         self.counters = {"rebalances_total": 0, "rebalances_skipped_total": 0, "rebalance_checks_total": 0,
                          "rebalance_seconds_total": 0.0, "bytes_moved_total": 0, "slots_changed_total": 0}
         self.skipped_by_reason = dict.fromkeys(SKIP_REASONS, 0)
@@ -646,9 +648,7 @@ class EPLBManager:
         if self._rebalance_due(self.step_count) and self.config.num_ranks > 1 and not self.rebalancer.busy:
             self.rebalance()
         if self.step_count % max(1, self.window // 10) == 0:
-            per_layer = self.layer_balancedness()
-            self.history.append((self.step_count, float(per_layer.mean())))
-            self.layer_history.append((self.step_count, per_layer.tolist()))
+            self._samples.append((self.step_count, self._window_balancedness()))
 
     def _rebalance_due(self, step_count: int) -> bool:
         return step_count - self.last_check >= self.config.rebalance_num_iterations
@@ -672,7 +672,20 @@ class EPLBManager:
         return float(self.layer_balancedness(steps).mean())
 
     def layer_balancedness(self, steps: int | None = None) -> torch.Tensor:
-        return balancedness(rank_load(self.recorder.physical_load(steps).cpu(), self.config.num_ranks))
+        """[L] float64 on the CPU: per-layer balancedness of the last `steps` steps (default: the window)."""
+        return self._window_balancedness(steps).cpu()
+
+    def _window_balancedness(self, steps: int | None = None) -> torch.Tensor:
+        """The same on the recorder's device, without waiting for it."""
+        return balancedness(rank_load(self.recorder.physical_load(steps), self.config.num_ranks))
+
+    def history(self) -> tuple[list[tuple[int, float]], list[tuple[int, list[float]]]]:
+        """The balancedness samples: ([(step, mean over layers)], [(step, [L] per layer)]), oldest first."""
+        if not self._samples:
+            return [], []
+        steps = [step for step, _ in self._samples]
+        per_layer = torch.stack([b for _, b in self._samples]).cpu()  # [S, L]: one read for all samples
+        return list(zip(steps, per_layer.mean(1).tolist())), list(zip(steps, per_layer.tolist()))
 
     def plan(self, logical_load: torch.Tensor) -> ExpertLocation:
         """New placement for logical_load [L, E] (CPU), keeping slots where it can."""
@@ -868,6 +881,7 @@ class EPLBManager:
         config = asdict(self.config)
         config.update(num_groups=self.num_groups, num_nodes=self.num_nodes, window=self.window,
                       load_half_life=self.half_life)
+        history, layer_history = self.history()
         in_progress = None
         if self.rebalancer.busy:
             in_progress = {"layers_left": len(self.rebalancer.pending), "step": self._moving.step}
@@ -878,9 +892,9 @@ class EPLBManager:
             "phy2log": loc.phy2log.cpu().tolist(), "logcnt": loc.logcnt.cpu().tolist(),
             "logical_load": logical.tolist(), "rank_load": ranks.long().tolist(),
             "balancedness_per_layer": balancedness(ranks).tolist(),
-            "balancedness_history": [list(x) for x in self.history],
+            "balancedness_history": [list(x) for x in history],
             # [step, [L]] samples; rounded, since the page polls this every second at 43+ layers
-            "layer_balancedness_history": [[step, [round(b, 4) for b in row]] for step, row in self.layer_history],
+            "layer_balancedness_history": [[step, [round(b, 4) for b in row]] for step, row in layer_history],
             "changed_slots": self.rebalancer.changed_slots,
             "rebalance_in_progress": in_progress,
             "rebalances": [asdict(r) for r in self.records],

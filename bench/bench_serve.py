@@ -45,7 +45,8 @@ def free_port() -> int:
 
 def start_server(args, eplb: str, expert_dtype: str | None = None) -> tuple[subprocess.Popen, str, float]:
     """eplb: "off"; "record" (count load on every step, never move: P = E, one rank, so the only
-    difference from "off" is the counting); "on" (EP ranks, redundant slots, rebalance every 50 steps).
+    difference from "off" is the counting); "on" (EP ranks, redundant slots, a rebalance check every
+    --eplb-period steps over a window of as many steps: serve.py's defaults).
     expert_dtype: serve.py --expert-dtype (None: the server's default)."""
     port = free_port()
     flags = ["--preset", args.preset, "--device", args.device, "--port", str(port), "--log-level", "warning",
@@ -59,7 +60,7 @@ def start_server(args, eplb: str, expert_dtype: str | None = None) -> tuple[subp
         flags += ["--eplb", "--eplb-rebalance-num-iterations", str(10**9)]
     elif eplb == "on":
         flags += ["--eplb", "--ep-size", str(args.ep_size), "--ep-num-redundant-experts", str(args.redundant),
-                  "--eplb-rebalance-num-iterations", "50", "--eplb-window", "50"]
+                  "--eplb-rebalance-num-iterations", str(args.eplb_period), "--eplb-window", str(args.eplb_period)]
     started = time.monotonic()
     proc = subprocess.Popen([sys.executable, "serve.py", *flags], cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
@@ -223,8 +224,11 @@ def sweep_server(args, eplb: str, expert_dtype: str | None, meta: dict) -> list[
             for c in args.concurrency:
                 row = sweep_point(url, model, c, point_args)
                 row["eplb"], row["sampling"], row["expert_dtype"] = eplb, setting, expert_dtype
-                if eplb != "off":
-                    row["balancedness"] = httpx.get(url + "/eplb/state").json().get("balancedness")
+                if eplb != "off":  # what EPLB did during the run, so a fast "on" is seen to be working
+                    state = httpx.get(url + "/eplb/state").json()
+                    row["balancedness"] = state.get("balancedness")
+                    row["eplb_counters"] = {**state.get("counters", {}),
+                                            "skipped_by_reason": state.get("rebalances_skipped_by_reason")}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     finally:
@@ -273,6 +277,8 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=0, help="of the sampled setting (0 = off)")
     p.add_argument("--min-p", type=float, default=0.0, help="of the sampled setting (0 = off)")
     p.add_argument("--eplb-modes", nargs="+", default=["off", "record", "on"], choices=["off", "record", "on"])
+    p.add_argument("--eplb-period", type=int, default=100,
+                   help='"on": forward steps between rebalance checks, and the window (serve.py\'s default: 100)')
     p.add_argument("--client-procs", type=int, default=4, help="load-generator processes (clients spread over them)")
     p.add_argument("--hf-baseline", action="store_true", help="also time transformers generate (static batch)")
     p.add_argument("--init-device", choices=("cpu", "model"), default=None,
@@ -303,6 +309,9 @@ def main() -> None:
               f"{r['tpot_p50'] * 1e3:>7.1f}ms {r['tpot_p99'] * 1e3:>7.1f}ms "
               f"{r.get('balancedness') or float('nan'):>5.2f} {hf if hf is not None else float('nan'):>9.1f}")
     print_ratios(rows)
+    for r in rows:
+        if "eplb_counters" in r:
+            print(f"eplb {r['eplb']} {r['sampling']} C={r['concurrency']} (cumulative): {json.dumps(r['eplb_counters'])}")
     if os.environ.get("OUT"):
         out = Path(os.environ["OUT"]) / "bench_serve.json"
         out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
