@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import copy
 import itertools
 import logging
 import os
@@ -214,6 +215,15 @@ class ExpertLoadRecorder:
         recent = self.logical_steps(steps)  # [n, L, E]
         age = torch.arange(recent.shape[0] - 1, -1, -1, dtype=torch.float64, device=recent.device)
         return torch.einsum("s,sle->le", self.decay ** age, recent.double())
+
+    def to_host(self) -> ExpertLoadRecorder:
+        """A CPU copy of the rings and the decayed load (no session, no recording): a rebalance check
+        reads dozens of figures from them, and on a GPU each read would wait for the device."""
+        host = copy.copy(self)
+        for name in ("load", "physical", "logical", "decayed"):
+            setattr(host, name, getattr(self, name).cpu())
+        host.recording, host.session = False, deque()
+        return host
 
     def start(self) -> None:
         """sglang /start_expert_distribution_record: clear the session and record into it."""
@@ -633,6 +643,18 @@ class EPLBManager:
             start = initial_location(config.init_expert_location, L, E, P, config.num_ranks,
                                      self.num_groups, self.num_nodes, config.refine)
             self.rebalancer.run(start.to(device))
+        if config.num_ranks > 1:
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Plan and judge once on made-up load at start: the first plan pays one-off costs (numpy
+        imports its submodules lazily, first-use kernels) that would stall the first real check ~0.2 s."""
+        L, P, E = self.location.num_layers, self.location.num_physical, self.location.num_experts
+        recorder = ExpertLoadRecorder(L, P, E, 4)
+        for _ in range(4):
+            recorder.load.fill_(1)
+            recorder.step(self.location.phy2log.cpu())
+        self._best_candidate(recorder, self.location.to("cpu"), 2, fallback_to_all=False)
 
     @property
     def load(self) -> torch.Tensor:
@@ -687,14 +709,16 @@ class EPLBManager:
         per_layer = torch.stack([b for _, b in self._samples]).cpu()  # [S, L]: one read for all samples
         return list(zip(steps, per_layer.mean(1).tolist())), list(zip(steps, per_layer.tolist()))
 
-    def plan(self, logical_load: torch.Tensor) -> ExpertLocation:
-        """New placement for logical_load [L, E] (CPU), keeping slots where it can."""
-        old = self.location.phy2log.cpu() if self.config.preserve_slots else None
+    def plan(self, logical_load: torch.Tensor, current: ExpertLocation | None = None) -> ExpertLocation:
+        """New placement (on the CPU) for logical_load [L, E], keeping the slots of `current` (default:
+        the model's placement) where it can."""
+        current = self.location if current is None else current
+        old = current.phy2log.cpu() if self.config.preserve_slots else None
         phy2log, _, _ = rebalance_experts(logical_load.cpu(), self.location.num_physical, self.num_groups,
                                           self.num_nodes, self.config.num_ranks,
                                           refine=self.config.refine, old_phy2log=old)
         return ExpertLocation.from_phy2log(phy2log, self.location.num_experts, self.config.num_ranks,
-                                           self.location.width).to(self.location.phy2log.device)
+                                           self.location.width)
 
     def rebalance(self, force: bool = False) -> dict:
         """Decide whether a new placement pays and, if so, start moving it (now, or over the next steps).
@@ -709,33 +733,36 @@ class EPLBManager:
         if self.rebalancer.busy:
             return {"status": "busy", "layers_left": len(self.rebalancer.pending)}
         self.last_check = self.step_count
-        if int(self.recorder.logical_load().sum()) == 0:
+        # the check works on CPU copies, read from the device once: recorded load and current placement
+        recorder, current = self.recorder.to_host(), self.location.to("cpu")
+        if int(recorder.logical_load().sum()) == 0:
             return {"status": "no_load"}
         self.counters["rebalance_checks_total"] += 1
-        rec = RebalanceRecord(self.step_count, self.balancedness(), forced=force)
+        measured = balancedness(rank_load(recorder.physical_load(), self.config.num_ranks))  # [L]
+        rec = RebalanceRecord(self.step_count, float(measured.mean()), forced=force)
         if rec.balancedness_before >= self.config.min_balancedness and not force:
             return self._skip(rec, "balanced_enough", f"measured balancedness {rec.balancedness_before:.3f} >= "
                               f"min balancedness {self.config.min_balancedness:.3f}")
         t0 = time.perf_counter()
-        rec.heldout_steps = max(1, min(self.config.rebalance_num_iterations, self.window, self.recorder.steps) // 2)
-        best = self._best_candidate(rec.heldout_steps, fallback_to_all=force)
+        rec.heldout_steps = max(1, min(self.config.rebalance_num_iterations, self.window, recorder.steps) // 2)
+        best = self._best_candidate(recorder, current, rec.heldout_steps, fallback_to_all=force)
         if best is None:
             return self._skip(rec, "not_enough_steps", f"no steps before the {rec.heldout_steps} held-out ones "
                               "to fit a plan to")
-        changed = best.plan.changed_slots(self.location) > 0  # [L]
+        changed = best.plan.changed_slots(current) > 0  # [L]
         decision = layers_worth_moving(best.gain, changed, self.config.min_gain, self.config.gain_noise_sigmas,
                                        self.config.per_layer)
         layers = changed if force else decision.layers
-        self._fill_prediction(rec, best, decision, layers)
+        self._fill_prediction(rec, best, current, decision, layers)
         if not bool(layers.any()):
             rec.plan_seconds = time.perf_counter() - t0
             reason = "no_change" if not bool(changed.any()) else decision.reason
             rec.reason = reason
             return self._skip(rec, reason, self._describe(rec, 0))
-        target = self._move_target(best, layers, rec)
-        rec.plan_seconds = time.perf_counter() - t0
+        target = self._move_target(recorder, current, best, layers, rec)  # on the CPU: each layer's maps are
+        rec.plan_seconds = time.perf_counter() - t0                      # copied to the device as it moves
         rec.reason = "forced" if force else decision.reason
-        rec.detail = self._describe(rec, int(target.changed_slots(self.location).gt(0).sum()))
+        rec.detail = self._describe(rec, int(target.changed_slots(current).gt(0).sum()))
         log.info("eplb step %d: %s", rec.step, rec.detail)
         self._log_unmeasured()
         self._moving = rec
@@ -744,60 +771,59 @@ class EPLBManager:
         self.move_pending_layers()
         return {"status": "started", **asdict(rec)}
 
-    def _best_candidate(self, heldout: int, fallback_to_all: bool) -> Candidate | None:
-        """Plan on each load estimate without the last `heldout` steps; the larger held-out gain wins.
+    def _best_candidate(self, recorder: ExpertLoadRecorder, current: ExpertLocation, heldout: int,
+                        fallback_to_all: bool) -> Candidate | None:
+        """Plan on each load estimate of `recorder` without the last `heldout` steps; the larger held-out
+        gain over the `current` placement wins (both on the CPU).
 
         "decayed": every earlier step, halved every half-life (steady: the usual winner);
         "recent": the `heldout` steps before those (follows a change of traffic within one period).
         None when neither has load yet, unless fallback_to_all: then a plan on all load ("all"),
         judged on its own steps.
         """
-        recent = self.recorder.logical_steps(2 * heldout)[:-heldout]  # [<= heldout, L, E]
-        estimates = {"decayed": self.recorder.decayed_load(heldout), "recent": recent.sum(0)}
-        estimates = {name: load.cpu() for name, load in estimates.items() if float(load.sum()) > 0}
+        recent = recorder.logical_steps(2 * heldout)[:-heldout]  # [<= heldout, L, E]
+        estimates = {"decayed": recorder.decayed_load(heldout), "recent": recent.sum(0)}
+        estimates = {name: load for name, load in estimates.items() if float(load.sum()) > 0}
         if not estimates and fallback_to_all:
-            estimates = {"all": self.recorder.decayed_load().cpu()}
-        steps = self.recorder.logical_steps(heldout).cpu()  # [h, L, E]
+            estimates = {"all": recorder.decayed_load()}
+        steps = recorder.logical_steps(heldout)  # [h, L, E]
         blocks = torch.stack([b.sum(0) for b in steps.tensor_split(min(8, len(steps)))])  # [K, L, E]
-        current = blocks_rank_load(blocks, self.location.phy2log, self.config.num_ranks)
+        now = blocks_rank_load(blocks, current.phy2log, self.config.num_ranks)  # [K, L, G]
         best = None
         for name, load in estimates.items():
-            plan = self.plan(load)
-            gain = heldout_gain(current, blocks_rank_load(blocks, plan.phy2log, self.config.num_ranks))
+            plan = self.plan(load, current)
+            gain = heldout_gain(now, blocks_rank_load(blocks, plan.phy2log, self.config.num_ranks))
             if best is None or float(gain.layer_gain.mean()) > float(best.gain.layer_gain.mean()):
-                best = Candidate(name, plan, gain, float(balancedness(current.sum(0)).mean()))
+                best = Candidate(name, plan, gain, float(balancedness(now.sum(0)).mean()))
         return best
 
-    def _move_target(self, best: Candidate, layers: torch.Tensor, rec: RebalanceRecord) -> ExpertLocation:
-        """The placement to move to: `layers` [L] bool of a plan refitted to the winning load with the
-        held-out steps added (more and fresher load, fitted the same way as the plan judged). When the
-        recent load won, traffic has changed: the decayed memory restarts from those steps."""
-        load = self.recorder.decayed_load()
+    def _move_target(self, recorder: ExpertLoadRecorder, current: ExpertLocation, best: Candidate,
+                     layers: torch.Tensor, rec: RebalanceRecord) -> ExpertLocation:
+        """The placement to move to (CPU): `current` with `layers` [L] bool of a plan refitted to the
+        winning load with the held-out steps added (more and fresher load, fitted the same way as the
+        plan judged). When the recent load won, traffic has changed: the decayed memory restarts from
+        those steps."""
+        load = recorder.decayed_load()
         if best.load_name == "recent":
-            load = self.recorder.logical_steps(2 * rec.heldout_steps).sum(0)
-            self.recorder.restart_decayed(2 * rec.heldout_steps)
-        plan = self.plan(load.cpu())
-        slots = plan.changed_slots(self.location)
+            load = recorder.logical_steps(2 * rec.heldout_steps).sum(0)
+            self.recorder.restart_decayed(2 * rec.heldout_steps)  # the live recorder, not the copy
+        plan = self.plan(load, current)
+        slots = plan.changed_slots(current)
         rec.layers_planned, rec.slots_planned = int((slots > 0).sum()), int(slots.sum())
         rec.bytes_planned = rec.slots_planned * self.slot_bytes
-        return self._with_layers(plan, layers)
+        rows = torch.where(layers.view(-1, 1), plan.phy2log, current.phy2log)  # [L, P]
+        return ExpertLocation.from_phy2log(rows, self.location.num_experts, self.config.num_ranks, self.location.width)
 
-    def _fill_prediction(self, rec: RebalanceRecord, best: Candidate, decision: MoveDecision,
-                         layers: torch.Tensor) -> None:
+    def _fill_prediction(self, rec: RebalanceRecord, best: Candidate, current: ExpertLocation,
+                         decision: MoveDecision, layers: torch.Tensor) -> None:
         """The judged plan's figures into `rec` (a skip's predicted balancedness: the whole plan's)."""
-        slots = best.plan.changed_slots(self.location)  # [L]
+        slots = best.plan.changed_slots(current)  # [L]
         moving = layers if bool(layers.any()) else slots > 0
         rec.plan_load, rec.balancedness_heldout = best.load_name, best.heldout_balancedness
         rec.balancedness_predicted = best.heldout_balancedness + float(best.gain.layer_gain[moving].sum()) / len(slots)
         rec.gain_predicted, rec.gain_noise, rec.gain_margin = decision.gain, decision.noise, decision.margin
         rec.layers_planned, rec.slots_planned = int((slots > 0).sum()), int(slots.sum())
         rec.bytes_planned = rec.slots_planned * self.slot_bytes
-
-    def _with_layers(self, plan: ExpertLocation, layers: torch.Tensor) -> ExpertLocation:
-        """The current placement with `layers` [L] bool taken from `plan`."""
-        rows = torch.where(layers.view(-1, 1).to(plan.phy2log.device), plan.phy2log, self.location.phy2log)
-        return ExpertLocation.from_phy2log(rows.cpu(), self.location.num_experts, self.config.num_ranks,
-                                           self.location.width).to(self.location.phy2log.device)
 
     def _describe(self, rec: RebalanceRecord, layers_moving: int) -> str:
         """The decision in words: the log line and the record's `detail`."""
