@@ -626,23 +626,33 @@ if triton is not None:
     """)
 
     @triton.jit
-    def _fp4_tile(b, scale_groups, DOT: tl.constexpr, ASM: tl.constexpr):
+    def _group_bytes(sg, KAXIS: tl.constexpr):
+        """Per-group values [G, BN] (KAXIS 0) or [BN, G] (KAXIS 1) -> one per packed byte of the
+        group (16 bytes = 32 inputs) along KAXIS: [G*16, BN] or [BN, G*16]."""
+        if KAXIS == 0:
+            G: tl.constexpr = sg.shape[0]
+            BN: tl.constexpr = sg.shape[1]
+            return tl.reshape(tl.broadcast_to(sg[:, None, :], [G, 16, BN]), [G * 16, BN])
+        else:
+            BN: tl.constexpr = sg.shape[0]
+            G: tl.constexpr = sg.shape[1]
+            return tl.reshape(tl.broadcast_to(sg[:, :, None], [BN, G, 16]), [BN, G * 16])
+
+    @triton.jit
+    def _fp4_tile(b, scale_groups, DOT: tl.constexpr, ASM: tl.constexpr, KAXIS: tl.constexpr = 0):
         """Packed e2m1 tile b uint8 [BK/2, BN] and its e8m0 scale bytes per 16-byte group
-        [BK/32, BN] -> (even inputs, odd inputs) as DOT [BK/2, BN] each.
+        [BK/32, BN] -> (even inputs, odd inputs) as DOT [BK/2, BN] each. KAXIS 1: the same with
+        K along axis 1 (b [BN, BK/2], scale_groups [BN, BK/32]; the swapped dots).
 
         ASM (fp16 on a GPU): _FP4_F16_ASM; otherwise plain Triton (the interpreter; the
         definition), the same values through fp32."""
-        G: tl.constexpr = scale_groups.shape[0]
-        BN: tl.constexpr = scale_groups.shape[1]
         if ASM:
-            sh = _fp4_scale_f16(scale_groups)  # [G, BN] fp16, once per group
-            sh = tl.reshape(tl.broadcast_to(sh[:, None, :], [G, 16, BN]), [G * 16, BN])
+            sh = _group_bytes(_fp4_scale_f16(scale_groups), KAXIS)  # fp16, converted once per group
             even, odd = tl.inline_asm_elementwise(
                 _FP4_F16_ASM, "=r,=r,=r,=r,r,r,r", [b, sh], dtype=(tl.float16, tl.float16),
                 is_pure=True, pack=4)
         else:
-            sf = _e8m0_to_f32(scale_groups) * 64.0  # [G, BN]
-            sf = tl.reshape(tl.broadcast_to(sf[:, None, :], [G, 16, BN]), [G * 16, BN])
+            sf = _group_bytes(_e8m0_to_f32(scale_groups) * 64.0, KAXIS)
             lo, hi = _fp4_to_e4m3(b)
             even = (lo.to(tl.float32) * sf).to(DOT)
             odd = (hi.to(tl.float32) * sf).to(DOT)
@@ -651,10 +661,24 @@ if triton is not None:
     @triton.jit
     def _qdot(acc, acc2, a_rows, a_ok, w_ptr, s_ptr, w2_ptr, s2_ptr, slot, offs_n, n_ok, N, K,
               FMT: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
-              ASM: tl.constexpr, TWO: tl.constexpr):
+              ASM: tl.constexpr, TWO: tl.constexpr, VAR: tl.constexpr):
         """acc [BM, BN] += A [BM, K] @ dequant(w[slot, offs_n, :])^T, dequantised in registers; with
         TWO also acc2 += A @ dequant(w2[slot, offs_n, :])^T in the same K loop (w1 and w3 share
-        every A tile). -> (acc, acc2).
+        every A tile). -> (acc, acc2). VAR (bits, see _variant_code): 1 = swapped dots (_qdot_t),
+        2 = fp4 through tl.dot_scaled (A rows in natural order, not split)."""
+        if VAR % 2 == 1:
+            acc, acc2 = _qdot_t(acc, acc2, a_rows, a_ok, w_ptr, s_ptr, w2_ptr, s2_ptr, slot, offs_n, n_ok, N, K,
+                                FMT, BLOCK_K, EVEN_K, PRECISION, ASM, TWO, VAR // 2 == 1)
+        else:
+            acc, acc2 = _qdot_n(acc, acc2, a_rows, a_ok, w_ptr, s_ptr, w2_ptr, s2_ptr, slot, offs_n, n_ok, N, K,
+                                FMT, BLOCK_K, EVEN_K, PRECISION, ASM, TWO, VAR // 2 == 1)
+        return acc, acc2
+
+    @triton.jit
+    def _qdot_n(acc, acc2, a_rows, a_ok, w_ptr, s_ptr, w2_ptr, s2_ptr, slot, offs_n, n_ok, N, K,
+                FMT: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+                ASM: tl.constexpr, TWO: tl.constexpr, SCALED: tl.constexpr):
+        """_qdot with the activations as the dot's first operand: A [BM, BK] @ W^T [BK, BN].
 
         a_rows [BM, 1]: pointers to the A rows (x or h, in the dot dtype), a_ok [BM];
         FMT 1: w fp8 e4m3 [P_local, N, K], s [P_local, N/128, K/128] (BLOCK_K divides 128, so a
@@ -662,8 +686,8 @@ if triton is not None:
         weights for many); A rows in natural order.
         FMT 2: w packed e2m1 uint8 [P_local, N, K/2], s [P_local, N, K/32]: even and odd inputs are
         two dots over the low and high nibbles, so A rows are stored split: [even inputs | odd inputs]
-        (no interleave in registers; BLOCK_K must be a multiple of 32). EVEN_K: K % BLOCK_K == 0
-        (no K masks)."""
+        (no interleave in registers; BLOCK_K must be a multiple of 32); with SCALED one
+        tl.dot_scaled on natural-order rows instead. EVEN_K: K % BLOCK_K == 0 (no K masks)."""
         slot64 = slot.to(tl.int64)
         n64 = offs_n.to(tl.int64)[None, :]  # [1, BN]
         if FMT == 1:
@@ -690,18 +714,90 @@ if triton is not None:
             for k0 in range(0, K, BLOCK_K):
                 j = k0 // 2 + offs_j  # [BK/2]
                 j_ok = (j < KH) | EVEN_K
-                a_mask = a_ok[:, None] & j_ok[None, :]
-                a_even = tl.load(a_rows + j[None, :], mask=a_mask, other=0.0)  # [BM, BK/2]
-                a_odd = tl.load(a_rows + KH + j[None, :], mask=a_mask, other=0.0)
                 g = k0 // 32 + offs_g  # [BK/32]
                 w_mask = j_ok[:, None] & n_ok[None, :]  # [BK/2, BN]
-                s_mask = ((g < SK) | EVEN_K)[:, None] & n_ok[None, :]  # [BK/32, BN]
-                acc = _fp4_step(acc, a_even, a_odd, w_ptr + w_off + j[:, None], s_ptr + s_off + g[:, None],
-                                w_mask, s_mask, PRECISION, ASM)
-                if TWO:
-                    acc2 = _fp4_step(acc2, a_even, a_odd, w2_ptr + w_off + j[:, None], s2_ptr + s_off + g[:, None],
-                                     w_mask, s_mask, PRECISION, ASM)
+                if SCALED:
+                    k = k0 + tl.arange(0, BLOCK_K)  # [BK] natural order
+                    a = tl.load(a_rows + k[None, :], mask=a_ok[:, None] & ((k < K) | EVEN_K)[None, :], other=0.0)
+                    s_mask = n_ok[:, None] & ((g < SK) | EVEN_K)[None, :]  # [BN, BK/32]
+                    acc = _fp4_scaled_step(acc, a, w_ptr + w_off + j[:, None], s_ptr + tl.trans(s_off) + g[None, :],
+                                           w_mask, s_mask, False)
+                    if TWO:
+                        acc2 = _fp4_scaled_step(acc2, a, w2_ptr + w_off + j[:, None], s2_ptr + tl.trans(s_off) + g[None, :],
+                                                w_mask, s_mask, False)
+                else:
+                    a_mask = a_ok[:, None] & j_ok[None, :]
+                    a_even = tl.load(a_rows + j[None, :], mask=a_mask, other=0.0)  # [BM, BK/2]
+                    a_odd = tl.load(a_rows + KH + j[None, :], mask=a_mask, other=0.0)
+                    s_mask = ((g < SK) | EVEN_K)[:, None] & n_ok[None, :]  # [BK/32, BN]
+                    acc = _fp4_step(acc, a_even, a_odd, w_ptr + w_off + j[:, None], s_ptr + s_off + g[:, None],
+                                    w_mask, s_mask, PRECISION, ASM)
+                    if TWO:
+                        acc2 = _fp4_step(acc2, a_even, a_odd, w2_ptr + w_off + j[:, None],
+                                         s2_ptr + s_off + g[:, None], w_mask, s_mask, PRECISION, ASM)
         return acc, acc2
+
+    @triton.jit
+    def _qdot_t(acc, acc2, a_rows, a_ok, w_ptr, s_ptr, w2_ptr, s2_ptr, slot, offs_n, n_ok, N, K,
+                FMT: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+                ASM: tl.constexpr, TWO: tl.constexpr, SCALED: tl.constexpr):
+        """_qdot swapped: acc^T [BN, BM] += W [BN, BK] @ A^T [BK, BM], the dequantised weights the
+        dot's FIRST operand (Hopper's wgmma takes A from registers: no trip through shared memory
+        for the dequantised tile) and the few activation rows the second (N = BM may be 8).
+        Same operands and layouts as _qdot_n; the result is transposed back once per output tile."""
+        BM: tl.constexpr = acc.shape[0]
+        BN: tl.constexpr = acc.shape[1]
+        a_cols = tl.trans(a_rows)  # [1, BM] A row pointers
+        slot64 = slot.to(tl.int64)
+        n64 = offs_n.to(tl.int64)[:, None]  # [BN, 1]
+        acc_t = tl.zeros([BN, BM], dtype=tl.float32)
+        acc2_t = tl.zeros([BN, BM], dtype=tl.float32)
+        if FMT == 1:
+            SK = (K + 127) // 128
+            w_off = slot64 * N * K + n64 * K  # [BN, 1]
+            s_off = slot64 * ((N + 127) // 128) * SK + (n64 // 128) * SK  # [BN, 1]
+            offs_k = tl.arange(0, BLOCK_K)
+            for k0 in range(0, K, BLOCK_K):
+                k = k0 + offs_k  # [BK]
+                k_ok = (k < K) | EVEN_K
+                a_t = tl.load(a_cols + k[:, None], mask=k_ok[:, None] & a_ok[None, :], other=0.0)  # [BK, BM]
+                w_mask = n_ok[:, None] & k_ok[None, :]  # [BN, BK]
+                acc_t = _fp8_step_t(acc_t, a_t, w_ptr + w_off + k[None, :], s_ptr + s_off + k0 // 128, w_mask,
+                                    n_ok, PRECISION)
+                if TWO:
+                    acc2_t = _fp8_step_t(acc2_t, a_t, w2_ptr + w_off + k[None, :], s2_ptr + s_off + k0 // 128,
+                                         w_mask, n_ok, PRECISION)
+        else:
+            KH, SK = K // 2, K // 32
+            w_off = slot64 * N * KH + n64 * KH  # [BN, 1] packed rows
+            s_off = slot64 * N * SK + n64 * SK  # [BN, 1]
+            offs_j = tl.arange(0, BLOCK_K // 2)
+            offs_g = tl.arange(0, BLOCK_K // 32)
+            for k0 in range(0, K, BLOCK_K):
+                j = k0 // 2 + offs_j  # [BK/2]
+                j_ok = (j < KH) | EVEN_K
+                g = k0 // 32 + offs_g  # [BK/32]
+                w_mask = n_ok[:, None] & j_ok[None, :]  # [BN, BK/2]
+                s_mask = n_ok[:, None] & ((g < SK) | EVEN_K)[None, :]  # [BN, BK/32]
+                w_ptrs = w_ptr + w_off + j[None, :]  # [BN, BK/2]
+                s_ptrs = s_ptr + s_off + g[None, :]  # [BN, BK/32]
+                if SCALED:
+                    k = k0 + tl.arange(0, BLOCK_K)  # [BK] natural order
+                    a_t = tl.load(a_cols + k[:, None], mask=((k < K) | EVEN_K)[:, None] & a_ok[None, :],
+                                  other=0.0)  # [BK, BM]
+                    acc_t = _fp4_scaled_step(acc_t, a_t, w_ptrs, s_ptrs, w_mask, s_mask, True)
+                    if TWO:
+                        acc2_t = _fp4_scaled_step(acc2_t, a_t, w2_ptr + w_off + j[None, :], s2_ptr + s_off + g[None, :],
+                                                  w_mask, s_mask, True)
+                else:
+                    a_mask = j_ok[:, None] & a_ok[None, :]
+                    a_even = tl.load(a_cols + j[:, None], mask=a_mask, other=0.0)  # [BK/2, BM]
+                    a_odd = tl.load(a_cols + KH + j[:, None], mask=a_mask, other=0.0)
+                    acc_t = _fp4_step_t(acc_t, a_even, a_odd, w_ptrs, s_ptrs, w_mask, s_mask, PRECISION, ASM)
+                    if TWO:
+                        acc2_t = _fp4_step_t(acc2_t, a_even, a_odd, w2_ptr + w_off + j[None, :],
+                                             s2_ptr + s_off + g[None, :], w_mask, s_mask, PRECISION, ASM)
+        return acc + tl.trans(acc_t), acc2 + tl.trans(acc2_t)
 
     @triton.jit
     def _fp8_step(acc, a, w_ptrs, s_ptrs, w_mask, n_ok, PRECISION: tl.constexpr):
@@ -716,6 +812,13 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _fp8_step_t(acc_t, a_t, w_ptrs, s_ptrs, w_mask, n_ok, PRECISION: tl.constexpr):
+        """_fp8_step swapped: acc_t [BN, BM] += (W [BN, BK] @ a_t [BK, BM]) * scale [BN, 1]."""
+        w = tl.load(w_ptrs, mask=w_mask, other=0.0)  # [BN, BK]
+        scale = _e8m0_to_f32(tl.load(s_ptrs, mask=n_ok[:, None], other=0))  # [BN, 1]
+        return acc_t + tl.dot(w.to(a_t.dtype), a_t, input_precision=PRECISION) * scale
+
+    @triton.jit
     def _fp4_step(acc, a_even, a_odd, w_ptrs, s_ptrs, w_mask, s_mask, PRECISION: tl.constexpr, ASM: tl.constexpr):
         """One K tile of a packed fp4 weight: w_ptrs [BK/2, BN] bytes, s_ptrs [BK/32, BN] their scales."""
         b = tl.load(w_ptrs, mask=w_mask, other=0)  # [BK/2, BN] uint8
@@ -725,10 +828,33 @@ if triton is not None:
         return tl.dot(a_odd, odd, acc, input_precision=PRECISION)
 
     @triton.jit
-    def _h_column(offs_n, I, FMT: tl.constexpr):
+    def _fp4_step_t(acc_t, a_even, a_odd, w_ptrs, s_ptrs, w_mask, s_mask, PRECISION: tl.constexpr,
+                    ASM: tl.constexpr):
+        """_fp4_step swapped: w_ptrs [BN, BK/2] bytes, s_ptrs [BN, BK/32], a_even / a_odd [BK/2, BM];
+        acc_t [BN, BM] += even [BN, BK/2] @ a_even + odd @ a_odd."""
+        b = tl.load(w_ptrs, mask=w_mask, other=0)  # [BN, BK/2] uint8
+        sg = tl.load(s_ptrs, mask=s_mask, other=0)  # [BN, BK/32]
+        even, odd = _fp4_tile(b, sg, a_even.dtype, ASM, 1)
+        acc_t = tl.dot(even, a_even, acc_t, input_precision=PRECISION)
+        return tl.dot(odd, a_odd, acc_t, input_precision=PRECISION)
+
+    @triton.jit
+    def _fp4_scaled_step(acc, a, w_ptrs, s_ptrs, w_mask, s_mask, SWAP: tl.constexpr):
+        """One K tile through tl.dot_scaled (fp16 activations x e2m1 weights with ue8m0 scales per
+        32 inputs; Triton picks the dequantisation). s_ptrs [BN, BK/32] either way;
+        SWAP: w_ptrs [BN, BK/2], a [BK, BM], acc [BN, BM]; else w_ptrs [BK/2, BN], a [BM, BK], acc [BM, BN]."""
+        b = tl.load(w_ptrs, mask=w_mask, other=0)  # packed along K
+        sg = tl.load(s_ptrs, mask=s_mask, other=0)  # [BN, BK/32]
+        if SWAP:
+            return tl.dot_scaled(b, sg, "e2m1", a, None, "fp16", acc)
+        else:
+            return tl.dot_scaled(a, None, "fp16", b, sg, "e2m1", acc)
+
+    @triton.jit
+    def _h_column(offs_n, I, FMT: tl.constexpr, VAR: tl.constexpr):
         """Where feature n of h is stored: in place, or for fp4's down projection split into
-        [even features | odd features] (see _qdot)."""
-        if FMT == 2:
+        [even features | odd features] (see _qdot_n; not for tl.dot_scaled, VAR bit 2)."""
+        if FMT == 2 and VAR // 2 == 0:
             return (offs_n % 2) * (I // 2) + offs_n // 2
         else:
             return offs_n
@@ -737,7 +863,7 @@ if triton is not None:
     def _swiglu_tile(x_ptr, stride_xt, w1_ptr, w3_ptr, s1_ptr, s3_ptr, rw_ptr, pair, pair_ok, slot, offs_n,
                      w_off, n_ok, offs_k, D, I, top_k, limit, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
-                     FMT: tl.constexpr, ASM: tl.constexpr):
+                     FMT: tl.constexpr, ASM: tl.constexpr, VAR: tl.constexpr):
         """One up-projection tile: silu(min(x w1, limit)) * clamp(x w3, +-limit) * routing weight
         for BM pairs (pair [BM], token = pair // top_k) x BN features of one slot (w_off [BK, BN]
         = the slot's w1/w3 rows, transposed; quantised formats (FMT 1 fp8, 2 fp4) use slot, offs_n
@@ -751,7 +877,7 @@ if triton is not None:
         if FMT != 0:
             a_rows = x_ptr + tok.to(tl.int64)[:, None] * stride_xt  # [BM, 1]
             acc_g, acc_u = _qdot(acc_g, acc_u, a_rows, pair_ok, w1_ptr, s1_ptr, w3_ptr, s3_ptr, slot, offs_n,
-                                 n_ok, I, D, FMT, BLOCK_K, EVEN_K, PRECISION, ASM, True)
+                                 n_ok, I, D, FMT, BLOCK_K, EVEN_K, PRECISION, ASM, True, VAR)
         else:
             for k0 in range(0, D, BLOCK_K):
                 if EVEN_K:
@@ -797,7 +923,7 @@ if triton is not None:
                        N, D, I, top_k, limit, num_n,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        EVEN_K: tl.constexpr, PRECISION: tl.constexpr, FMT: tl.constexpr,
-                       ASM: tl.constexpr):
+                       ASM: tl.constexpr, VAR: tl.constexpr):
         # I-tiles of one block are adjacent in launch order: x rows are gathered once into L2
         pid = tl.program_id(0)
         pid_m = pid // num_n
@@ -814,15 +940,15 @@ if triton is not None:
         w_off = slot.to(tl.int64) * I * D + offs_n.to(tl.int64)[None, :] * D + offs_k[:, None]
         h = _swiglu_tile(x_ptr, stride_xt, w1_ptr, w3_ptr, s1_ptr, s3_ptr, rw_ptr, pair, pair_ok, slot, offs_n,
                          w_off, n_ok, offs_k, D, I, top_k, limit, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PRECISION,
-                         FMT, ASM)
-        h_ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * I + _h_column(offs_n, I, FMT)[None, :]
+                         FMT, ASM, VAR)
+        h_ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * I + _h_column(offs_n, I, FMT, VAR)[None, :]
         tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=pair_ok[:, None] & n_ok[None, :])
 
     @triton.jit
     def _moe_down_kernel(h_ptr, w2_ptr, s2_ptr, y_ptr, pairs_ptr, slot_ptr, N, D, I, num_n,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          EVEN_K: tl.constexpr, PRECISION: tl.constexpr, FMT: tl.constexpr,
-                         ASM: tl.constexpr):
+                         ASM: tl.constexpr, VAR: tl.constexpr):
         pid = tl.program_id(0)
         pid_m = pid // num_n
         pid_n = pid % num_n
@@ -844,7 +970,7 @@ if triton is not None:
             h_rows = h_ptr + offs_m.to(tl.int64)[:, None] * I  # [BM, 1]
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             acc, _ = _qdot(acc, acc, h_rows, pair_ok, w2_ptr, s2_ptr, w2_ptr, s2_ptr, slot, offs_n, n_ok, D, I,
-                           FMT, BLOCK_K, EVEN_K, PRECISION, ASM, False)
+                           FMT, BLOCK_K, EVEN_K, PRECISION, ASM, False, VAR)
         y_ptrs = y_ptr + pair.to(tl.int64)[:, None] * D + offs_n[None, :]
         tl.store(y_ptrs, acc, mask=pair_ok[:, None] & n_ok[None, :])
 
@@ -872,7 +998,7 @@ if triton is not None:
                             N, D, I, top_k, limit, slot_offset, num_n,
                             NP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                            PRECISION: tl.constexpr, FMT: tl.constexpr, ASM: tl.constexpr):
+                            PRECISION: tl.constexpr, FMT: tl.constexpr, ASM: tl.constexpr, VAR: tl.constexpr):
         # program = (slot, I-tile); the slot's pairs found by scanning ids; h indexed by pair
         pid = tl.program_id(0)
         slot = pid // num_n
@@ -887,15 +1013,15 @@ if triton is not None:
             pair_ok = pair < N
             h = _swiglu_tile(x_ptr, stride_xt, w1_ptr, w3_ptr, s1_ptr, s3_ptr, rw_ptr, pair, pair_ok, slot, offs_n,
                              w_off, n_ok, offs_k, D, I, top_k, limit, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
-                             PRECISION, FMT, ASM)
-            h_ptrs = h_ptr + pair.to(tl.int64)[:, None] * I + _h_column(offs_n, I, FMT)[None, :]
+                             PRECISION, FMT, ASM, VAR)
+            h_ptrs = h_ptr + pair.to(tl.int64)[:, None] * I + _h_column(offs_n, I, FMT, VAR)[None, :]
             tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=pair_ok[:, None] & n_ok[None, :])
 
     @triton.jit
     def _moe_down_scan_kernel(h_ptr, w2_ptr, s2_ptr, y_ptr, ids_ptr, N, D, I, slot_offset, num_n,
                               NP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                              PRECISION: tl.constexpr, FMT: tl.constexpr, ASM: tl.constexpr):
+                              PRECISION: tl.constexpr, FMT: tl.constexpr, ASM: tl.constexpr, VAR: tl.constexpr):
         pid = tl.program_id(0)
         slot = pid // num_n
         pid_n = pid % num_n
@@ -916,7 +1042,7 @@ if triton is not None:
                 h_rows = h_ptr + pair.to(tl.int64)[:, None] * I  # [BM, 1]
                 acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
                 acc, _ = _qdot(acc, acc, h_rows, pair_ok, w2_ptr, s2_ptr, w2_ptr, s2_ptr, slot, offs_n, n_ok, D, I,
-                               FMT, BLOCK_K, EVEN_K, PRECISION, ASM, False)
+                               FMT, BLOCK_K, EVEN_K, PRECISION, ASM, False, VAR)
             y_ptrs = y_ptr + pair.to(tl.int64)[:, None] * D + offs_n[None, :]
             tl.store(y_ptrs, acc, mask=pair_ok[:, None] & n_ok[None, :])
 
@@ -944,10 +1070,11 @@ _FMT_CODE = {"bf16": 0, "fp8": 1, "fp4": 2}  # the kernels' FMT constexpr
 # 128 x 128 gives about the fewest instructions per weight value (fp4 ~3.9 up / ~4.2 down, fp8 ~2.2;
 # bf16's 64 x 256 is ~1.4): fp4 decode is near the H200's issue rate at full memory bandwidth.
 QUANT_CFG = {
-    "fp8": dict(decode=dict(BLOCK_M=16, up=(128, 128, 4), down=(128, 128, 4)),
+    "fp8": dict(decode=dict(BLOCK_M=16, up=(128, 128, 4), down=(128, 128, 4), swap=False),
                 mid=dict(BLOCK_M=64, up=(64, 64, 4), down=(128, 64, 4)),
                 prefill=dict(BLOCK_M=128, up=(128, 64, 8), down=(128, 64, 8))),
-    "fp4": dict(decode=dict(BLOCK_M=16, up=(64, 128, 4), down=(64, 128, 4)),  # H200: 1.63 ms vs 1.94 at 128 x 128
+    # swap / dot_scaled: the decode dot formulation (_variant_code); bench QMOE_SWEEP times the others
+    "fp4": dict(decode=dict(BLOCK_M=16, up=(64, 128, 4), down=(64, 128, 4), swap=False, dot_scaled=False),  # H200: 1.63 ms vs 1.94 at 128 x 128
                 mid=dict(BLOCK_M=64, up=(64, 64, 4), down=(128, 64, 4)),
                 prefill=dict(BLOCK_M=128, up=(128, 64, 8), down=(128, 64, 8))),
 }
@@ -1017,6 +1144,19 @@ def _contiguous(*tensors):
     return [t if t.is_contiguous() else t.contiguous() for t in tensors]
 
 
+def _variant_code(cfg, fmt, dot_dtype) -> int:
+    """The kernels' VAR constexpr from a config's variant keys: bit 1 "swap" (quantised only: the
+    dequantised weights are the dot's first operand, see _qdot_t), bit 2 "dot_scaled" (fp4:
+    tl.dot_scaled does the dequantisation; ignored for fp32 activations)."""
+    swap, scaled = bool(cfg.get("swap", False)), bool(cfg.get("dot_scaled", False))
+    if swap and fmt == "bf16":
+        raise ValueError("moe_experts: config swap=True is for quantised experts")
+    if scaled and fmt != "fp4":
+        raise ValueError("moe_experts: config dot_scaled=True is for fp4 experts")
+    scaled = scaled and dot_dtype == torch.float16  # fp32 activations (exact path): the plain dots
+    return int(swap) | 2 * int(scaled)
+
+
 def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0, scales=None, *, config=None):
     """Triton twin of moe_experts_torch (same signature and results; fp32 out).
 
@@ -1024,7 +1164,8 @@ def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0,
     tile by tile; their dots run in fp16 for 16-bit activations (e4m3 and scaled e2m1 values are
     exact in fp16, and so is a bf16 activation in fp16's normal range) and in fp32 for fp32 ones.
     config: optional dict like _moe_config's result, to override block sizes (benchmarks);
-    its "scan" key (default: from _moe_config) picks the decode path.
+    its "scan" key (default: from _moe_config) picks the decode path, "swap" / "dot_scaled" the
+    quantised dot formulation (see _variant_code; defaults in QUANT_CFG).
     Host work: output + scratch allocations and 3 launches (decode) or 5 (prefill: scan, scatter, up, down, sum); no sync.
     """
     fmt = _check_scales(w1, scales)
@@ -1045,7 +1186,12 @@ def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0,
         dot_dtype = torch.float32 if x.dtype == torch.float32 else torch.float16
     if x.dtype != dot_dtype:
         x = x.to(dot_dtype)
-    if fmt == "fp4":  # rows split [even inputs | odd inputs], as the fp4 dots read them
+    esize = torch.empty((), dtype=dot_dtype).element_size()
+    cfg = _moe_config(T * K, P_local, esize, I, fmt)
+    if config:
+        cfg = {**cfg, **config}
+    var = _variant_code(cfg, fmt, dot_dtype)
+    if fmt == "fp4" and not var & 2:  # rows split [even inputs | odd inputs], as the fp4 dots read them
         x = torch.cat([x[:, 0::2], x[:, 1::2]], dim=1)
     if x.stride(1) != 1:
         x = x.contiguous()
@@ -1054,11 +1200,7 @@ def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0,
     if ids.dtype != torch.int32 or not ids.is_contiguous():
         ids = ids.to(torch.int32).contiguous()
     N = T * K
-    esize = torch.empty((), dtype=dot_dtype).element_size()
     wsize = {"bf16": esize, "fp8": 1, "fp4": 0.5}[fmt]  # bytes per weight value, for the pipeline depth
-    cfg = _moe_config(N, P_local, esize, I, fmt)
-    if config:
-        cfg = {**cfg, **config}
     BM = cfg["BLOCK_M"]
     scan = cfg["scan"] and N <= SCAN_MAX_PAIRS
     precision = "ieee" if dot_dtype == torch.float32 else "tf32"  # exact fp32; ignored for 16-bit
@@ -1081,12 +1223,12 @@ def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0,
         h = torch.empty((N, I), dtype=dot_dtype, device=dev)  # [T*K, I] by pair
         _moe_up_scan_kernel[(P_local * num_n,)](
             x, x.stride(0), w1, w3, s1, s3, h, weights, ids, N, D, I, K, limit, slot_offset, num_n,
-            NP=NP, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, EVEN_K=D % BK == 0, PRECISION=precision, FMT=FMT, ASM=asm,
+            NP=NP, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, EVEN_K=D % BK == 0, PRECISION=precision, FMT=FMT, ASM=asm, VAR=var,
             num_warps=warps, num_stages=_stages(BM, BN, BK, 2, esize, wsize))
         _moe_down_scan_kernel[(P_local * num_n2,)](
             h, w2, s2, y, ids, N, D, I, slot_offset, num_n2,
             NP=NP, BLOCK_M=BM, BLOCK_N=BN2, BLOCK_K=BK2, EVEN_K=I % BK2 == 0,
-            PRECISION=precision, FMT=FMT, ASM=asm, num_warps=warps2, num_stages=_stages(BM, BN2, BK2, 1, esize, wsize))
+            PRECISION=precision, FMT=FMT, ASM=asm, VAR=var, num_warps=warps2, num_stages=_stages(BM, BN2, BK2, 1, esize, wsize))
     else:
         sorted_pairs, block_slot = _moe_align(ids, slot_offset, P_local, BM)
         num_blocks = block_slot.shape[0]
@@ -1094,10 +1236,10 @@ def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0,
         _moe_up_kernel[(num_blocks * num_n,)](
             x, x.stride(0), w1, w3, s1, s3, h, weights, sorted_pairs, block_slot, N, D, I, K,
             limit, num_n, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, EVEN_K=D % BK == 0,
-            PRECISION=precision, FMT=FMT, ASM=asm, num_warps=warps, num_stages=_stages(BM, BN, BK, 2, esize, wsize))
+            PRECISION=precision, FMT=FMT, ASM=asm, VAR=var, num_warps=warps, num_stages=_stages(BM, BN, BK, 2, esize, wsize))
         _moe_down_kernel[(num_blocks * num_n2,)](
             h, w2, s2, y, sorted_pairs, block_slot, N, D, I, num_n2,
-            BLOCK_M=BM, BLOCK_N=BN2, BLOCK_K=BK2, EVEN_K=I % BK2 == 0, PRECISION=precision, FMT=FMT, ASM=asm,
+            BLOCK_M=BM, BLOCK_N=BN2, BLOCK_K=BK2, EVEN_K=I % BK2 == 0, PRECISION=precision, FMT=FMT, ASM=asm, VAR=var,
             num_warps=warps2, num_stages=_stages(BM, BN2, BK2, 1, esize, wsize))
     SUM_N = min(1024, _next_pow2(D))
     _moe_sum_kernel[(T, -(-D // SUM_N))](

@@ -320,11 +320,21 @@ def moe_rows(copy_gbs, mm_tflops, results):
 # ------------------------------------------------------------------------------------ quantised experts
 QMOE_T = (64, 8192)
 QMOE_SWEEP_BUDGET_S = float(os.environ.get("QMOE_SWEEP_BUDGET_S", 420))  # skip further sweep configs once the run has taken this long
+QMOE_VARIANT_KEYS = ("swap", "dot_scaled")  # dot formulations (kernels._variant_code): timed whatever the budget
 QMOE_SWEEP = {  # alternative block configs per (format, phase), timed after the default
-    ("fp8", "decode"): [dict(BLOCK_M=16, up=(64, 128, 4), down=(64, 128, 4)),
+    ("fp8", "decode"): [dict(BLOCK_M=16, up=(128, 128, 4), down=(128, 128, 4), swap=True),
+                        dict(BLOCK_M=8, up=(128, 128, 4), down=(128, 128, 4), swap=True),
+                        dict(BLOCK_M=16, up=(64, 128, 4), down=(64, 128, 4)),
                         dict(BLOCK_M=16, up=(128, 128, 8), down=(128, 128, 8)),
                         dict(BLOCK_M=16, up=(128, 64, 4), down=(128, 64, 4))],
-    ("fp4", "decode"): [dict(BLOCK_M=16, up=(128, 128, 4), down=(128, 128, 4)),
+    ("fp4", "decode"): [dict(BLOCK_M=16, up=(64, 128, 4), down=(64, 128, 4), swap=True),
+                        dict(BLOCK_M=16, up=(128, 128, 4), down=(128, 128, 4), swap=True),
+                        dict(BLOCK_M=8, up=(64, 128, 4), down=(64, 128, 4), swap=True),
+                        dict(BLOCK_M=16, up=(64, 256, 4), down=(64, 256, 4), swap=True),
+                        dict(BLOCK_M=16, up=(64, 128, 4), down=(64, 128, 4), dot_scaled=True),
+                        dict(BLOCK_M=16, up=(128, 128, 4), down=(128, 128, 4), dot_scaled=True),
+                        dict(BLOCK_M=16, up=(64, 128, 4), down=(64, 128, 4), dot_scaled=True, swap=True),
+                        dict(BLOCK_M=16, up=(128, 128, 4), down=(128, 128, 4)),
                         dict(BLOCK_M=16, up=(32, 128, 4), down=(32, 128, 4)),
                         dict(BLOCK_M=16, up=(64, 128, 2), down=(64, 128, 2)),
                         dict(BLOCK_M=16, up=(32, 256, 4), down=(32, 256, 4)),
@@ -356,21 +366,33 @@ def slot_bytes(w1, w3, w2, scales):
     return sum(t[0].numel() * t.element_size() for t in tensors)
 
 
-def qmoe_sweep(row, fmt, phase, args):
+def qmoe_sweep(row, fmt, phase, args, copy_gbs, ref_out):
+    """Time QMOE_SWEEP's configs for (fmt, phase): ms, % copy bandwidth, error against ref_out (bf16
+    experts on the dequantised weights); variants (QMOE_VARIANT_KEYS) even past the time budget."""
     sweep = []
     for cfg in QMOE_SWEEP.get((fmt, phase), []):
-        if time.time() - T0 > QMOE_SWEEP_BUDGET_S:
-            log("qmoe sweep: time budget spent, skipping the rest")
-            break
+        variant = any(cfg.get(k) for k in QMOE_VARIANT_KEYS)
+        if time.time() - T0 > QMOE_SWEEP_BUDGET_S and not variant:
+            log(f"qmoe sweep: time budget spent, skipping {cfg}")
+            continue
         try:
-            ms = bench_ms(lambda: kernels.moe_experts_triton(*args, config=cfg), warmup=10, rep=50)
-            sweep.append(dict(ms=ms, cfg=cfg))
-        except Exception as e:  # e.g. out of shared memory for one config
+            out = kernels.moe_experts_triton(*args, config=cfg)
+            r = dict(cfg=cfg)
+            if ref_out is not None:
+                r["rel_err"] = float((out - ref_out).abs().max()) / max(float(ref_out.abs().max()), 1e-30)
+            del out
+            r["ms"] = bench_ms(lambda: kernels.moe_experts_triton(*args, config=cfg), warmup=10, rep=50)
+            r["pct_copy"] = 100 * row["bytes_read"] / r["ms"] / 1e6 / copy_gbs
+            sweep.append(r)
+        except Exception as e:  # e.g. out of shared memory for one config, or a variant triton cannot build
             log(f"qmoe sweep {fmt} {phase} {cfg} failed: {type(e).__name__}: {e}")
+            row.setdefault("sweep_errors", []).append(dict(cfg=cfg, error=f"{type(e).__name__}: {e}"[:300]))
     if sweep:
         best = min(sweep, key=lambda r: r["ms"])
         row["sweep_best_ms"], row["sweep_best_cfg"], row["sweep"] = best["ms"], best["cfg"], sweep
-        log(f"qmoe sweep {fmt} T={row['T']}: " + "; ".join(f"{r['ms']:.4f} ms {r['cfg']}" for r in sweep))
+        log(f"qmoe sweep {fmt} T={row['T']} (default {row['triton_ms']:.4f} ms, {row['pct_copy']:.1f}% copy): "
+            + "; ".join(f"{r['ms']:.4f} ms {r['pct_copy']:.1f}% copy err {r.get('rel_err', float('nan')):.1e} "
+                        f"{r['cfg']}" for r in sweep))
 
 
 def qmoe_case(fmt, T, x, weights, ids, experts, copy_gbs, bf16_ms, ref_out):
@@ -400,7 +422,7 @@ def qmoe_case(fmt, T, x, weights, ids, experts, copy_gbs, bf16_ms, ref_out):
             row["target"] = f">={speedup}x bf16" + (f" & >={pct}% copy" if pct else "")
             row["target_met"] = row["x_bf16"] >= speedup and row["pct_copy"] >= pct
         if fmt != "bf16":
-            qmoe_sweep(row, fmt, phase, args)
+            qmoe_sweep(row, fmt, phase, args, copy_gbs, ref_out)
     except Exception as e:  # keep going: one run must produce the whole table
         row["error"] = f"{type(e).__name__}: {e}"
         traceback.print_exc()
@@ -457,10 +479,17 @@ def print_qmoe_table(results):
               f"{r['GB/s']:>7.0f} {r['pct_copy']:>6.1f} {r['x_bf16']:>7.2f} {fmt(r.get('rel_err'), '8.1e')} "
               f"{fmt(r.get('rel_err_twin'), '8.1e')} {r.get('target', '-'):>26} {met:>4} "
               f"{fmt(r.get('sweep_best_ms'), '11.4f')}" + ("" if r.get("ok", True) else "  BAD"))
+        for s in r.get("sweep", []):  # every alternative, same columns: ms, %copy, x bf16, rel err
+            xb = r["x_bf16"] * r["triton_ms"] / s["ms"]
+            print(f"  {'':4} {'':7} {'':>6} {s['ms']:>8.4f} {'':>8} {'':>7} {s['pct_copy']:>6.1f} {xb:>7.2f} "
+                  f"{fmt(s.get('rel_err'), '8.1e')}   {s['cfg']}")
+        for s in r.get("sweep_errors", []):
+            print(f"  {'':4} FAILED {s['cfg']}: {s['error'][:120]}")
     print("GB read: the bytes of the slots the routing touches (weights + scales); %copy: GB/s over the device "
           "copy bandwidth of this run; rel err: max |out - ref| / max |ref| against bf16 experts holding the "
           "dequantised weights (err twin: against the quantised torch twin); sweep best: fastest alternative "
-          "block config (JSON has all).")
+          "block config; the indented rows under a case are every QMOE_SWEEP config (swap / dot_scaled: "
+          "the alternative dot formulations, kernels._variant_code).")
 
 
 # ------------------------------------------------------------------------------------ report

@@ -129,6 +129,47 @@ def test_quantised_triton_default_configs(fmt, pairs_per_slot):
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
 
 
+VARIANTS = [  # fmt, activation dtype, config variant keys (see kernels._variant_code)
+    ("fp4", torch.float32, dict(swap=True)),
+    ("fp8", torch.float32, dict(swap=True)),
+    ("fp4", torch.float16, dict(swap=True)),
+    ("fp8", torch.float16, dict(swap=True)),
+    ("fp4", torch.float16, dict(dot_scaled=True)),
+    ("fp4", torch.float16, dict(dot_scaled=True, swap=True)),
+]
+
+
+@pytest.mark.parametrize("fmt,dtype,variant", VARIANTS)
+@pytest.mark.parametrize("scan,BM", [(True, 16), (True, 8), (False, 16)])
+def test_quantised_variants_match_twin(fmt, dtype, variant, scan, BM):
+    # the alternative dot formulations: K tails (d 96, I 160 with BLOCK_K 64), N tails (I 160 with
+    # BLOCK_N 32 / 64), several BLOCK_M chunks per slot, a slot no pair reaches (local slot 2) and
+    # pairs on other ranks (ids outside slots 1..4)
+    gen = torch.Generator().manual_seed(11)
+    T, K, P, d, I, offset = 13, 2, 4, 96, 160, 1
+    (w1, w3, w2), scales, _ = random_experts(P, d, I, fmt, gen)
+    x = torch.randn(T, d, generator=gen).to(dtype)
+    ids = torch.randint(-1, 6, (T, K), generator=gen, dtype=torch.int32)
+    ids[ids == offset + 2] = offset + 1
+    weights = torch.rand(T, K, generator=gen)
+    cfg = dict(BLOCK_M=BM, up=(32, 64, 4), down=(64, 64, 4), scan=scan, **variant)
+    a = kernels.moe_experts_torch(x, weights, ids, w1, w3, w2, 2.0, offset, scales)
+    b = kernels.moe_experts_triton(x, weights, ids, w1, w3, w2, 2.0, offset, scales, config=cfg)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(b, a, **tol)
+
+
+def test_variant_keys_checked():
+    # swap is for quantised experts, dot_scaled for fp4; dot_scaled on fp32 activations falls back
+    assert kernels._variant_code({}, "fp4", torch.float16) == 0
+    assert kernels._variant_code(dict(swap=True, dot_scaled=True), "fp4", torch.float16) == 3
+    assert kernels._variant_code(dict(dot_scaled=True), "fp4", torch.float32) == 0
+    with pytest.raises(ValueError, match="swap"):
+        kernels._variant_code(dict(swap=True), "bf16", torch.bfloat16)
+    with pytest.raises(ValueError, match="dot_scaled"):
+        kernels._variant_code(dict(dot_scaled=True), "fp8", torch.float16)
+
+
 # ------------------------------------------------------------- fp4 inline PTX, emulated on the CPU
 class PtxEmu:
     """Just enough of PTX to run kernels._FP4_F16_ASM on numpy uint32 registers (one lane per case):
