@@ -1168,9 +1168,11 @@ def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0,
 # in registers. Activations (x, and h between the GEMMs) are split per (row, 128-input block) into
 # a ~= s_hi * hi + s_lo * lo, both e4m3 with power-of-two scales and lo holding hi's rounding error:
 # ~2^-8 relative error per element, near bf16 (hi alone, PARTS = 1, is plain activation-quantised
-# fp8: ~2^-4). Per 128-wide K block each part's dot goes to a fresh fp32 tile that is scaled by the
-# activation scales [BM] and the weight block's scale and added to the accumulator (DeepGEMM-style
-# promotion: the fp8 MMA never accumulates more than one 128-block, and no scale meets e4m3's range).
+# fp8: ~2^-4). Per 128-wide K block both parts' dots go to a fresh fp32 tile (lo's first, rescaled by
+# s_lo / s_hi) that is scaled by the activation scales [BM] and the weight block's scale and added to
+# the accumulator (DeepGEMM-style promotion: the fp8 MMA never accumulates more than one 128-block, and
+# no scale meets e4m3's range). sm_90 AOT (triton 3.9 on a CPU, 128 x 128 tiles, 8 warps): wgmma
+# m64n128k32 e4m3 x e4m3; the two-part up kernel sits at 255 registers with a 56-byte spill.
 # BLOCK_K is 128 (one weight scale per K block); BLOCK_N divides 128 (one per tile); the up kernel's
 # BLOCK_N is 128, so each of its tiles holds whole 128-blocks of h and writes them already split.
 # Twin: moe_experts_torch(..., act_parts=PARTS) with fp8x_act_split_torch.
@@ -1246,12 +1248,15 @@ if triton is not None:
 
     @triton.jit
     def _fp8x_mma(acc, hi, lo, s_hi, s_lo, w, w_scale, PARTS: tl.constexpr):
-        """acc [BM, BN] += (s_hi * hi @ w + s_lo * lo @ w) * w_scale for one 128-wide K block:
+        """acc [BM, BN] += (s_hi * hi @ w + s_lo * lo @ w) * w_scale for one 128-wide K block
+        (s_lo / s_hi may underflow only where lo is negligible next to hi):
         hi, lo [BM, 128] e4m3, s_hi, s_lo [BM], w [128, BN] e4m3, w_scale a scalar (fp32)."""
-        acc += tl.dot(hi, w) * (s_hi * w_scale)[:, None]
-        if PARTS == 2:
-            acc += tl.dot(lo, w) * (s_lo * w_scale)[:, None]
-        return acc
+        if PARTS == 2:  # one fp32 temporary: lo's dot, rescaled to hi's scale, seeds hi's (fewer registers)
+            t = tl.dot(lo, w) * (s_lo / s_hi)[:, None]
+            t = tl.dot(hi, w, t)
+        else:
+            t = tl.dot(hi, w)
+        return acc + t * (s_hi * w_scale)[:, None]
 
     @triton.jit
     def _moe_up_fp8x_kernel(xq_ptr, xs_ptr, x_part_q, x_part_s, w1_ptr, w3_ptr, s1_ptr, s3_ptr,
