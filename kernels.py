@@ -1237,10 +1237,10 @@ if triton is not None:
         q_ptrs = q_ptr + rows[:, None] * K + k[None, :]  # [BM, 128]
         s_ptrs = s_ptr + rows * KB + kb  # [BM]
         hi = tl.load(q_ptrs, mask=mask, other=0.0)
-        s_hi = tl.load(s_ptrs, mask=row_ok, other=0.0)
+        s_hi = tl.load(s_ptrs, mask=row_ok, other=1.0)  # 1: no 0 / 0 in s_lo / s_hi for absent rows
         if PARTS == 2:
             lo = tl.load(q_ptrs + part_q, mask=mask, other=0.0)
-            s_lo = tl.load(s_ptrs + part_s, mask=row_ok, other=0.0)
+            s_lo = tl.load(s_ptrs + part_s, mask=row_ok, other=1.0)
         else:
             lo = hi
             s_lo = s_hi
