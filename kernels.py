@@ -198,7 +198,8 @@ def _check_scales(w1, scales):
     return fmt
 
 
-def moe_experts_torch(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0, scales=None):
+def moe_experts_torch(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0, scales=None, *,
+                      act_parts=0):
     """Routed experts over physical slots: sum_k weights[t,k] * expert(ids[t,k])(x[t]).
 
     x [T, d], weights [T, K] fp32, ids [T, K] int32, w1/w3 [P_local, I, d], w2 [P_local, d, I]
@@ -208,6 +209,8 @@ def moe_experts_torch(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0, 
     which slot holds an expert or who shares it.
     Quantised experts (see dsv4_mini.RoutedExperts; format from w1.dtype): scales = (s1, s3, s2);
     each used slot is dequantised to x.dtype first (dequantize_slot), then the same math runs.
+    act_parts (1 or 2, fp8 experts): twin of the fp8 tensor-core prefill path: x and h rounded
+    through fp8x_act_split_torch (that many e4m3 parts) before their matmuls, which run in fp32.
     """
     fmt = _check_scales(w1, scales)
     T, K = ids.shape
@@ -227,13 +230,60 @@ def moe_experts_torch(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0, 
         if fmt == "bf16":
             m1, m3, m2 = w1[slot], w3[slot], w2[slot]
         else:
-            m1, m3, m2 = (dequantize_slot(w, s, slot, x.dtype) for w, s in zip((w1, w3, w2), scales))
+            wdt = torch.float32 if act_parts else x.dtype
+            m1, m3, m2 = (dequantize_slot(w, s, slot, wdt) for w, s in zip((w1, w3, w2), scales))
         xs = x[pairs // K].to(m1.dtype)  # [n, d]
+        if act_parts:
+            xs = fp8x_act_round_torch(xs, act_parts)
         g = _tiled_matmul(xs, m1).float()  # [n, I]
         u = _tiled_matmul(xs, m3).float()  # [n, I]
         h = _swiglu(g, u, flat_w[pairs].unsqueeze(1), swiglu_limit)  # [n, I]
+        if act_parts:
+            h = fp8x_act_round_torch(h, act_parts)
         per_pair[pairs] = _tiled_matmul(h.to(m2.dtype), m2).float()  # [n, d]
     return per_pair.view(T, K, x.shape[1]).sum(1)
+
+
+FP8X_BLOCK = 128  # activation scale block of the fp8 tensor-core prefill path (= the weights' block)
+
+
+def _pow2_for_e4m3_torch(amax):
+    """amax [...] fp32 >= 0 -> power-of-two scales s with amax / s in (224, 448] (1 where amax is 0),
+    from amax's exponent bits: amax = m 2^e, m in [1, 2); 256 m fits e4m3's 448 iff m <= 1.75."""
+    bits = amax.contiguous().view(torch.int32)
+    e = ((bits >> 23) & 0xFF) - 8 + ((bits & 0x7FFFFF) > 0x600000).to(torch.int32)
+    e = torch.where(amax > 0, e.clamp(1, 253), torch.full_like(e, 127))
+    return (e << 23).view(torch.float32)
+
+
+def fp8x_act_split_torch(a, parts: int = 2):
+    """a [R, K] float -> (q [parts, R, K] float8_e4m3fn, s [parts, R, ceil(K/128)] fp32) with
+    a ~= s[0] * q[0] + s[1] * q[1] per 128-input block (scales broadcast over the block): part 0
+    rounds a / s[0] to e4m3 (ties to even), part 1 the exact remainder a - s[0] q[0] the same way.
+    Relative error per element ~2^-8 with two parts (~2^-4 with one). Torch twin of _fp8x_split_kernel."""
+    R, K = a.shape
+    KB = -(-K // FP8X_BLOCK)
+    rest = F.pad(a.float(), (0, KB * FP8X_BLOCK - K)).view(R, KB, FP8X_BLOCK)  # [R, KB, 128]
+    qs, ss = [], []
+    for _ in range(parts):
+        s = _pow2_for_e4m3_torch(rest.abs().amax(-1))  # [R, KB]
+        q = (rest / s.unsqueeze(-1)).to(torch.float8_e4m3fn)  # [R, KB, 128]
+        rest = rest - q.float() * s.unsqueeze(-1)  # exact: q * s is a rounding of rest
+        qs.append(q.view(R, KB * FP8X_BLOCK)[:, :K])
+        ss.append(s)
+    return torch.stack(qs), torch.stack(ss)
+
+
+def fp8x_act_dequant_torch(q, s):
+    """(q [parts, R, K] e4m3, s [parts, R, KB] fp32) of fp8x_act_split_torch -> [R, K] fp32."""
+    K = q.shape[2]
+    scale = s.repeat_interleave(FP8X_BLOCK, dim=2)[:, :, :K]  # [parts, R, K]
+    return (q.float() * scale).sum(0)
+
+
+def fp8x_act_round_torch(a, parts: int = 2):
+    """a [R, K] -> its fp8x split, dequantised (fp32): what the fp8 prefill path's dots see."""
+    return fp8x_act_dequant_torch(*fp8x_act_split_torch(a, parts))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1072,7 +1122,8 @@ _FMT_CODE = {"bf16": 0, "fp8": 1, "fp4": 2}  # the kernels' FMT constexpr
 QUANT_CFG = {
     "fp8": dict(decode=dict(BLOCK_M=16, up=(128, 128, 4), down=(128, 128, 4), swap=False),
                 mid=dict(BLOCK_M=64, up=(64, 64, 4), down=(128, 64, 4)),
-                prefill=dict(BLOCK_M=128, up=(128, 64, 8), down=(128, 64, 8))),
+                # fp8_act: the fp8 tensor-core path (x and h split into that many e4m3 parts; 0: off)
+                prefill=dict(BLOCK_M=128, up=(128, 64, 8), down=(128, 64, 8), fp8_act=2)),
     # swap / dot_scaled: the decode dot formulation (_variant_code); bench QMOE_SWEEP times the others
     "fp4": dict(decode=dict(BLOCK_M=16, up=(64, 128, 4), down=(64, 128, 4), swap=False, dot_scaled=False),  # H200: 1.63 ms vs 1.94 at 128 x 128
                 mid=dict(BLOCK_M=64, up=(64, 64, 4), down=(128, 64, 4)),
@@ -1165,7 +1216,9 @@ def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0,
     exact in fp16, and so is a bf16 activation in fp16's normal range) and in fp32 for fp32 ones.
     config: optional dict like _moe_config's result, to override block sizes (benchmarks);
     its "scan" key (default: from _moe_config) picks the decode path, "swap" / "dot_scaled" the
-    quantised dot formulation (see _variant_code; defaults in QUANT_CFG).
+    quantised dot formulation (see _variant_code; defaults in QUANT_CFG). fp8 experts outside the scan
+    path with 16-bit activations on sm_89+ (or the interpreter) take the fp8 tensor-core path
+    (_moe_fp8x_prefill) when the config's "fp8_act" is 1 or 2 (default 2 at prefill; 0: the path above).
     Host work: output + scratch allocations and 3 launches (decode) or 5 (prefill: scan, scatter, up, down, sum); no sync.
     """
     fmt = _check_scales(w1, scales)
@@ -1229,6 +1282,8 @@ def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0,
             h, w2, s2, y, ids, N, D, I, slot_offset, num_n2,
             NP=NP, BLOCK_M=BM, BLOCK_N=BN2, BLOCK_K=BK2, EVEN_K=I % BK2 == 0,
             PRECISION=precision, FMT=FMT, ASM=asm, VAR=var, num_warps=warps2, num_stages=_stages(BM, BN2, BK2, 1, esize, wsize))
+    elif fmt == "fp8" and cfg.get("fp8_act") and dot_dtype == torch.float16 and fp8_dots_supported(dev):
+        _moe_fp8x_prefill(x, weights, ids, w1, w3, w2, (s1, s3, s2), limit, slot_offset, cfg, y)
     else:
         sorted_pairs, block_slot = _moe_align(ids, slot_offset, P_local, BM)
         num_blocks = block_slot.shape[0]
@@ -1245,6 +1300,231 @@ def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0,
     _moe_sum_kernel[(T, -(-D // SUM_N))](
         y, ids, out, D, K, slot_offset, slot_offset + P_local, BLOCK_N=SUM_N, num_warps=4)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Experts: fp8 tensor-core prefill (fp8 experts, activations split into two e4m3 parts)
+# ---------------------------------------------------------------------------------------------
+# For fp8 experts at prefill (128-row slot tiles, not the scan path) the dots run on the fp8 tensor
+# cores (sm_89+; Hopper wgmma): weights go from memory into the dot as e4m3, with no dequantisation
+# in registers. Activations (x, and h between the GEMMs) are split per (row, 128-input block) into
+# a ~= s_hi * hi + s_lo * lo, both e4m3 with power-of-two scales and lo holding hi's rounding error:
+# ~2^-8 relative error per element, near bf16 (hi alone, PARTS = 1, is plain activation-quantised
+# fp8: ~2^-4). Per 128-wide K block both parts' dots go to a fresh fp32 tile (lo's first, rescaled by
+# s_lo / s_hi) that is scaled by the activation scales [BM] and the weight block's scale and added to
+# the accumulator (DeepGEMM-style promotion: the fp8 MMA never accumulates more than one 128-block, and
+# no scale meets e4m3's range). sm_90 AOT (triton 3.9 on a CPU, 128 x 128 tiles, 8 warps): wgmma
+# m64n128k32 e4m3 x e4m3; the two-part up kernel sits at 255 registers with a 56-byte spill.
+# BLOCK_K is 128 (one weight scale per K block); BLOCK_N divides 128 (one per tile); the up kernel's
+# BLOCK_N is 128, so each of its tiles holds whole 128-blocks of h and writes them already split.
+# Twin: moe_experts_torch(..., act_parts=PARTS) with fp8x_act_split_torch.
+if triton is not None:
+
+    @triton.jit
+    def _pow2_for_e4m3(amax):
+        """amax [BM] fp32 >= 0 -> (s, 1/s) [BM]: powers of two with amax / s in (224, 448] (s = 1
+        where amax is 0), from amax's exponent bits as _pow2_for_e4m3_torch."""
+        bits = amax.to(tl.int32, bitcast=True)
+        e = ((bits >> 23) & 0xFF) - 8 + ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)
+        e = tl.where(amax > 0, tl.minimum(tl.maximum(e, 1), 253), 127)
+        return (e << 23).to(tl.float32, bitcast=True), ((254 - e) << 23).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _round_e4m3(v):
+        """fp32 v (|v| <= 448) -> the nearest e4m3 value (ties to even), still in fp32: adding and
+        subtracting 1.5 * 2^(E + 20) (E: v's exponent, at least e4m3's smallest normal -6) rounds at
+        e4m3's spacing 2^(E - 3). The cast to e4m3 after it is exact, so the result does not depend
+        on the cast's rounding (the Triton 3.9 interpreter's fp32 -> e4m3 cast drops a mantissa carry:
+        -1.97 -> -1.0)."""
+        e = tl.maximum((v.to(tl.int32, bitcast=True) >> 23) & 0xFF, 121)
+        c = (((e + 20) << 23) | 0x400000).to(tl.float32, bitcast=True)
+        return (v + c) - c
+
+    @triton.jit
+    def _fp8x_store(q_ptr, s_ptr, rows, row_ok, cols, col_ok, kb, part_q, part_s, K, KB, a, PARTS: tl.constexpr):
+        """Split a [BR, 128] fp32 (block kb of each row; zero outside col_ok) and store it: parts
+        q [PARTS, R, K] e4m3 (part stride part_q), scales s [PARTS, R, KB] fp32 (stride part_s)."""
+        mask = row_ok[:, None] & col_ok[None, :]
+        q_ptrs = q_ptr + rows[:, None] * K + cols[None, :]  # [BR, 128]
+        s_ptrs = s_ptr + rows * KB + kb  # [BR]
+        s_hi, inv_hi = _pow2_for_e4m3(tl.max(tl.abs(a), axis=1))
+        hi = _round_e4m3(a * inv_hi[:, None])
+        tl.store(q_ptrs, hi.to(tl.float8e4nv), mask=mask)
+        tl.store(s_ptrs, s_hi, mask=row_ok)
+        if PARTS == 2:
+            r = a - hi * s_hi[:, None]  # exact: hi * s_hi is a rounding of a
+            s_lo, inv_lo = _pow2_for_e4m3(tl.max(tl.abs(r), axis=1))
+            lo = _round_e4m3(r * inv_lo[:, None])
+            tl.store(q_ptrs + part_q, lo.to(tl.float8e4nv), mask=mask)
+            tl.store(s_ptrs + part_s, s_lo, mask=row_ok)
+
+    @triton.jit
+    def _fp8x_split_kernel(a_ptr, stride_a, q_ptr, s_ptr, R, K, KB, part_q, part_s,
+                           PARTS: tl.constexpr, BLOCK_R: tl.constexpr):
+        # program = (BLOCK_R rows, one 128-block of inputs)
+        rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)  # [BR]
+        kb = tl.program_id(1)
+        cols = kb * 128 + tl.arange(0, 128)  # [128]
+        row_ok = rows < R
+        col_ok = cols < K
+        a = tl.load(a_ptr + rows[:, None] * stride_a + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                    other=0.0).to(tl.float32)
+        _fp8x_store(q_ptr, s_ptr, rows, row_ok, cols, col_ok, kb, part_q, part_s, K, KB, a, PARTS)
+
+    @triton.jit
+    def _fp8x_load_a(q_ptr, s_ptr, rows, row_ok, k, k_ok, kb, part_q, part_s, K, KB, PARTS: tl.constexpr):
+        """Block kb of split activation rows (rows [BM] int64): (hi, lo [BM, 128] e4m3, s_hi, s_lo [BM])
+        (lo, s_lo = hi, s_hi, unused, for PARTS = 1)."""
+        mask = row_ok[:, None] & k_ok[None, :]
+        q_ptrs = q_ptr + rows[:, None] * K + k[None, :]  # [BM, 128]
+        s_ptrs = s_ptr + rows * KB + kb  # [BM]
+        hi = tl.load(q_ptrs, mask=mask, other=0.0)
+        s_hi = tl.load(s_ptrs, mask=row_ok, other=1.0)  # 1: no 0 / 0 in s_lo / s_hi for absent rows
+        if PARTS == 2:
+            lo = tl.load(q_ptrs + part_q, mask=mask, other=0.0)
+            s_lo = tl.load(s_ptrs + part_s, mask=row_ok, other=1.0)
+        else:
+            lo = hi
+            s_lo = s_hi
+        return hi, lo, s_hi, s_lo
+
+    @triton.jit
+    def _fp8x_mma(acc, hi, lo, s_hi, s_lo, w, w_scale, PARTS: tl.constexpr):
+        """acc [BM, BN] += (s_hi * hi @ w + s_lo * lo @ w) * w_scale for one 128-wide K block
+        (s_lo / s_hi may underflow only where lo is negligible next to hi):
+        hi, lo [BM, 128] e4m3, s_hi, s_lo [BM], w [128, BN] e4m3, w_scale a scalar (fp32)."""
+        if PARTS == 2:  # one fp32 temporary: lo's dot, rescaled to hi's scale, seeds hi's (fewer registers)
+            t = tl.dot(lo, w) * (s_lo / s_hi)[:, None]
+            t = tl.dot(hi, w, t)
+        else:
+            t = tl.dot(hi, w)
+        return acc + t * (s_hi * w_scale)[:, None]
+
+    @triton.jit
+    def _moe_up_fp8x_kernel(xq_ptr, xs_ptr, x_part_q, x_part_s, w1_ptr, w3_ptr, s1_ptr, s3_ptr,
+                            hq_ptr, hs_ptr, h_part_q, h_part_s, rw_ptr, pairs_ptr, slot_ptr,
+                            N, D, I, top_k, limit, num_n,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr):
+        # as _moe_up_kernel; x split (xq [PARTS, T, D], xs [PARTS, T, D/128]); h written split
+        # (hq [PARTS, rows, I], hs [PARTS, rows, I/128]); BLOCK_N = 128: this tile is h's block pid_n
+        pid = tl.program_id(0)
+        pid_m = pid // num_n
+        pid_n = pid % num_n
+        slot = tl.load(slot_ptr + pid_m)
+        if slot < 0:
+            return
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] rows of the sorted order
+        pair = tl.load(pairs_ptr + offs_m)  # [BM]
+        pair_ok = pair < N
+        tok = tl.where(pair_ok, pair // top_k, 0).to(tl.int64)  # [BM]
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] intermediate features
+        n_ok = offs_n < I
+        KB = tl.cdiv(D, 128)
+        w_rows = slot.to(tl.int64) * I * D + offs_n.to(tl.int64)[None, :] * D  # [1, BN]
+        s_row = (slot.to(tl.int64) * tl.cdiv(I, 128) + pid_n * BLOCK_N // 128) * KB  # this tile's scales
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for kb in range(0, KB):
+            k = kb * 128 + tl.arange(0, 128)  # [128]
+            k_ok = k < D
+            hi, lo, s_hi, s_lo = _fp8x_load_a(xq_ptr, xs_ptr, tok, pair_ok, k, k_ok, kb, x_part_q, x_part_s,
+                                              D, KB, PARTS)
+            w_mask = k_ok[:, None] & n_ok[None, :]
+            w1 = tl.load(w1_ptr + w_rows + k[:, None], mask=w_mask, other=0.0)  # [128, BN] = w1[slot, n, k]^T
+            acc_g = _fp8x_mma(acc_g, hi, lo, s_hi, s_lo, w1, _e8m0_to_f32(tl.load(s1_ptr + s_row + kb)), PARTS)
+            w3 = tl.load(w3_ptr + w_rows + k[:, None], mask=w_mask, other=0.0)
+            acc_u = _fp8x_mma(acc_u, hi, lo, s_hi, s_lo, w3, _e8m0_to_f32(tl.load(s3_ptr + s_row + kb)), PARTS)
+        g = tl.minimum(acc_g, limit)
+        u = tl.minimum(tl.maximum(acc_u, -limit), limit)
+        rw = tl.load(rw_ptr + pair, mask=pair_ok, other=0.0)  # [BM] routing weight, before w2
+        h = tl.where(n_ok[None, :], g / (1.0 + tl.exp(-g)) * u * rw[:, None], 0.0)  # [BM, BN] fp32
+        _fp8x_store(hq_ptr, hs_ptr, offs_m.to(tl.int64), pair_ok, offs_n, n_ok, pid_n, h_part_q, h_part_s,
+                    I, tl.cdiv(I, 128), h, PARTS)
+
+    @triton.jit
+    def _moe_down_fp8x_kernel(hq_ptr, hs_ptr, h_part_q, h_part_s, w2_ptr, s2_ptr, y_ptr, pairs_ptr, slot_ptr,
+                              N, D, I, num_n,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr):
+        pid = tl.program_id(0)
+        pid_m = pid // num_n
+        pid_n = pid % num_n
+        slot = tl.load(slot_ptr + pid_m)
+        if slot < 0:
+            return
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+        pair = tl.load(pairs_ptr + offs_m)  # [BM]
+        pair_ok = pair < N
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] hidden features
+        n_ok = offs_n < D
+        KB = tl.cdiv(I, 128)
+        w_rows = slot.to(tl.int64) * D * I + offs_n.to(tl.int64)[None, :] * I  # [1, BN]
+        s_row = (slot.to(tl.int64) * tl.cdiv(D, 128) + pid_n * BLOCK_N // 128) * KB  # BLOCK_N divides 128
+        rows = offs_m.to(tl.int64)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for kb in range(0, KB):
+            k = kb * 128 + tl.arange(0, 128)  # [128] over I
+            k_ok = k < I
+            hi, lo, s_hi, s_lo = _fp8x_load_a(hq_ptr, hs_ptr, rows, pair_ok, k, k_ok, kb, h_part_q, h_part_s,
+                                              I, KB, PARTS)
+            w2 = tl.load(w2_ptr + w_rows + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # [128, BN]
+            acc = _fp8x_mma(acc, hi, lo, s_hi, s_lo, w2, _e8m0_to_f32(tl.load(s2_ptr + s_row + kb)), PARTS)
+        y_ptrs = y_ptr + pair.to(tl.int64)[:, None] * D + offs_n[None, :]
+        tl.store(y_ptrs, acc, mask=pair_ok[:, None] & n_ok[None, :])
+
+
+FP8X_SPLIT_ROWS = 32  # rows per _fp8x_split_kernel program
+
+
+def fp8_dots_supported(dev) -> bool:
+    """Whether Triton can run e4m3 dots on dev: the interpreter, or a CUDA device of sm_89+."""
+    if _interpreting():
+        return True
+    return dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (8, 9)
+
+
+def fp8x_act_split(a, parts: int = 2):
+    """a [R, K] (fp16/bf16/fp32, unit stride along K) -> (q [parts, R, K] float8_e4m3fn,
+    s [parts, R, ceil(K/128)] fp32): Triton twin of fp8x_act_split_torch (bitwise)."""
+    R, K = a.shape
+    KB = -(-K // FP8X_BLOCK)
+    q = torch.empty((parts, R, K), dtype=torch.float8_e4m3fn, device=a.device)
+    s = torch.empty((parts, R, KB), dtype=torch.float32, device=a.device)
+    if R and K:
+        _fp8x_split_kernel[(-(-R // FP8X_SPLIT_ROWS), KB)](
+            a, a.stride(0), q, s, R, K, KB, R * K, R * KB, PARTS=parts, BLOCK_R=FP8X_SPLIT_ROWS, num_warps=4)
+    return q, s
+
+
+def _moe_fp8x_prefill(x, weights, ids, w1, w3, w2, scales, limit, slot_offset, cfg, y):
+    """The fp8 tensor-core prefill path of moe_experts_triton: fills y [T*K, d] fp32 (per-pair outputs).
+    cfg: BLOCK_M, up/down (BLOCK_N, ignored BLOCK_K, warps), fp8_act (parts: 1 or 2), optional stages."""
+    T, D = x.shape
+    P_local, I = w1.shape[0], w1.shape[1]
+    N = ids.numel()
+    parts = int(cfg["fp8_act"])
+    BM = cfg["BLOCK_M"]
+    BN, _, warps = cfg["up"]
+    BN2, _, warps2 = cfg["down"]
+    if parts not in (1, 2) or BN != FP8X_BLOCK or FP8X_BLOCK % BN2:
+        raise ValueError(f"fp8 prefill path: fp8_act must be 1 or 2, up BLOCK_N {FP8X_BLOCK}, down BLOCK_N "
+                         f"dividing {FP8X_BLOCK}; got {parts}, {BN}, {BN2}")
+    s1, s3, s2 = scales
+    xq, xs = fp8x_act_split(x, parts)  # [parts, T, d], [parts, T, d/128]
+    sorted_pairs, block_slot = _moe_align(ids, slot_offset, P_local, BM)
+    R = block_slot.shape[0] * BM  # rows of the sorted order
+    IB = -(-I // FP8X_BLOCK)
+    hq = torch.empty((parts, R, I), dtype=torch.float8_e4m3fn, device=x.device)  # h split, sorted rows
+    hs = torch.empty((parts, R, IB), dtype=torch.float32, device=x.device)
+    num_n, num_n2 = -(-I // BN), -(-D // BN2)
+    stages = cfg.get("stages")
+    _moe_up_fp8x_kernel[(block_slot.shape[0] * num_n,)](
+        xq, xs, T * D, T * xs.shape[2], w1, w3, s1, s3, hq, hs, R * I, R * IB, weights, sorted_pairs, block_slot,
+        N, D, I, ids.shape[1], limit, num_n, BLOCK_M=BM, BLOCK_N=BN, PARTS=parts, num_warps=warps,
+        num_stages=stages or _stages(BM, BN, FP8X_BLOCK, 2, parts, 1))
+    _moe_down_fp8x_kernel[(block_slot.shape[0] * num_n2,)](
+        hq, hs, R * I, R * IB, w2, s2, y, sorted_pairs, block_slot, N, D, I, num_n2,
+        BLOCK_M=BM, BLOCK_N=BN2, PARTS=parts, num_warps=warps2,
+        num_stages=stages or _stages(BM, BN2, FP8X_BLOCK, 1, parts, 1))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,9 @@ Quantised experts (qmoe): released-size MoE at decode T=64 and prefill T=8192 wi
 in bf16, fp8 (e4m3, 128x128 ue8m0 blocks) and fp4 (packed e2m1, ue8m0 per 32): ms, the bytes actually
 read (the experts the routing touches: weights + scales), GB/s and % of copy bandwidth, the speedup over
 bf16 on the same routing, and the relative error against bf16 experts holding the dequantised weights
-(and, at T=64, against the quantised torch twin). A bounded sweep of alternative block configs follows.
+(and, at T=64, against the quantised torch twin). A bounded sweep of alternative block configs follows
+(each with its time and relative error; fp8 prefill: the fp8 tensor-core path with x / h split into two
+e4m3 parts is the default, fp8_act=1 its one-part variant, fp8_act=0 the fp16-dequantising path).
 Times are medians of triton.testing.do_bench (CUDA events, L2 flushed, launch overhead included).
 """
 import argparse
@@ -340,8 +342,16 @@ QMOE_SWEEP = {  # alternative block configs per (format, phase), timed after the
                         dict(BLOCK_M=16, up=(32, 256, 4), down=(32, 256, 4)),
                         dict(BLOCK_M=16, up=(64, 64, 4), down=(64, 64, 4)),
                         dict(BLOCK_M=16, up=(32, 128, 2), down=(64, 128, 4))],
-    ("fp8", "prefill"): [dict(BLOCK_M=128, up=(128, 128, 8), down=(128, 128, 8)),
-                         dict(BLOCK_M=64, up=(128, 64, 4), down=(128, 64, 4))],
+    # fp8_act: 2 = fp8 tensor cores on x / h split into two e4m3 parts (the default), 1 = one part
+    # (activation-quantised fp8, for comparison), 0 = weights dequantised to fp16 in registers (before)
+    ("fp8", "prefill"): [dict(BLOCK_M=128, up=(128, 64, 8), down=(128, 64, 8), fp8_act=1),
+                         dict(BLOCK_M=128, up=(128, 64, 8), down=(128, 64, 8), fp8_act=0),
+                         dict(BLOCK_M=128, up=(128, 64, 8), down=(128, 64, 8), fp8_act=2, stages=3),
+                         dict(BLOCK_M=128, up=(128, 64, 8), down=(64, 64, 4), fp8_act=2),
+                         dict(BLOCK_M=128, up=(128, 64, 4), down=(128, 64, 4), fp8_act=2),
+                         dict(BLOCK_M=64, up=(128, 64, 4), down=(128, 64, 4), fp8_act=2),
+                         dict(BLOCK_M=128, up=(128, 128, 8), down=(128, 128, 8), fp8_act=0),
+                         dict(BLOCK_M=64, up=(128, 64, 4), down=(128, 64, 4), fp8_act=0)],
     ("fp4", "prefill"): [dict(BLOCK_M=128, up=(128, 128, 8), down=(128, 128, 8)),
                          dict(BLOCK_M=64, up=(128, 64, 4), down=(128, 64, 4))],
 }
@@ -366,6 +376,10 @@ def slot_bytes(w1, w3, w2, scales):
     return sum(t[0].numel() * t.element_size() for t in tensors)
 
 
+def rel_err(out, ref):
+    return float((out - ref).abs().max()) / max(float(ref.abs().max()), 1e-30)
+
+
 def qmoe_sweep(row, fmt, phase, args, copy_gbs, ref_out):
     """Time QMOE_SWEEP's configs for (fmt, phase): ms, % copy bandwidth, error against ref_out (bf16
     experts on the dequantised weights); variants (QMOE_VARIANT_KEYS) even past the time budget."""
@@ -376,11 +390,7 @@ def qmoe_sweep(row, fmt, phase, args, copy_gbs, ref_out):
             log(f"qmoe sweep: time budget spent, skipping {cfg}")
             continue
         try:
-            out = kernels.moe_experts_triton(*args, config=cfg)
-            r = dict(cfg=cfg)
-            if ref_out is not None:
-                r["rel_err"] = float((out - ref_out).abs().max()) / max(float(ref_out.abs().max()), 1e-30)
-            del out
+            r = dict(cfg=cfg, rel_err=None if ref_out is None else rel_err(kernels.moe_experts_triton(*args, config=cfg), ref_out))
             r["ms"] = bench_ms(lambda: kernels.moe_experts_triton(*args, config=cfg), warmup=10, rep=50)
             r["pct_copy"] = 100 * row["bytes_read"] / r["ms"] / 1e6 / copy_gbs
             sweep.append(r)
@@ -391,8 +401,9 @@ def qmoe_sweep(row, fmt, phase, args, copy_gbs, ref_out):
         best = min(sweep, key=lambda r: r["ms"])
         row["sweep_best_ms"], row["sweep_best_cfg"], row["sweep"] = best["ms"], best["cfg"], sweep
         log(f"qmoe sweep {fmt} T={row['T']} (default {row['triton_ms']:.4f} ms, {row['pct_copy']:.1f}% copy): "
-            + "; ".join(f"{r['ms']:.4f} ms {r['pct_copy']:.1f}% copy err {r.get('rel_err', float('nan')):.1e} "
-                        f"{r['cfg']}" for r in sweep))
+            + "; ".join(f"{r['ms']:.4f} ms ({row['triton_ms'] / r['ms']:.2f}x default, {r['pct_copy']:.1f}% copy"
+                        + ("" if r["rel_err"] is None else f", rel err {r['rel_err']:.1e}") + f") {r['cfg']}"
+                        for r in sweep))
 
 
 def qmoe_case(fmt, T, x, weights, ids, experts, copy_gbs, bf16_ms, ref_out):
@@ -404,10 +415,13 @@ def qmoe_case(fmt, T, x, weights, ids, experts, copy_gbs, bf16_ms, ref_out):
         args = (x, weights, ids, w1, w3, w2, 10.0, 0, scales)
         out = kernels.moe_experts_triton(*args)
         if ref_out is not None:
-            row["rel_err"] = float((out - ref_out).abs().max()) / max(float(ref_out.abs().max()), 1e-30)
+            row["rel_err"] = rel_err(out, ref_out)
         if fmt != "bf16" and T <= 256:  # the quantised torch twin (dequantises the used slots)
             twin = kernels.moe_experts_torch(*args)
             row["rel_err_twin"] = float((out - twin).abs().max()) / max(float(twin.abs().max()), 1e-30)
+        if fmt == "fp8" and phase == "prefill":  # which fp8 path the default took
+            cfg = kernels._moe_config(ids.numel(), w1.shape[0], x.element_size(), w1.shape[1], fmt)
+            row["fp8_act"] = cfg.get("fp8_act", 0) if kernels.fp8_dots_supported(x.device) else 0
         row["ok"] = max(row.get("rel_err", 0.0), row.get("rel_err_twin", 0.0)) < 2e-2
         slots_read = int(torch.unique(ids).numel())
         row["slots_read"] = slots_read

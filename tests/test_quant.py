@@ -170,6 +170,92 @@ def test_variant_keys_checked():
         kernels._variant_code(dict(dot_scaled=True), "fp8", torch.float16)
 
 
+# ------------------------------------------------------------- fp8 tensor-core prefill (split activations)
+def fp8x_edge_rows():
+    """[5, 200] fp32: random rows over 9 decades, a zero row, a zero first block, e4m3 rounding ties
+    (1.9375 carries into the next binade), subnormal ties, amax on 448 * 2^k and just above 1.75 * 2^k;
+    K = 200 leaves a masked tail block of 72."""
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(5, 200, generator=gen) * torch.logspace(-6, 3, 200)[None, :].float()
+    a[1] = 0
+    a[2, :128] = 0
+    a[3, :10] = torch.tensor([1.9375, -1.9375, 1.8125, 2 ** -10, 3 * 2 ** -11, 5 * 2 ** -11, -0.0, 1.8, 0.0, 0.0])
+    a[4, :2] = torch.tensor([448.0 * 4, -1.76 * 2 ** 20])
+    a[4, 130] = -448.0 * 2 ** 12
+    return a
+
+
+@pytest.mark.parametrize("parts", [1, 2])
+def test_fp8x_split_triton_equals_torch_and_error_bound(parts):
+    a = fp8x_edge_rows()
+    q, s = kernels.fp8x_act_split(a, parts)  # Triton (interpreter)
+    q2, s2 = kernels.fp8x_act_split_torch(a, parts)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == (parts, 5, 200) and s.shape == (parts, 5, 2)
+    assert torch.equal(q.float(), q2.float()) and torch.equal(s, s2)  # values (a zero's sign may differ)
+    assert torch.equal(torch.log2(s).round(), torch.log2(s))  # powers of two
+    back = kernels.fp8x_act_dequant_torch(q2, s2)
+    amax = torch.nn.functional.pad(a.abs(), (0, 56)).view(5, 2, 128).amax(-1).repeat_interleave(128, 1)[:, :200]
+    bound = 2.0 ** -4 if parts == 1 else 2.0 ** -8  # relative to the block's amax
+    assert ((back - a).abs() <= bound * amax).all()
+    assert torch.equal(back[1], a[1]) and torch.equal(back[2, :128], a[2, :128])
+    # each block's largest value lands in e4m3's top range: |q| in [224, 448] (zero blocks aside)
+    qmax = torch.nn.functional.pad(q[0].float().abs(), (0, 56)).view(5, 2, 128).amax(-1)
+    assert ((qmax >= 224) & (qmax <= 448) | (qmax == 0)).all() and (qmax == 448).any()
+
+
+def fp8x_case(T, K, P, d, I, offset, seed):
+    """fp8 experts and an fp16 prefill-like batch where slot offset + 1 gets no rows."""
+    gen = torch.Generator().manual_seed(seed)
+    (w1, w3, w2), scales, dense = random_experts(P, d, I, "fp8", gen)
+    x = torch.randn(T, d, generator=gen).half()
+    ids = torch.randint(-1, offset + P + 1, (T, K), generator=gen, dtype=torch.int32)
+    ids[ids == offset + 1] = offset  # an empty slot
+    weights = torch.rand(T, K, generator=gen)
+    return x, weights, ids, (w1, w3, w2, scales), dense
+
+
+def max_rel(out, ref):
+    return float((out - ref).abs().max() / ref.abs().max())
+
+
+@pytest.mark.parametrize("parts", [1, 2])
+@pytest.mark.parametrize("T,K,P,d,I,offset", [(40, 2, 4, 96, 160, 0), (23, 3, 3, 136, 64, 2)])
+def test_fp8x_prefill_matches_twin_and_stays_at_bf16_noise(parts, T, K, P, d, I, offset):
+    # forced at BLOCK_M 16 (several row blocks per slot); d and I leave masked tail blocks
+    x, weights, ids, (w1, w3, w2, scales), (d1, d3, d2) = fp8x_case(T, K, P, d, I, offset, T + d + parts)
+    cfg = dict(BLOCK_M=16, up=(128, 64, 4), down=(64, 64, 4), scan=False, fp8_act=parts)
+    out = kernels.moe_experts_triton(x, weights, ids, w1, w3, w2, 2.0, offset, scales, config=cfg)
+    twin = kernels.moe_experts_torch(x, weights, ids, w1, w3, w2, 2.0, offset, scales, act_parts=parts)
+    assert max_rel(out, twin) < 1e-5  # same split; fp32 summation order only
+    ref = kernels.moe_experts_torch(x.float(), weights, ids, d1, d3, d2, 2.0, offset)  # dequantised, fp32
+    bf16 = kernels.moe_experts_torch(x.bfloat16(), weights, ids, d1.bfloat16(), d3.bfloat16(), d2.bfloat16(),
+                                     2.0, offset)  # bf16 experts holding the dequantised weights
+    err, err_bf16 = max_rel(out, ref), max_rel(bf16, ref)
+    if parts == 2:
+        assert err < min(err_bf16, 2.0 ** -8)
+    else:  # activation-quantised fp8: an order of magnitude coarser
+        assert err > 4 * err_bf16
+
+
+def test_fp8x_prefill_is_the_default_for_16_bit_fp8_prefill():
+    cfg = kernels._moe_config(500 * 4, 4, 2, fmt="fp8")
+    assert cfg["fp8_act"] == 2 and not cfg["scan"] and cfg["BLOCK_M"] == 128
+    assert kernels.fp8_dots_supported(torch.device("cpu"))  # the interpreter runs e4m3 dots
+    x, weights, ids, (w1, w3, w2, scales), _ = fp8x_case(150, 2, 2, 64, 128, 0, 1)  # 150 pairs per slot
+    out = kernels.moe_experts_triton(x, weights, ids, w1, w3, w2, 2.0, 0, scales)
+    twin = kernels.moe_experts_torch(x, weights, ids, w1, w3, w2, 2.0, 0, scales, act_parts=2)
+    assert max_rel(out, twin) < 1e-5
+    old = kernels.moe_experts_torch(x, weights, ids, w1, w3, w2, 2.0, 0, scales)  # fp16 dequantised path
+    assert max_rel(old, twin) > 1e-4  # (so the check above tells the paths apart)
+
+
+def test_fp8x_prefill_refuses_tiles_without_whole_scale_blocks():
+    x, weights, ids, (w1, w3, w2, scales), _ = fp8x_case(8, 2, 2, 64, 128, 0, 2)
+    with pytest.raises(ValueError, match="fp8 prefill path"):
+        kernels.moe_experts_triton(x, weights, ids, w1, w3, w2, 2.0, 0, scales,
+                                   config=dict(BLOCK_M=16, up=(64, 64, 4), down=(64, 64, 4), scan=False, fp8_act=2))
+
+
 # ------------------------------------------------------------- fp4 inline PTX, emulated on the CPU
 class PtxEmu:
     """Just enough of PTX to run kernels._FP4_F16_ASM on numpy uint32 registers (one lane per case):
