@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import concurrent.futures
 import copy
 import itertools
 import logging
@@ -149,6 +150,14 @@ def initial_location(spec: str | None, num_layers: int, num_experts: int, num_ph
 # =============================================================================================
 # 2. Load recorder
 # =============================================================================================
+def host_copy(t: torch.Tensor, wait: bool = True) -> torch.Tensor:
+    """A CPU copy of t (never t itself). wait=False, from a GPU: a pinned copy queued behind the work
+    already on the device, readable once an event recorded after it has completed (.cpu() would wait)."""
+    if wait or not t.is_cuda:
+        return t.to("cpu", copy=True)
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+
+
 class ExpertLoadRecorder:
     """Per-step physical counts → a ring of the last `window` steps, kept physical and logical,
     and a decayed logical total over all steps.
@@ -216,12 +225,13 @@ class ExpertLoadRecorder:
         age = torch.arange(recent.shape[0] - 1, -1, -1, dtype=torch.float64, device=recent.device)
         return torch.einsum("s,sle->le", self.decay ** age, recent.double())
 
-    def to_host(self) -> ExpertLoadRecorder:
+    def to_host(self, wait: bool = True) -> ExpertLoadRecorder:
         """A CPU copy of the rings and the decayed load (no session, no recording): a rebalance check
-        reads dozens of figures from them, and on a GPU each read would wait for the device."""
+        reads dozens of figures from them, and on a GPU each read would wait for the device.
+        wait=False: see host_copy."""
         host = copy.copy(self)
         for name in ("load", "physical", "logical", "decayed"):
-            setattr(host, name, getattr(self, name).cpu())
+            setattr(host, name, host_copy(getattr(self, name), wait))
         host.recording, host.session = False, deque()
         return host
 
@@ -551,6 +561,7 @@ class EPLBConfig:
     preserve_slots: bool = True
     init_expert_location: str | None = None
     history: int = 256  # balancedness samples kept for /eplb/state (mean and per layer)
+    background_checks: bool = False  # decide due checks on a worker thread while decoding goes on
 
 
 SKIP_REASONS = ("balanced_enough", "not_enough_steps", "no_change", "gain_below_margin")
@@ -586,6 +597,13 @@ class RebalanceRecord:
     layers_planned: int = 0  # layers the whole plan changes
     slots_planned: int = 0  # slots, and bytes, the whole plan would move
     bytes_planned: int = 0
+
+
+class Verdict(NamedTuple):
+    """A check's outcome, decided on snapshots (EPLBManager._judge), applied by EPLBManager._act."""
+    record: RebalanceRecord | None  # None: no load recorded yet (not counted as a check)
+    target: ExpertLocation | None  # the placement to move to (CPU); None: a skip (record says why)
+    restart_decayed: int = 0  # the recent load won: restart the decayed load from this many last steps
 
 
 class Candidate(NamedTuple):
@@ -639,6 +657,9 @@ class EPLBManager:
         self.skipped_by_reason = dict.fromkeys(SKIP_REASONS, 0)
         self._moving: RebalanceRecord | None = None  # the move in progress
         self._unmeasured: RebalanceRecord | None = None  # a finished move waiting for its window
+        self._worker: concurrent.futures.ThreadPoolExecutor | None = None  # background checks (config)
+        self._check: concurrent.futures.Future | None = None  # a background check in flight -> Verdict
+        self._verdict_ready = False  # that check was done at the last after_step: the next one applies it
         if config.init_expert_location not in (None, "trivial"):
             start = initial_location(config.init_expert_location, L, E, P, config.num_ranks,
                                      self.num_groups, self.num_nodes, config.refine)
@@ -665,10 +686,17 @@ class EPLBManager:
         """Call after every forward step (engine thread, between forwards)."""
         self.recorder.step(self.location.phy2log)
         self.step_count += 1
-        self.move_pending_layers()
+        self._move_chunk()
         self._measure_if_due()
-        if self._rebalance_due(self.step_count) and self.config.num_ranks > 1 and not self.rebalancer.busy:
-            self.rebalance()
+        if self._verdict_ready:  # seen ready at the last step, so no step was launched ahead of this one
+            self._apply_background_verdict()
+        elif (self._rebalance_due(self.step_count) and self.config.num_ranks > 1 and not self.rebalancer.busy
+              and self._check is None):
+            if self.config.background_checks:
+                self._start_background_check()
+            else:
+                self.rebalance()
+        self._verdict_ready = self._check is not None and self._check.done()
         if self.step_count % max(1, self.window // 10) == 0:
             self._samples.append((self.step_count, self._window_balancedness()))
 
@@ -676,13 +704,25 @@ class EPLBManager:
         return step_count - self.last_check >= self.config.rebalance_num_iterations
 
     def may_move_after_next_step(self) -> bool:
-        """Whether the next after_step() may move expert weights and maps (a move in progress goes on,
-        or a rebalance check is due): the engine launches no step ahead of such a step."""
-        return self.rebalancer.busy or self._rebalance_due(self.step_count + 1)
+        """Whether the next after_step() may move expert weights and maps (a move in progress goes on, a
+        background verdict is ready, or a check on this thread is due): the engine launches no step
+        ahead of such a step."""
+        due_here = self._rebalance_due(self.step_count + 1) and not self.config.background_checks
+        return self.rebalancer.busy or self._verdict_ready or due_here
+
+    def _apply_background_verdict(self) -> None:
+        check, self._check, self._verdict_ready = self._check, None, False
+        self._act(check.result())
 
     def move_pending_layers(self) -> bool:
-        """Move the next chunk of a rebalance in progress: after a forward step, and from the engine's
-        idle loop, so a started rebalance finishes when traffic stops. Returns whether it moved any."""
+        """From the engine's idle loop (no step in flight): move the next chunk of a rebalance in
+        progress, or start the move of a background verdict that is in, so a started rebalance finishes
+        when traffic stops. Returns whether it moved any."""
+        if not self.rebalancer.busy and self._check is not None and self._check.done():
+            self._apply_background_verdict()
+        return self._move_chunk()
+
+    def _move_chunk(self) -> bool:
         if not self.rebalancer.busy:
             return False
         self.rebalancer.step()
@@ -721,34 +761,59 @@ class EPLBManager:
                                            self.location.width)
 
     def rebalance(self, force: bool = False) -> dict:
-        """Decide whether a new placement pays and, if so, start moving it (now, or over the next steps).
+        """Decide now whether a new placement pays and, if so, start moving it (now, or over the next steps).
 
         force (POST /eplb/rebalance): move every layer the best plan changes, whatever its gain.
         Returns {"status": "started" | "skipped", **the RebalanceRecord} or {"status": "busy" |
-        "no_load" | "nothing_to_balance", ...}; only "started" and "skipped" are counted.
+        "no_load" | "nothing_to_balance", ...}; only "started" and "skipped" are counted. A check
+        running in the background is superseded (its verdict is dropped).
         """
         if self.config.num_ranks == 1:
             return {"status": "nothing_to_balance",
                     "reason": "one rank: every expert already runs on it, there is no load to even out"}
         if self.rebalancer.busy:
             return {"status": "busy", "layers_left": len(self.rebalancer.pending)}
+        self._check, self._verdict_ready = None, False
         self.last_check = self.step_count
-        # the check works on CPU copies, read from the device once: recorded load and current placement
-        recorder, current = self.recorder.to_host(), self.location.to("cpu")
+        return self._act(self._judge(self.recorder.to_host(), self.location.to("cpu"), self.step_count, force))
+
+    def _start_background_check(self) -> None:
+        """The due check on a worker thread, on snapshots queued behind the work already on the device
+        (nothing waits for the GPU here); its verdict is applied by a later after_step()."""
+        self.last_check = self.step_count
+        loc = self.location
+        recorder = self.recorder.to_host(wait=False)
+        current = ExpertLocation(*(host_copy(t, wait=False) for t in (loc.phy2log, loc.log2phy, loc.logcnt)),
+                                 loc.num_ranks)
+        copied = torch.cuda.Event() if loc.phy2log.is_cuda else None
+        if copied is not None:
+            copied.record()
+        if self._worker is None:
+            self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="eplb-check")
+
+        def judge(step: int = self.step_count) -> Verdict:
+            if copied is not None:
+                copied.synchronize()
+            return self._judge(recorder, current, step, force=False)
+
+        self._check = self._worker.submit(judge)
+
+    def _judge(self, recorder: ExpertLoadRecorder, current: ExpertLocation, step: int, force: bool) -> Verdict:
+        """Decide on CPU snapshots of the recorded load and the placement (no manager state is changed:
+        this may run on a worker thread while the engine decodes)."""
         if int(recorder.logical_load().sum()) == 0:
-            return {"status": "no_load"}
-        self.counters["rebalance_checks_total"] += 1
+            return Verdict(None, None)
         measured = balancedness(rank_load(recorder.physical_load(), self.config.num_ranks))  # [L]
-        rec = RebalanceRecord(self.step_count, float(measured.mean()), forced=force)
+        rec = RebalanceRecord(step, float(measured.mean()), forced=force)
         if rec.balancedness_before >= self.config.min_balancedness and not force:
-            return self._skip(rec, "balanced_enough", f"measured balancedness {rec.balancedness_before:.3f} >= "
-                              f"min balancedness {self.config.min_balancedness:.3f}")
+            return self._skipped(rec, "balanced_enough", f"measured balancedness {rec.balancedness_before:.3f} >= "
+                                 f"min balancedness {self.config.min_balancedness:.3f}")
         t0 = time.perf_counter()
         rec.heldout_steps = max(1, min(self.config.rebalance_num_iterations, self.window, recorder.steps) // 2)
         best = self._best_candidate(recorder, current, rec.heldout_steps, fallback_to_all=force)
         if best is None:
-            return self._skip(rec, "not_enough_steps", f"no steps before the {rec.heldout_steps} held-out ones "
-                              "to fit a plan to")
+            return self._skipped(rec, "not_enough_steps", f"no steps before the {rec.heldout_steps} held-out ones "
+                                 "to fit a plan to")
         changed = best.plan.changed_slots(current) > 0  # [L]
         decision = layers_worth_moving(best.gain, changed, self.config.min_gain, self.config.gain_noise_sigmas,
                                        self.config.per_layer)
@@ -758,17 +823,33 @@ class EPLBManager:
             rec.plan_seconds = time.perf_counter() - t0
             reason = "no_change" if not bool(changed.any()) else decision.reason
             rec.reason = reason
-            return self._skip(rec, reason, self._describe(rec, 0))
+            return self._skipped(rec, reason, self._describe(rec, 0))
         target = self._move_target(recorder, current, best, layers, rec)  # on the CPU: each layer's maps are
         rec.plan_seconds = time.perf_counter() - t0                      # copied to the device as it moves
         rec.reason = "forced" if force else decision.reason
         rec.detail = self._describe(rec, int(target.changed_slots(current).gt(0).sum()))
+        return Verdict(rec, target, 2 * rec.heldout_steps if best.load_name == "recent" else 0)
+
+    def _act(self, verdict: Verdict) -> dict:
+        """Apply a check's verdict (engine thread): count and record it, and start the move if any."""
+        rec = verdict.record
+        if rec is None:
+            return {"status": "no_load"}
+        self.counters["rebalance_checks_total"] += 1
+        if verdict.target is None:
+            self.counters["rebalances_skipped_total"] += 1
+            self.skipped_by_reason[rec.reason] += 1
+            self.records.append(rec)
+            log.info("eplb step %d: %s", rec.step, rec.detail)
+            return {"status": "skipped", **asdict(rec)}
+        if verdict.restart_decayed:  # the recent load won: traffic has changed, forget the older steps
+            self.recorder.restart_decayed(verdict.restart_decayed)
         log.info("eplb step %d: %s", rec.step, rec.detail)
         self._log_unmeasured()
         self._moving = rec
         self.records.append(rec)
-        self.rebalancer.begin(target, self.config.layers_per_step)
-        self.move_pending_layers()
+        self.rebalancer.begin(verdict.target, self.config.layers_per_step)
+        self._move_chunk()
         return {"status": "started", **asdict(rec)}
 
     def _best_candidate(self, recorder: ExpertLoadRecorder, current: ExpertLocation, heldout: int,
@@ -801,12 +882,10 @@ class EPLBManager:
                      layers: torch.Tensor, rec: RebalanceRecord) -> ExpertLocation:
         """The placement to move to (CPU): `current` with `layers` [L] bool of a plan refitted to the
         winning load with the held-out steps added (more and fresher load, fitted the same way as the
-        plan judged). When the recent load won, traffic has changed: the decayed memory restarts from
-        those steps."""
+        plan judged)."""
         load = recorder.decayed_load()
         if best.load_name == "recent":
             load = recorder.logical_steps(2 * rec.heldout_steps).sum(0)
-            self.recorder.restart_decayed(2 * rec.heldout_steps)  # the live recorder, not the copy
         plan = self.plan(load, current)
         slots = plan.changed_slots(current)
         rec.layers_planned, rec.slots_planned = int((slots > 0).sum()), int(slots.sum())
@@ -837,13 +916,10 @@ class EPLBManager:
                 f"{rec.gain_noise:.3f}) | whole plan: {rec.layers_planned} layers, {rec.slots_planned} slots, "
                 f"{rec.bytes_planned / 2**20:.1f} MiB")
 
-    def _skip(self, rec: RebalanceRecord, reason: str, detail: str) -> dict:
+    @staticmethod
+    def _skipped(rec: RebalanceRecord, reason: str, detail: str) -> Verdict:
         rec.decision, rec.reason, rec.detail = "skipped", reason, detail
-        self.counters["rebalances_skipped_total"] += 1
-        self.skipped_by_reason[reason] += 1
-        self.records.append(rec)
-        log.info("eplb step %d: %s", rec.step, detail)
-        return {"status": "skipped", **asdict(rec)}
+        return Verdict(rec, None)
 
     def _finish_if_done(self) -> None:
         rec = self._moving

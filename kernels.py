@@ -1116,18 +1116,17 @@ SCAN_MAX_TILE = 16384  # ... and while a BLOCK_M x next_pow2(N) compaction tile 
 _FMT_CODE = {"bf16": 0, "fp8": 1, "fp4": 2}  # the kernels' FMT constexpr
 # Quantised block configs: (BLOCK_N, BLOCK_K, warps) per GEMM. fp8 needs BLOCK_K | 128 (one scale
 # per partial product); fp4's BLOCK_K counts unpacked inputs (BLOCK_K / 2 bytes per row per step).
-# Decode tiles picked from sm_90 SASS of the inner loops (triton 3.6, compiled ahead of time on a CPU):
-# 128 x 128 gives about the fewest instructions per weight value (fp4 ~3.9 up / ~4.2 down, fp8 ~2.2;
-# bf16's 64 x 256 is ~1.4): fp4 decode is near the H200's issue rate at full memory bandwidth.
+# Picked on the H200 (bench/bench_kernels.py --only qmoe, QMOE_SWEEP; triton 3.6): decode "swaps" the dot
+# (dequantised weights as its first operand, the few activation rows as its second: BLOCK_M 8 = wgmma's
+# narrowest N) — fp4 1.35 ms vs 1.63 unswapped at BLOCK_M 16, fp8 1.17 vs 1.22; fp8 prefill on the fp8
+# tensor cores (fp8_act: x and h split into that many e4m3 parts; 0: off) with 3 pipeline stages.
 QUANT_CFG = {
-    "fp8": dict(decode=dict(BLOCK_M=16, up=(128, 128, 4), down=(128, 128, 4), swap=False),
+    "fp8": dict(decode=dict(BLOCK_M=8, up=(128, 128, 4), down=(128, 128, 4), swap=True),
                 mid=dict(BLOCK_M=64, up=(64, 64, 4), down=(128, 64, 4)),
-                # fp8_act: the fp8 tensor-core path (x and h split into that many e4m3 parts; 0: off)
-                prefill=dict(BLOCK_M=128, up=(128, 64, 8), down=(128, 64, 8), fp8_act=2)),
-    # swap / dot_scaled: the decode dot formulation (_variant_code); bench QMOE_SWEEP times the others
-    "fp4": dict(decode=dict(BLOCK_M=16, up=(64, 128, 4), down=(64, 128, 4), swap=False, dot_scaled=False),  # H200: 1.63 ms vs 1.94 at 128 x 128
+                prefill=dict(BLOCK_M=128, up=(128, 64, 8), down=(128, 64, 8), fp8_act=2, stages=3)),
+    "fp4": dict(decode=dict(BLOCK_M=8, up=(64, 128, 4), down=(64, 128, 4), swap=True, dot_scaled=False),
                 mid=dict(BLOCK_M=64, up=(64, 64, 4), down=(128, 64, 4)),
-                prefill=dict(BLOCK_M=128, up=(128, 64, 8), down=(128, 64, 8))),
+                prefill=dict(BLOCK_M=128, up=(128, 128, 8), down=(128, 128, 8))),  # 11.8 ms vs 13.4 at 128 x 64
 }
 
 

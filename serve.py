@@ -301,7 +301,10 @@ def make_eplb(args: argparse.Namespace, model, mover=None) -> eplb.EPLBManager:
                              min_balancedness=args.eplb_min_balancedness,
                              load_half_life=args.eplb_load_half_life or None, min_gain=args.eplb_min_gain,
                              gain_noise_sigmas=args.eplb_gain_noise_sigmas, per_layer=not args.eplb_whole_plan,
-                             init_expert_location=args.init_expert_location)
+                             init_expert_location=args.init_expert_location,
+                             # on a GPU a check's planning (~10 ms of CPU) runs beside the decode steps
+                             # instead of between them; on a CPU the forward itself needs the cores
+                             background_checks=model.phy2log.is_cuda)
     return eplb.EPLBManager(model, config, mover=mover)
 
 

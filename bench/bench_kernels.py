@@ -323,37 +323,25 @@ def moe_rows(copy_gbs, mm_tflops, results):
 QMOE_T = (64, 8192)
 QMOE_SWEEP_BUDGET_S = float(os.environ.get("QMOE_SWEEP_BUDGET_S", 420))  # skip further sweep configs once the run has taken this long
 QMOE_VARIANT_KEYS = ("swap", "dot_scaled")  # dot formulations (kernels._variant_code): timed whatever the budget
-QMOE_SWEEP = {  # alternative block configs per (format, phase), timed after the default
-    ("fp8", "decode"): [dict(BLOCK_M=16, up=(128, 128, 4), down=(128, 128, 4), swap=True),
-                        dict(BLOCK_M=8, up=(128, 128, 4), down=(128, 128, 4), swap=True),
-                        dict(BLOCK_M=16, up=(64, 128, 4), down=(64, 128, 4)),
-                        dict(BLOCK_M=16, up=(128, 128, 8), down=(128, 128, 8)),
-                        dict(BLOCK_M=16, up=(128, 64, 4), down=(128, 64, 4))],
-    ("fp4", "decode"): [dict(BLOCK_M=16, up=(64, 128, 4), down=(64, 128, 4), swap=True),
-                        dict(BLOCK_M=16, up=(128, 128, 4), down=(128, 128, 4), swap=True),
+QMOE_SWEEP = {  # alternative block configs per (format, phase), timed after the default (kernels.QUANT_CFG)
+    ("fp8", "decode"): [dict(BLOCK_M=16, up=(128, 128, 4), down=(128, 128, 4), swap=False),
                         dict(BLOCK_M=8, up=(64, 128, 4), down=(64, 128, 4), swap=True),
-                        dict(BLOCK_M=16, up=(64, 256, 4), down=(64, 256, 4), swap=True),
-                        dict(BLOCK_M=16, up=(64, 128, 4), down=(64, 128, 4), dot_scaled=True),
-                        dict(BLOCK_M=16, up=(128, 128, 4), down=(128, 128, 4), dot_scaled=True),
-                        dict(BLOCK_M=16, up=(64, 128, 4), down=(64, 128, 4), dot_scaled=True, swap=True),
-                        dict(BLOCK_M=16, up=(128, 128, 4), down=(128, 128, 4)),
-                        dict(BLOCK_M=16, up=(32, 128, 4), down=(32, 128, 4)),
-                        dict(BLOCK_M=16, up=(64, 128, 2), down=(64, 128, 2)),
-                        dict(BLOCK_M=16, up=(32, 256, 4), down=(32, 256, 4)),
-                        dict(BLOCK_M=16, up=(64, 64, 4), down=(64, 64, 4)),
-                        dict(BLOCK_M=16, up=(32, 128, 2), down=(64, 128, 4))],
+                        dict(BLOCK_M=8, up=(128, 128, 8), down=(128, 128, 8), swap=True)],
+    ("fp4", "decode"): [dict(BLOCK_M=16, up=(64, 128, 4), down=(64, 128, 4), swap=False),
+                        dict(BLOCK_M=8, up=(32, 128, 4), down=(32, 128, 4), swap=True),
+                        dict(BLOCK_M=8, up=(128, 128, 4), down=(128, 128, 4), swap=True),
+                        dict(BLOCK_M=8, up=(64, 256, 4), down=(64, 256, 4), swap=True),
+                        dict(BLOCK_M=8, up=(64, 128, 2), down=(64, 128, 2), swap=True),
+                        dict(BLOCK_M=8, up=(64, 64, 4), down=(64, 64, 4), swap=True),
+                        dict(BLOCK_M=8, up=(64, 128, 4), down=(64, 128, 4), dot_scaled=True, swap=True)],
     # fp8_act: 2 = fp8 tensor cores on x / h split into two e4m3 parts (the default), 1 = one part
     # (activation-quantised fp8, for comparison), 0 = weights dequantised to fp16 in registers (before)
-    ("fp8", "prefill"): [dict(BLOCK_M=128, up=(128, 64, 8), down=(128, 64, 8), fp8_act=1),
+    ("fp8", "prefill"): [dict(BLOCK_M=128, up=(128, 64, 8), down=(128, 64, 8), fp8_act=1, stages=3),
                          dict(BLOCK_M=128, up=(128, 64, 8), down=(128, 64, 8), fp8_act=0),
-                         dict(BLOCK_M=128, up=(128, 64, 8), down=(128, 64, 8), fp8_act=2, stages=3),
-                         dict(BLOCK_M=128, up=(128, 64, 8), down=(64, 64, 4), fp8_act=2),
-                         dict(BLOCK_M=128, up=(128, 64, 4), down=(128, 64, 4), fp8_act=2),
-                         dict(BLOCK_M=64, up=(128, 64, 4), down=(128, 64, 4), fp8_act=2),
-                         dict(BLOCK_M=128, up=(128, 128, 8), down=(128, 128, 8), fp8_act=0),
-                         dict(BLOCK_M=64, up=(128, 64, 4), down=(128, 64, 4), fp8_act=0)],
-    ("fp4", "prefill"): [dict(BLOCK_M=128, up=(128, 128, 8), down=(128, 128, 8)),
-                         dict(BLOCK_M=64, up=(128, 64, 4), down=(128, 64, 4))],
+                         dict(BLOCK_M=128, up=(128, 64, 8), down=(128, 64, 8), fp8_act=2, stages=2),
+                         dict(BLOCK_M=128, up=(128, 64, 8), down=(128, 64, 8), fp8_act=2, stages=4),
+                         dict(BLOCK_M=128, up=(128, 64, 8), down=(128, 128, 8), fp8_act=2, stages=3)],
+    ("fp4", "prefill"): [dict(BLOCK_M=128, up=(128, 64, 8), down=(128, 64, 8))],
 }
 
 

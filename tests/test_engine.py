@@ -209,11 +209,11 @@ def test_prompt_only_request_returns_prompt_logprobs_and_no_token(model):
 # Run-ahead under EPLB
 # ---------------------------------------------------------------------------------------------------
 
-def run_with_eplb(run_ahead: bool):
+def run_with_eplb(run_ahead: bool, background_checks: bool = False):
     config = dsv4_mini.ModelConfig.tiny()
     model = weights.build_model(config, seed=3, num_physical_experts=config.n_routed_experts + 4)
     manager = eplb.EPLBManager(model, eplb.EPLBConfig(num_ranks=2, rebalance_num_iterations=3, window=4096,
-                                                      layers_per_step=2))
+                                                      layers_per_step=2, background_checks=background_checks))
     engine = Engine(model, max_batch_size=4, max_seq_len=64, max_queue=16, prefill_chunk=7, prefill_tail=3,
                     eplb=manager, decode_graphs=True, run_ahead=run_ahead)
     assert engine.run_ahead == run_ahead
@@ -254,3 +254,40 @@ def test_eplb_load_is_counted_once_per_step_with_run_ahead():
     assert torch.equal(ahead.recorder.logical[:steps], base.recorder.logical[:steps])
     assert torch.equal(ahead.location.phy2log, base.location.phy2log)
     assert int(base.recorder.physical[:steps].sum()) > 0
+
+
+def test_background_checks_keep_run_ahead_and_count_each_step_once():
+    """Checks decided on a worker thread (the server's mode on CUDA): the engine keeps running ahead
+    while a check is in flight, the verdict is applied at a later step with no step launched ahead of
+    it, and the outputs and every step's logical load equal the engine-thread checks' run (logical load
+    does not depend on the placement when each step is folded through the placement that ran it)."""
+    base, base_out, _ = run_with_eplb(run_ahead=False)
+    original = eplb.EPLBManager._start_background_check
+
+    class LateCheck:  # finished, but seen finished only from its second look on: lands between steps
+        def __init__(self, future):
+            self.future, self.looks = future, 0
+
+        def done(self):
+            self.looks += 1
+            return self.looks > 1 and self.future.done()
+
+        def result(self):
+            return self.future.result()
+
+    def start_and_wait(self):
+        original(self)
+        self._check.result()
+        self._check = LateCheck(self._check)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(eplb.EPLBManager, "_start_background_check", start_and_wait)
+        background, out, used_ahead = run_with_eplb(run_ahead=True, background_checks=True)
+    assert background.config.background_checks and used_ahead > 0
+    assert out == base_out
+    steps = base.recorder.steps
+    assert background.recorder.steps == steps
+    assert torch.equal(background.recorder.logical[:steps], base.recorder.logical[:steps])
+    assert background.counters["rebalances_total"] >= 2
+    moves = [r for r in background.records if r.decision == "moved"]
+    assert all(r.finished_step > r.step for r in moves)  # applied after the step whose load it judged
