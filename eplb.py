@@ -669,13 +669,17 @@ class EPLBManager:
 
     def _warm_up(self) -> None:
         """Plan and judge once on made-up load at start: the first plan pays one-off costs (numpy
-        imports its submodules lazily, first-use kernels) that would stall the first real check ~0.2 s."""
+        imports its submodules lazily, first-use kernels) that would stall the first real check or
+        move by ~0.15 s (measured on the H200 host)."""
         L, P, E = self.location.num_layers, self.location.num_physical, self.location.num_experts
         recorder = ExpertLoadRecorder(L, P, E, 4)
         for _ in range(4):
             recorder.load.fill_(1)
             recorder.step(self.location.phy2log.cpu())
         self._best_candidate(recorder, self.location.to("cpu"), 2, fallback_to_all=False)
+        # ...and the live recorder's float64 work on its device (a first CUDA launch loads its kernels)
+        self.recorder.decayed_load(1)
+        self._window_balancedness()
 
     @property
     def load(self) -> torch.Tensor:

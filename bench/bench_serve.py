@@ -240,7 +240,10 @@ def sweep_server(args, eplb: str, expert_dtype: str | None, meta: dict) -> list[
 def print_ratios(rows: list[dict]) -> None:
     """sampled / greedy at each (format, EPLB mode, C); EPLB mode / off at each (format, sampling, C);
     each format / the first format at each (EPLB mode, sampling, C)."""
-    tok_s = {(r["expert_dtype"], r["eplb"], r["sampling"], r["concurrency"]): r["output_tok_s"] for r in rows}
+    runs = {}  # repeated modes (--eplb-modes off on off on): the mean of their runs
+    for r in rows:
+        runs.setdefault((r["expert_dtype"], r["eplb"], r["sampling"], r["concurrency"]), []).append(r["output_tok_s"])
+    tok_s = {key: sum(values) / len(values) for key, values in runs.items()}
     first_format = rows[0]["expert_dtype"] if rows else None
     lines = []
     for (fmt, eplb, sampling, c), value in tok_s.items():
@@ -276,7 +279,9 @@ def main() -> None:
     p.add_argument("--top-p", type=float, default=0.9, help="of the sampled setting")
     p.add_argument("--top-k", type=int, default=0, help="of the sampled setting (0 = off)")
     p.add_argument("--min-p", type=float, default=0.0, help="of the sampled setting (0 = off)")
-    p.add_argument("--eplb-modes", nargs="+", default=["off", "record", "on"], choices=["off", "record", "on"])
+    p.add_argument("--eplb-modes", nargs="+", default=["off", "record", "on"], choices=["off", "record", "on"],
+                   help="one server each, in this order; a mode given twice (off on off on) is run twice and "
+                        "the ratios use the mean of its runs (interleaving evens out drift of the machine)")
     p.add_argument("--eplb-period", type=int, default=100,
                    help='"on": forward steps between rebalance checks, and the window (serve.py\'s default: 100)')
     p.add_argument("--client-procs", type=int, default=4, help="load-generator processes (clients spread over them)")

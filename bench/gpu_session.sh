@@ -26,12 +26,12 @@ for part in "$@"; do
     decode)  timeout 200 python3 bench/bench_decode_gpu.py --batch 1 8 64 --steps 50 > $OUT/decode.log 2>&1; tail -15 $OUT/decode.log ;;
     engine)  timeout 100 python3 bench/bench_engine_gpu.py --parts check engine --new 256 > $OUT/engine.log 2>&1; tail -10 $OUT/engine.log ;;
     sampler) # #12: sampled vs greedy and EPLB off / record / on (serve.py's default period), one run
-             timeout 420 python3 bench/bench_serve.py --device cuda --preset mini --concurrency 64 --output-len 256 \
-               --requests-per-client 2 --eplb-modes off record on --sampling greedy sampled > $OUT/sampler.log 2>&1
-             tail -16 $OUT/sampler.log ;;
+             timeout 280 python3 bench/bench_serve.py --device cuda --preset mini --concurrency 64 --output-len 256 \
+               --requests-per-client 3 --eplb-modes off on off on --sampling greedy sampled > $OUT/sampler.log 2>&1
+             grep -A 20 "^experts" $OUT/sampler.log ;;
     qmoe)    QMOE_SWEEP_BUDGET_S=${QMOE_SWEEP_BUDGET_S:-120} timeout 300 python3 bench/bench_kernels.py --only qmoe \
                > $OUT/qmoe.log 2>&1; grep -E "qmoe sweep|^\|" $OUT/qmoe.log | tail -30 ;;
-    fp4serve) timeout 420 python3 bench/bench_serve.py --device cuda --preset flash --num-layers 8 --concurrency 64 \
+    fp4serve) timeout 270 python3 bench/bench_serve.py --device cuda --preset flash --num-layers 8 --concurrency 64 \
                --output-len 64 --eplb-modes off --sampling greedy --expert-dtype bf16 fp4 > $OUT/fp4serve.log 2>&1
              tail -8 $OUT/fp4serve.log ;;
     capacity) timeout 300 python3 bench/bench_fp4_capacity.py --time-budget-s 200 > $OUT/capacity.log 2>&1
