@@ -216,9 +216,9 @@ class ExpertLoadRecorder:
         """[L, E] float64: the decayed load of every step but the last `skip_recent` (at most a window)."""
         return (self.decayed - self._decayed_recent(skip_recent)).clamp(min=0)
 
-    def restart_decayed(self, steps: int) -> None:
-        """Forget every step but the last `steps` (at most a window) in the decayed load."""
-        self.decayed.copy_(self._decayed_recent(steps))
+    def decayed_load_of_last(self, steps: int) -> torch.Tensor:
+        """[L, E] float64: the decayed load of only the last `steps` steps (at most a window)."""
+        return self._decayed_recent(steps)
 
     def _decayed_recent(self, steps: int) -> torch.Tensor:
         recent = self.logical_steps(steps)  # [n, L, E]
@@ -603,7 +603,7 @@ class Verdict(NamedTuple):
     """A check's outcome, decided on snapshots (EPLBManager._judge), applied by EPLBManager._act."""
     record: RebalanceRecord | None  # None: no load recorded yet (not counted as a check)
     target: ExpertLocation | None  # the placement to move to (CPU); None: a skip (record says why)
-    restart_decayed: int = 0  # the recent load won: restart the decayed load from this many last steps
+    restart_decayed: torch.Tensor | None = None  # the recent load won: the decayed load [L, E] to restart from
 
 
 class Candidate(NamedTuple):
@@ -677,9 +677,7 @@ class EPLBManager:
             recorder.load.fill_(1)
             recorder.step(self.location.phy2log.cpu())
         self._best_candidate(recorder, self.location.to("cpu"), 2, fallback_to_all=False)
-        # ...and the live recorder's float64 work on its device (a first CUDA launch loads its kernels)
-        self.recorder.decayed_load(1)
-        self._window_balancedness()
+        self._window_balancedness()  # ...and the device work of a balancedness sample (first launches load kernels)
 
     @property
     def load(self) -> torch.Tensor:
@@ -832,7 +830,10 @@ class EPLBManager:
         rec.plan_seconds = time.perf_counter() - t0                      # copied to the device as it moves
         rec.reason = "forced" if force else decision.reason
         rec.detail = self._describe(rec, int(target.changed_slots(current).gt(0).sum()))
-        return Verdict(rec, target, 2 * rec.heldout_steps if best.load_name == "recent" else 0)
+        # the recent load won: traffic has changed, the decayed memory restarts from those steps (computed
+        # here on the snapshot; steps recorded between it and the move are dropped from the memory too)
+        restart = recorder.decayed_load_of_last(2 * rec.heldout_steps) if best.load_name == "recent" else None
+        return Verdict(rec, target, restart)
 
     def _act(self, verdict: Verdict) -> dict:
         """Apply a check's verdict (engine thread): count and record it, and start the move if any."""
@@ -846,8 +847,8 @@ class EPLBManager:
             self.records.append(rec)
             log.info("eplb step %d: %s", rec.step, rec.detail)
             return {"status": "skipped", **asdict(rec)}
-        if verdict.restart_decayed:  # the recent load won: traffic has changed, forget the older steps
-            self.recorder.restart_decayed(verdict.restart_decayed)
+        if verdict.restart_decayed is not None:
+            self.recorder.decayed.copy_(verdict.restart_decayed)
         log.info("eplb step %d: %s", rec.step, rec.detail)
         self._log_unmeasured()
         self._moving = rec

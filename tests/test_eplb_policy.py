@@ -72,8 +72,7 @@ def test_decayed_load_halves_every_half_life_and_leaves_out_recent_steps():
     # ages 3, 2, 1, 0: weights 2**-1.5, 2**-1, 2**-0.5, 1
     assert rec.decayed_load().tolist()[0] == pytest.approx([4 * 2 ** -1.5, 8 * 2 ** -0.5 + 2])
     assert rec.decayed_load(skip_recent=2).tolist()[0] == pytest.approx([4 * 2 ** -1.5, 0.0])
-    rec.restart_decayed(2)  # forget all but the last two steps
-    assert rec.decayed_load().tolist()[0] == pytest.approx([0.0, 8 * 2 ** -0.5 + 2])
+    assert rec.decayed_load_of_last(2).tolist()[0] == pytest.approx([0.0, 8 * 2 ** -0.5 + 2])  # a restart's start
 
 
 # ---------------------------------------------------------------------------------------------
