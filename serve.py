@@ -305,10 +305,6 @@ def make_eplb(args: argparse.Namespace, model, mover=None) -> eplb.EPLBManager:
                              # on a GPU a check's planning (~10 ms of CPU) runs beside the decode steps
                              # instead of between them; on a CPU the forward itself needs the cores
                              background_checks=model.phy2log.is_cuda)
-    if config.background_checks:
-        # the check's worker thread shares the GIL with the engine thread: a thread that wants it back
-        # (after a GPU wait) gets it within 0.5 ms instead of Python's default 5 ms (a decode step is ~4)
-        sys.setswitchinterval(5e-4)
     return eplb.EPLBManager(model, config, mover=mover)
 
 
