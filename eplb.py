@@ -214,13 +214,11 @@ class ExpertLoadRecorder:
 
     def decayed_load(self, skip_recent: int = 0) -> torch.Tensor:
         """[L, E] float64: the decayed load of every step but the last `skip_recent` (at most a window)."""
-        return (self.decayed - self._decayed_recent(skip_recent)).clamp(min=0)
+        return (self.decayed - self.decayed_load_of_last(skip_recent)).clamp(min=0)
+
 
     def decayed_load_of_last(self, steps: int) -> torch.Tensor:
         """[L, E] float64: the decayed load of only the last `steps` steps (at most a window)."""
-        return self._decayed_recent(steps)
-
-    def _decayed_recent(self, steps: int) -> torch.Tensor:
         recent = self.logical_steps(steps)  # [n, L, E]
         age = torch.arange(recent.shape[0] - 1, -1, -1, dtype=torch.float64, device=recent.device)
         return torch.einsum("s,sle->le", self.decay ** age, recent.double())
