@@ -969,21 +969,29 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _sorted_tile(pid, num_n, slot_ptr):
+        """Align-path program id -> (row block, column tile, the block's slot; < 0: padding). The column
+        tiles of one row block are adjacent in launch order, so its gathered rows are read once into L2."""
+        pid_m = pid // num_n
+        return pid_m, pid % num_n, tl.load(slot_ptr + pid_m)
+
+    @triton.jit
+    def _block_pairs(pid_m, pairs_ptr, N, BLOCK_M: tl.constexpr):
+        """A row block of the sorted order -> (offs_m [BM], pair [BM] (token, k) ids, pair_ok [BM])."""
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(pairs_ptr + offs_m)
+        return offs_m, pair, pair < N
+
+    @triton.jit
     def _moe_up_kernel(x_ptr, stride_xt, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, rw_ptr, pairs_ptr, slot_ptr,
                        N, D, I, top_k, limit, num_n,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        EVEN_K: tl.constexpr, PRECISION: tl.constexpr, FMT: tl.constexpr,
                        ASM: tl.constexpr, VAR: tl.constexpr):
-        # I-tiles of one block are adjacent in launch order: x rows are gathered once into L2
-        pid = tl.program_id(0)
-        pid_m = pid // num_n
-        pid_n = pid % num_n
-        slot = tl.load(slot_ptr + pid_m)
-        if slot < 0:
+        pid_m, pid_n, slot = _sorted_tile(tl.program_id(0), num_n, slot_ptr)
+        if slot < 0:  # a padding block of the align step
             return
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] rows of the sorted order
-        pair = tl.load(pairs_ptr + offs_m)  # [BM]
-        pair_ok = pair < N
+        offs_m, pair, pair_ok = _block_pairs(pid_m, pairs_ptr, N, BLOCK_M)  # [BM] rows of the sorted order
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] intermediate features
         n_ok = offs_n < I
         offs_k = tl.arange(0, BLOCK_K)  # [BK]
@@ -999,15 +1007,10 @@ if triton is not None:
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          EVEN_K: tl.constexpr, PRECISION: tl.constexpr, FMT: tl.constexpr,
                          ASM: tl.constexpr, VAR: tl.constexpr):
-        pid = tl.program_id(0)
-        pid_m = pid // num_n
-        pid_n = pid % num_n
-        slot = tl.load(slot_ptr + pid_m)
-        if slot < 0:
+        pid_m, pid_n, slot = _sorted_tile(tl.program_id(0), num_n, slot_ptr)
+        if slot < 0:  # a padding block of the align step
             return
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
-        pair = tl.load(pairs_ptr + offs_m)  # [BM]
-        pair_ok = pair < N
+        offs_m, pair, pair_ok = _block_pairs(pid_m, pairs_ptr, N, BLOCK_M)  # [BM] rows of the sorted order
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] hidden features
         n_ok = offs_n < D
         offs_k = tl.arange(0, BLOCK_K)  # [BK] over I
@@ -1406,15 +1409,10 @@ if triton is not None:
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr):
         # as _moe_up_kernel; x split (xq [PARTS, T, D], xs [PARTS, T, D/128]); h written split
         # (hq [PARTS, rows, I], hs [PARTS, rows, I/128]); BLOCK_N = 128: this tile is h's block pid_n
-        pid = tl.program_id(0)
-        pid_m = pid // num_n
-        pid_n = pid % num_n
-        slot = tl.load(slot_ptr + pid_m)
-        if slot < 0:
+        pid_m, pid_n, slot = _sorted_tile(tl.program_id(0), num_n, slot_ptr)
+        if slot < 0:  # a padding block of the align step
             return
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] rows of the sorted order
-        pair = tl.load(pairs_ptr + offs_m)  # [BM]
-        pair_ok = pair < N
+        offs_m, pair, pair_ok = _block_pairs(pid_m, pairs_ptr, N, BLOCK_M)  # [BM] rows of the sorted order
         tok = tl.where(pair_ok, pair // top_k, 0).to(tl.int64)  # [BM]
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] intermediate features
         n_ok = offs_n < I
@@ -1444,15 +1442,10 @@ if triton is not None:
     def _moe_down_fp8x_kernel(hq_ptr, hs_ptr, h_part_q, h_part_s, w2_ptr, s2_ptr, y_ptr, pairs_ptr, slot_ptr,
                               N, D, I, num_n,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr):
-        pid = tl.program_id(0)
-        pid_m = pid // num_n
-        pid_n = pid % num_n
-        slot = tl.load(slot_ptr + pid_m)
-        if slot < 0:
+        pid_m, pid_n, slot = _sorted_tile(tl.program_id(0), num_n, slot_ptr)
+        if slot < 0:  # a padding block of the align step
             return
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
-        pair = tl.load(pairs_ptr + offs_m)  # [BM]
-        pair_ok = pair < N
+        offs_m, pair, pair_ok = _block_pairs(pid_m, pairs_ptr, N, BLOCK_M)  # [BM] rows of the sorted order
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] hidden features
         n_ok = offs_n < D
         KB = tl.cdiv(I, 128)
