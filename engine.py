@@ -182,6 +182,8 @@ class Engine:
         self._wakeup.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        if self.eplb is not None:
+            self.eplb.close()  # its judging process, if any
 
     def has_work(self) -> bool:
         with self._lock:

@@ -13,11 +13,11 @@ Top to bottom:
 2. ExpertLoadRecorder                 per-step [L, P] buffer for model.forward(load=...), ring window, dumps
 3. slot_sources, copy_schedule,       which slot each moved expert is copied from (shared with
    LocalMover, Rebalancer             ep.DistributedMover), in-place moves, layer by layer
-4. EPLBConfig, EPLBManager            the engine hook: record → plan → move → measure, state for HTTP
+4. EPLBConfig, EPLBManager            the engine hook: record → judge → move → measure, state for HTTP
 5. CLI                                `python eplb.py plan RECORD ...`, `python eplb.py demo`
 
-The planner (planner.py) and the record files (records.py) are their own modules; the demo lives in
-eplb_demo.py.
+The planner (planner.py), the policy that judges whether a plan pays (policy.py) and the record
+files (records.py) are their own modules; the demo lives in eplb_demo.py.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ import concurrent.futures
 import copy
 import itertools
 import logging
+import multiprocessing
 import os
 import time
 from collections import deque
@@ -37,13 +38,14 @@ import torch
 
 from planner import (balancedness, check_plan_sizes, logical_to_physical, placement_policy, rank_load,
                      rebalance_experts, replica_load)
+from policy import SKIP_REASONS, Judge, RebalanceRecord, Verdict, init_judge_process
 from records import LAST_MAP_KEY, load_record, save_record
 
 log = logging.getLogger("dsv4.eplb")
 
 __all__ = [
     "ExpertLocation", "initial_location", "ExpertLoadRecorder", "SlotTransfer", "slot_sources", "copy_schedule",
-    "LocalMover", "SecondsHistogram", "MoveStats", "Rebalancer", "EPLBConfig", "RebalanceRecord", "EPLBManager",
+    "LocalMover", "SecondsHistogram", "MoveStats", "Rebalancer", "EPLBConfig", "EPLBManager",
 ]
 
 # =============================================================================================
@@ -466,71 +468,7 @@ def _synchronize(device: torch.device) -> None:
 
 
 # =============================================================================================
-# 4. Policy: does a plan pay? (pure functions)
-# =============================================================================================
-class PlanGain(NamedTuple):
-    """A plan's balancedness gain over the current placement, measured on held-out load."""
-    layer_gain: torch.Tensor  # [L] float64: balancedness under the plan minus under the current placement
-    layer_noise: torch.Tensor  # [L] float64: jackknife standard error of layer_gain
-    replicates: torch.Tensor  # [K, L] float64: layer_gain with each block of held-out steps left out
-
-
-class MoveDecision(NamedTuple):
-    layers: torch.Tensor  # [L] bool: the layers to move
-    reason: str  # "plan_pays" | "layers_pay" | "gain_below_margin"
-    gain: float  # the whole plan's gain of the model figure (mean over layers)
-    noise: float  # its jackknife standard error
-    margin: float  # min_gain + noise_sigmas * noise: what `gain` had to exceed for the whole plan to move
-
-
-def blocks_rank_load(blocks: torch.Tensor, phy2log: torch.Tensor, num_ranks: int) -> torch.Tensor:
-    """Rank load of K blocks of logical load under one placement: blocks [K, L, E], phy2log [L, P] -> [K, L, G]."""
-    K, L, E = blocks.shape
-    slot_load = replica_load(blocks.reshape(K * L, E), phy2log.cpu().repeat(K, 1))  # [K*L, P]
-    return rank_load(slot_load, num_ranks).view(K, L, num_ranks)
-
-
-def heldout_gain(current: torch.Tensor, planned: torch.Tensor) -> PlanGain:
-    """How much a plan raises balancedness on load it was not fitted to, and how noisy that figure is.
-
-    current, planned [K, L, G]: rank load of K consecutive blocks of held-out steps under the current
-    placement and under the plan. The gain is taken over all K blocks together; its noise is the
-    jackknife standard error over the blocks (each left out once): it shrinks as held-out load grows
-    and widens with routing noise. K = 1 gives noise 0.
-    """
-    current, planned = current.double(), planned.double()
-    gain = balancedness(planned.sum(0)) - balancedness(current.sum(0))  # [L]
-    replicates = balancedness(planned.sum(0) - planned) - balancedness(current.sum(0) - current)  # [K, L]
-    return PlanGain(gain, _jackknife_error(replicates), replicates)
-
-
-def _jackknife_error(replicates: torch.Tensor) -> torch.Tensor:
-    """Standard error from leave-one-out replicates [K, ...] -> [...]: sqrt((K-1)/K * sum (r - mean)^2)."""
-    K = replicates.shape[0]
-    return ((K - 1) / K * (replicates - replicates.mean(0)).pow(2).sum(0)).sqrt()
-
-
-def layers_worth_moving(gain: PlanGain, changed: torch.Tensor, min_gain: float, noise_sigmas: float,
-                        per_layer: bool) -> MoveDecision:
-    """Which layers of a plan to move, if any: a move must beat the noise of its own estimate.
-
-    gain: from `heldout_gain`; changed [L] bool: the layers the plan changes. The whole plan pays, and
-    all its changed layers move, when its model gain (mean over layers) exceeds min_gain +
-    noise_sigmas x its noise. Otherwise, per_layer, a layer moves alone when its own gain exceeds
-    min_gain + noise_sigmas x its own noise (a layer's move costs only its own bytes).
-    """
-    model_gain = float(gain.layer_gain.mean())
-    noise = float(_jackknife_error(gain.replicates.mean(1)))
-    margin = min_gain + noise_sigmas * noise
-    pays = model_gain > margin
-    alone = gain.layer_gain > min_gain + noise_sigmas * gain.layer_noise  # [L]
-    layers = changed & (alone | pays if per_layer else torch.full_like(changed, pays))
-    reason = "gain_below_margin" if not bool(layers.any()) else "plan_pays" if pays else "layers_pay"
-    return MoveDecision(layers, reason, model_gain, noise, margin)
-
-
-# =============================================================================================
-# 5. Manager: the engine's hook
+# 4. Manager: the engine's hook
 # =============================================================================================
 @dataclass
 class EPLBConfig:
@@ -559,56 +497,7 @@ class EPLBConfig:
     preserve_slots: bool = True
     init_expert_location: str | None = None
     history: int = 256  # balancedness samples kept for /eplb/state (mean and per layer)
-    background_checks: bool = False  # decide due checks on a worker thread while decoding goes on
-
-
-SKIP_REASONS = ("balanced_enough", "not_enough_steps", "no_change", "gain_below_margin")
-MOVE_REASONS = ("plan_pays", "layers_pay", "forced")
-
-
-@dataclass
-class RebalanceRecord:
-    """One rebalance decision: a move, or a skip and why. Balancedness is the mean over layers of
-    mean / max rank load; gains are differences of it. "Held-out" figures are predicted on the last
-    `heldout_steps` steps, which the plan was not fitted to."""
-    step: int
-    balancedness_before: float  # measured over the window, current placement
-    balancedness_predicted: float | None = None  # held-out: the placement moved to (skipped: the whole plan)
-    balancedness_measured: float | None = None  # over the window after the move
-    slots_changed: int = 0
-    bytes_moved: int = 0
-    plan_seconds: float = 0.0
-    move_seconds: float = 0.0
-    longest_step_seconds: float = 0.0
-    layers_moved: int = 0
-    finished_step: int | None = None
-    forced: bool = False
-    decision: str = "moved"  # "moved" | "skipped"
-    reason: str = ""  # one of MOVE_REASONS / SKIP_REASONS
-    detail: str = ""  # the decision in words (the log line)
-    plan_load: str | None = None  # the load the plan was fitted to: "decayed" | "recent" | "all"
-    heldout_steps: int = 0
-    balancedness_heldout: float | None = None  # held-out: the current placement
-    gain_predicted: float | None = None  # held-out gain of the whole plan
-    gain_noise: float | None = None  # its jackknife standard error
-    gain_margin: float | None = None  # min_gain + gain_noise_sigmas * gain_noise
-    layers_planned: int = 0  # layers the whole plan changes
-    slots_planned: int = 0  # slots, and bytes, the whole plan would move
-    bytes_planned: int = 0
-
-
-class Verdict(NamedTuple):
-    """A check's outcome, decided on snapshots (EPLBManager._judge), applied by EPLBManager._act."""
-    record: RebalanceRecord | None  # None: no load recorded yet (not counted as a check)
-    target: ExpertLocation | None  # the placement to move to (CPU); None: a skip (record says why)
-    restart_decayed: torch.Tensor | None = None  # the recent load won: the decayed load [L, E] to restart from
-
-
-class Candidate(NamedTuple):
-    load_name: str  # which load estimate the plan was fitted to
-    plan: ExpertLocation
-    gain: PlanGain
-    heldout_balancedness: float  # the current placement's, on the held-out steps
+    background_checks: bool = False  # decide due checks in another process while decoding goes on
 
 
 class EPLBManager:
@@ -644,6 +533,7 @@ class EPLBManager:
         self.recorder = ExpertLoadRecorder(L, P, E, self.window, device, half_life=self.half_life)
         self.rebalancer = Rebalancer(model, self.location, mover)
         self.slot_bytes = sum(w[0].numel() * w[0].element_size() for w in model.expert_weights(0))
+        self.judge = Judge(config, self.window, E, P, self.num_groups, self.num_nodes, self.slot_bytes)
         self.step_count = 0
         self.last_check = 0
         self.records: deque[RebalanceRecord] = deque(maxlen=64)
@@ -655,7 +545,10 @@ class EPLBManager:
         self.skipped_by_reason = dict.fromkeys(SKIP_REASONS, 0)
         self._moving: RebalanceRecord | None = None  # the move in progress
         self._unmeasured: RebalanceRecord | None = None  # a finished move waiting for its window
-        self._worker: concurrent.futures.ThreadPoolExecutor | None = None  # background checks (config)
+        # background checks (config): a process judges (planning is Python that would hold the GIL the
+        # engine thread needs between steps); a thread waits for the snapshot copies and for that process
+        self._judges: concurrent.futures.ProcessPoolExecutor | None = None
+        self._courier: concurrent.futures.ThreadPoolExecutor | None = None
         self._check: concurrent.futures.Future | None = None  # a background check in flight -> Verdict
         self._verdict_ready = False  # that check was done at the last after_step: the next one applies it
         if config.init_expert_location not in (None, "trivial"):
@@ -666,16 +559,33 @@ class EPLBManager:
             self._warm_up()
 
     def _warm_up(self) -> None:
-        """Plan and judge once on made-up load at start: the first plan pays one-off costs (numpy
-        imports its submodules lazily, first-use kernels) that would stall the first real check or
-        move by ~0.15 s (measured on the H200 host)."""
+        """Judge once on made-up load at start, where checks will run (in the judging process, not
+        waited for, or here): the first plan pays one-off costs (numpy imports its submodules lazily,
+        first-use kernels) that would stall the first real check or move by ~0.15 s (measured on the
+        H200 host)."""
         L, P, E = self.location.num_layers, self.location.num_physical, self.location.num_experts
         recorder = ExpertLoadRecorder(L, P, E, 4)
         for _ in range(4):
             recorder.load.fill_(1)
             recorder.step(self.location.phy2log.cpu())
-        self._best_candidate(recorder, self.location.to("cpu"), 2, fallback_to_all=False)
+        current = self.location.to("cpu")
+        if self.config.background_checks:
+            # spawn, never fork: this process may hold CUDA state; one CPU thread, set by the initializer
+            self._judges = concurrent.futures.ProcessPoolExecutor(
+                1, mp_context=multiprocessing.get_context("spawn"), initializer=init_judge_process)
+            self._courier = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="eplb-check")
+            self._judges.submit(self.judge.decide, recorder, current, 0, True)
+        else:
+            self.judge.decide(recorder, current, 0, force=True)
         self._window_balancedness()  # ...and the device work of a balancedness sample (first launches load kernels)
+
+    def close(self) -> None:
+        """Stop the judging process of background checks (a check in flight is dropped)."""
+        for pool in (self._judges, self._courier):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+        self._judges = self._courier = self._check = None
+        self._verdict_ready = False
 
     @property
     def load(self) -> torch.Tensor:
@@ -712,7 +622,14 @@ class EPLBManager:
 
     def _apply_background_verdict(self) -> None:
         check, self._check, self._verdict_ready = self._check, None, False
-        self._act(check.result())
+        try:
+            verdict = check.result()
+        except concurrent.futures.BrokenExecutor as error:  # killed (e.g. out of memory)
+            log.error("eplb: the judging process died (%s); checks run on the engine thread from now on", error)
+            self.close()
+            self.config.background_checks = False
+            return
+        self._act(verdict)
 
     def move_pending_layers(self) -> bool:
         """From the engine's idle loop (no step in flight): move the next chunk of a rebalance in
@@ -752,11 +669,10 @@ class EPLBManager:
     def plan(self, logical_load: torch.Tensor, current: ExpertLocation | None = None) -> ExpertLocation:
         """New placement (on the CPU) for logical_load [L, E], keeping the slots of `current` (default:
         the model's placement) where it can."""
-        current = self.location if current is None else current
-        old = current.phy2log.cpu() if self.config.preserve_slots else None
-        phy2log, _, _ = rebalance_experts(logical_load.cpu(), self.location.num_physical, self.num_groups,
-                                          self.num_nodes, self.config.num_ranks,
-                                          refine=self.config.refine, old_phy2log=old)
+        return self._location(self.judge.plan(logical_load, self.location if current is None else current))
+
+    def _location(self, phy2log: torch.Tensor) -> ExpertLocation:
+        """phy2log [L, P] -> an ExpertLocation (CPU) with this model's sizes."""
         return ExpertLocation.from_phy2log(phy2log, self.location.num_experts, self.config.num_ranks,
                                            self.location.width)
 
@@ -775,11 +691,11 @@ class EPLBManager:
             return {"status": "busy", "layers_left": len(self.rebalancer.pending)}
         self._check, self._verdict_ready = None, False
         self.last_check = self.step_count
-        return self._act(self._judge(self.recorder.to_host(), self.location.to("cpu"), self.step_count, force))
+        return self._act(self.judge.decide(self.recorder.to_host(), self.location.to("cpu"), self.step_count, force))
 
     def _start_background_check(self) -> None:
-        """The due check on a worker thread, on snapshots queued behind the work already on the device
-        (nothing waits for the GPU here); its verdict is applied by a later after_step()."""
+        """The due check in the judging process, on snapshots queued behind the work already on the
+        device (nothing waits for the GPU here); its verdict is applied by a later after_step()."""
         self.last_check = self.step_count
         loc = self.location
         recorder = self.recorder.to_host(wait=False)
@@ -788,50 +704,16 @@ class EPLBManager:
         copied = torch.cuda.Event() if loc.phy2log.is_cuda else None
         if copied is not None:
             copied.record()
-        if self._worker is None:
-            self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="eplb-check")
 
-        def judge(step: int = self.step_count) -> Verdict:
+        def judge(step: int = self.step_count, judges=self._judges) -> Verdict:  # on the courier thread
             if copied is not None:
                 copied.synchronize()
-            return self._judge(recorder, current, step, force=False)
+            # pageable copies of the pinned snapshots: they reach the process through shared memory
+            host_current = ExpertLocation(*(host_copy(t) for t in (current.phy2log, current.log2phy, current.logcnt)),
+                                          current.num_ranks)
+            return judges.submit(self.judge.decide, recorder.to_host(), host_current, step, False).result()
 
-        self._check = self._worker.submit(judge)
-
-    def _judge(self, recorder: ExpertLoadRecorder, current: ExpertLocation, step: int, force: bool) -> Verdict:
-        """Decide on CPU snapshots of the recorded load and the placement (no manager state is changed:
-        this may run on a worker thread while the engine decodes)."""
-        if int(recorder.logical_load().sum()) == 0:
-            return Verdict(None, None)
-        measured = balancedness(rank_load(recorder.physical_load(), self.config.num_ranks))  # [L]
-        rec = RebalanceRecord(step, float(measured.mean()), forced=force)
-        if rec.balancedness_before >= self.config.min_balancedness and not force:
-            return self._skipped(rec, "balanced_enough", f"measured balancedness {rec.balancedness_before:.3f} >= "
-                                 f"min balancedness {self.config.min_balancedness:.3f}")
-        t0 = time.perf_counter()
-        rec.heldout_steps = max(1, min(self.config.rebalance_num_iterations, self.window, recorder.steps) // 2)
-        best = self._best_candidate(recorder, current, rec.heldout_steps, fallback_to_all=force)
-        if best is None:
-            return self._skipped(rec, "not_enough_steps", f"no steps before the {rec.heldout_steps} held-out ones "
-                                 "to fit a plan to")
-        changed = best.plan.changed_slots(current) > 0  # [L]
-        decision = layers_worth_moving(best.gain, changed, self.config.min_gain, self.config.gain_noise_sigmas,
-                                       self.config.per_layer)
-        layers = changed if force else decision.layers
-        self._fill_prediction(rec, best, current, decision, layers)
-        if not bool(layers.any()):
-            rec.plan_seconds = time.perf_counter() - t0
-            reason = "no_change" if not bool(changed.any()) else decision.reason
-            rec.reason = reason
-            return self._skipped(rec, reason, self._describe(rec, 0))
-        target = self._move_target(recorder, current, best, layers, rec)  # on the CPU: each layer's maps are
-        rec.plan_seconds = time.perf_counter() - t0                      # copied to the device as it moves
-        rec.reason = "forced" if force else decision.reason
-        rec.detail = self._describe(rec, int(target.changed_slots(current).gt(0).sum()))
-        # the recent load won: traffic has changed, the decayed memory restarts from those steps (computed
-        # here on the snapshot; steps recorded between it and the move are dropped from the memory too)
-        restart = recorder.decayed_load_of_last(2 * rec.heldout_steps) if best.load_name == "recent" else None
-        return Verdict(rec, target, restart)
+        self._check = self._courier.submit(judge)
 
     def _act(self, verdict: Verdict) -> dict:
         """Apply a check's verdict (engine thread): count and record it, and start the move if any."""
@@ -851,78 +733,9 @@ class EPLBManager:
         self._log_unmeasured()
         self._moving = rec
         self.records.append(rec)
-        self.rebalancer.begin(verdict.target, self.config.layers_per_step)
+        self.rebalancer.begin(self._location(verdict.target), self.config.layers_per_step)
         self._move_chunk()
         return {"status": "started", **asdict(rec)}
-
-    def _best_candidate(self, recorder: ExpertLoadRecorder, current: ExpertLocation, heldout: int,
-                        fallback_to_all: bool) -> Candidate | None:
-        """Plan on each load estimate of `recorder` without the last `heldout` steps; the larger held-out
-        gain over the `current` placement wins (both on the CPU).
-
-        "decayed": every earlier step, halved every half-life (steady: the usual winner);
-        "recent": the `heldout` steps before those (follows a change of traffic within one period).
-        None when neither has load yet, unless fallback_to_all: then a plan on all load ("all"),
-        judged on its own steps.
-        """
-        recent = recorder.logical_steps(2 * heldout)[:-heldout]  # [<= heldout, L, E]
-        estimates = {"decayed": recorder.decayed_load(heldout), "recent": recent.sum(0)}
-        estimates = {name: load for name, load in estimates.items() if float(load.sum()) > 0}
-        if not estimates and fallback_to_all:
-            estimates = {"all": recorder.decayed_load()}
-        steps = recorder.logical_steps(heldout)  # [h, L, E]
-        blocks = torch.stack([b.sum(0) for b in steps.tensor_split(min(8, len(steps)))])  # [K, L, E]
-        now = blocks_rank_load(blocks, current.phy2log, self.config.num_ranks)  # [K, L, G]
-        best = None
-        for name, load in estimates.items():
-            plan = self.plan(load, current)
-            gain = heldout_gain(now, blocks_rank_load(blocks, plan.phy2log, self.config.num_ranks))
-            if best is None or float(gain.layer_gain.mean()) > float(best.gain.layer_gain.mean()):
-                best = Candidate(name, plan, gain, float(balancedness(now.sum(0)).mean()))
-        return best
-
-    def _move_target(self, recorder: ExpertLoadRecorder, current: ExpertLocation, best: Candidate,
-                     layers: torch.Tensor, rec: RebalanceRecord) -> ExpertLocation:
-        """The placement to move to (CPU): `current` with `layers` [L] bool of a plan refitted to the
-        winning load with the held-out steps added (more and fresher load, fitted the same way as the
-        plan judged)."""
-        load = recorder.decayed_load()
-        if best.load_name == "recent":
-            load = recorder.logical_steps(2 * rec.heldout_steps).sum(0)
-        plan = self.plan(load, current)
-        slots = plan.changed_slots(current)
-        rec.layers_planned, rec.slots_planned = int((slots > 0).sum()), int(slots.sum())
-        rec.bytes_planned = rec.slots_planned * self.slot_bytes
-        rows = torch.where(layers.view(-1, 1), plan.phy2log, current.phy2log)  # [L, P]
-        return ExpertLocation.from_phy2log(rows, self.location.num_experts, self.config.num_ranks, self.location.width)
-
-    def _fill_prediction(self, rec: RebalanceRecord, best: Candidate, current: ExpertLocation,
-                         decision: MoveDecision, layers: torch.Tensor) -> None:
-        """The judged plan's figures into `rec` (a skip's predicted balancedness: the whole plan's)."""
-        slots = best.plan.changed_slots(current)  # [L]
-        moving = layers if bool(layers.any()) else slots > 0
-        rec.plan_load, rec.balancedness_heldout = best.load_name, best.heldout_balancedness
-        rec.balancedness_predicted = best.heldout_balancedness + float(best.gain.layer_gain[moving].sum()) / len(slots)
-        rec.gain_predicted, rec.gain_noise, rec.gain_margin = decision.gain, decision.noise, decision.margin
-        rec.layers_planned, rec.slots_planned = int((slots > 0).sum()), int(slots.sum())
-        rec.bytes_planned = rec.slots_planned * self.slot_bytes
-
-    def _describe(self, rec: RebalanceRecord, layers_moving: int) -> str:
-        """The decision in words: the log line and the record's `detail`."""
-        moved = layers_moving > 0
-        head = (f"move {layers_moving}/{self.location.num_layers} layers ({rec.reason})" if moved
-                else f"skip ({rec.reason})")
-        return (f"{head}: held-out balancedness {rec.balancedness_heldout:.3f} -> "
-                f"{'predicted' if moved else 'plan would reach'} {rec.balancedness_predicted:.3f} "
-                f"({rec.heldout_steps} steps); plan on {rec.plan_load} load: gain {rec.gain_predicted:+.3f} vs margin "
-                f"{rec.gain_margin:.3f} (min gain {self.config.min_gain:g} + {self.config.gain_noise_sigmas:g} x noise "
-                f"{rec.gain_noise:.3f}) | whole plan: {rec.layers_planned} layers, {rec.slots_planned} slots, "
-                f"{rec.bytes_planned / 2**20:.1f} MiB")
-
-    @staticmethod
-    def _skipped(rec: RebalanceRecord, reason: str, detail: str) -> Verdict:
-        rec.decision, rec.reason, rec.detail = "skipped", reason, detail
-        return Verdict(rec, None)
 
     def _finish_if_done(self) -> None:
         rec = self._moving
@@ -1010,7 +823,7 @@ class EPLBManager:
 
 
 # =============================================================================================
-# 6. CLI
+# 5. CLI
 # =============================================================================================
 def _checked_plan_input(parser: argparse.ArgumentParser, args) -> dict[str, torch.Tensor]:
     """The record, if it and every size can be planned with; else one line (parser.error exits 2)."""

@@ -46,11 +46,14 @@ def free_port() -> int:
 def start_server(args, eplb: str, expert_dtype: str | None = None) -> tuple[subprocess.Popen, str, float]:
     """eplb: "off"; "record" (count load on every step, never move: P = E, one rank, so the only
     difference from "off" is the counting); "on" (EP ranks, redundant slots, a rebalance check every
-    --eplb-period steps over a window of as many steps: serve.py's defaults).
+    --eplb-period steps over a window of as many steps: serve.py's defaults); "slots" (no EPLB, but the
+    redundant slots of "on" in their trivial placement: on one GPU every slot's weights are read each
+    step, so "on" does that much more expert work than "off" whatever EPLB costs; on / slots is EPLB's own cost).
     expert_dtype: serve.py --expert-dtype (None: the server's default)."""
     port = free_port()
     flags = ["--preset", args.preset, "--device", args.device, "--port", str(port), "--log-level", "warning",
-             "--max-batch-size", str(max(args.concurrency)), "--max-seq-len", str(args.prompt_len + args.output_len + 8)]
+             "--max-batch-size", str(max(args.concurrency)), "--max-seq-len",
+             str(2 * args.prompt_len + args.output_len + 8)]  # a prompt of n words can take more than 2n tokens
     if args.num_layers:
         flags += ["--num-layers", str(args.num_layers)]
     flags += ["--init-device", args.init_device]
@@ -58,6 +61,8 @@ def start_server(args, eplb: str, expert_dtype: str | None = None) -> tuple[subp
         flags += ["--expert-dtype", expert_dtype]
     if eplb == "record":
         flags += ["--eplb", "--eplb-rebalance-num-iterations", str(10**9)]
+    elif eplb == "slots":
+        flags += ["--ep-num-redundant-experts", str(args.redundant)]
     elif eplb == "on":
         flags += ["--eplb", "--ep-size", str(args.ep_size), "--ep-num-redundant-experts", str(args.redundant),
                   "--eplb-rebalance-num-iterations", str(args.eplb_period), "--eplb-window", str(args.eplb_period)]
@@ -224,7 +229,7 @@ def sweep_server(args, eplb: str, expert_dtype: str | None, meta: dict) -> list[
             for c in args.concurrency:
                 row = sweep_point(url, model, c, point_args)
                 row["eplb"], row["sampling"], row["expert_dtype"] = eplb, setting, expert_dtype
-                if eplb != "off":  # what EPLB did during the run, so a fast "on" is seen to be working
+                if eplb not in ("off", "slots"):  # what EPLB did during the run, so a fast "on" is seen to be working
                     state = httpx.get(url + "/eplb/state").json()
                     row["balancedness"] = state.get("balancedness")
                     row["eplb_counters"] = {**state.get("counters", {}),
@@ -251,9 +256,10 @@ def print_ratios(rows: list[dict]) -> None:
         greedy = tok_s.get((fmt, eplb, "greedy", c))
         if sampling != "greedy" and greedy:
             lines.append(f"  {where} eplb {eplb:>6}: {sampling} / greedy = {value / greedy:.3f}")
-        off = tok_s.get((fmt, "off", sampling, c))
-        if eplb != "off" and off:
-            lines.append(f"  {where} {sampling:>8}: eplb {eplb} / off = {value / off:.3f}")
+        for base_mode in ("off", "slots") if eplb == "on" else ("off",):
+            base_value = tok_s.get((fmt, base_mode, sampling, c))
+            if eplb != base_mode and base_value:
+                lines.append(f"  {where} {sampling:>8}: eplb {eplb} / {base_mode} = {value / base_value:.3f}")
         base = tok_s.get((first_format, eplb, sampling, c))
         if fmt != first_format and base:
             lines.append(f"  {where} eplb {eplb:>6} {sampling}: {fmt} / {first_format} = {value / base:.3f}")
@@ -279,8 +285,8 @@ def main() -> None:
     p.add_argument("--top-p", type=float, default=0.9, help="of the sampled setting")
     p.add_argument("--top-k", type=int, default=0, help="of the sampled setting (0 = off)")
     p.add_argument("--min-p", type=float, default=0.0, help="of the sampled setting (0 = off)")
-    p.add_argument("--eplb-modes", nargs="+", default=["off", "record", "on"], choices=["off", "record", "on"],
-                   help="one server each, in this order; a mode given twice (off on off on) is run twice and "
+    p.add_argument("--eplb-modes", nargs="+", default=["off", "record", "on"], choices=["off", "record", "on", "slots"],
+                   help="one server each, in this order (slots: off with on's redundant slots, see start_server); a mode given twice (off on off on) is run twice and "
                         "the ratios use the mean of its runs (interleaving evens out drift of the machine)")
     p.add_argument("--eplb-period", type=int, default=100,
                    help='"on": forward steps between rebalance checks, and the window (serve.py\'s default: 100)')

@@ -1,6 +1,8 @@
 """The engine with the real tiny model on CPU, stepped by hand (no thread, no HTTP): continuous
 batching, chunked prefill and prompt tails fed through the one-token step all give the tokens of
 `dsv4_mini.generate` (greedy, one request alone)."""
+import os
+
 import pytest
 import torch
 
@@ -291,3 +293,24 @@ def test_background_checks_keep_run_ahead_and_count_each_step_once():
     assert background.counters["rebalances_total"] >= 2
     moves = [r for r in background.records if r.decision == "moved"]
     assert all(r.finished_step > r.step for r in moves)  # applied after the step whose load it judged
+    assert background._judges.submit(os.getpid).result() != os.getpid()  # judged in another process
+    background.close()
+
+
+def test_a_dead_judging_process_hands_checks_to_the_engine_thread():
+    """The judging process killed (e.g. by the OOM killer): the check in flight is dropped with an error
+    logged, and later checks run on the engine thread; decoding and EPLB go on."""
+    config = dsv4_mini.ModelConfig.tiny()
+    model = weights.build_model(config, seed=3, num_physical_experts=config.n_routed_experts + 4)
+    manager = eplb.EPLBManager(model, eplb.EPLBConfig(num_ranks=2, rebalance_num_iterations=3, window=64,
+                                                      background_checks=True))
+    manager._judges.submit(int).result()  # the process is up
+    for process in list(manager._judges._processes.values()):
+        process.kill()
+        process.join()
+    engine = Engine(model, max_batch_size=4, max_seq_len=64, max_queue=8, eplb=manager, decode_graphs=True)
+    prompt = list(range(1, 9))
+    seqs = run_requests(engine, [(prompt, SamplingParams(max_tokens=12, ignore_eos=True))] * 2)
+    assert all(len(s.output_ids) == 12 for s in seqs)
+    assert not manager.config.background_checks and manager._judges is None
+    assert manager.counters["rebalance_checks_total"] >= 2  # checks went on, on this thread

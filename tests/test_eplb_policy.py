@@ -16,8 +16,8 @@ import dsv4_mini
 import weights
 from bench.bench_eplb_policy import (SlotsOnly, SyntheticTraffic, fresh_plan_balancedness, true_balancedness,
                                      zipf_popularity)
-from eplb import (EPLBConfig, EPLBManager, ExpertLoadRecorder, PlanGain, blocks_rank_load, heldout_gain,
-                  layers_worth_moving)
+from eplb import EPLBConfig, EPLBManager, ExpertLoadRecorder
+from policy import PlanGain, blocks_rank_load, heldout_gain, layers_worth_moving
 from engine import Engine
 from planner import balancedness, rank_load, rebalance_experts, replica_load
 
