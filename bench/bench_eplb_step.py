@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--period", type=int, default=100, help="--eplb-rebalance-num-iterations and --eplb-window")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--background", action="store_true", help="EPLBConfig.background_checks (serve.py's mode on CUDA)")
+    ap.add_argument("--step-ms", type=float, default=4.0,
+                    help="the forward each step stands for (slept; not timed): background verdicts land as many steps later as they would")
     ap.add_argument("--tokens", type=int, default=256, help="routed picks per layer per step (mini: 64 tokens x K 4)")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -59,13 +61,17 @@ def main() -> None:
                         progress=False)
     manager = eplb.EPLBManager(model, eplb.EPLBConfig(num_ranks=args.ranks, rebalance_num_iterations=args.period,
                                                       window=args.period, background_checks=args.background))
+    if args.background:
+        manager._judges.submit(int).result()  # the judging process is up (serve.py starts it at startup)
     gen = torch.Generator().manual_seed(0)
     weights = torch.rand(config.num_hidden_layers, E, generator=gen) ** 3  # [L, E] skewed
     ordinary, checks, worst = [], [], (0.0, None)
     for _ in range(args.steps):
         draw_load(manager, weights, args.tokens, gen)
         sync(device)
-        due = manager.may_move_after_next_step() or manager._rebalance_due(manager.step_count + 1)
+        time.sleep(args.step_ms / 1e3)
+        due = manager.may_move_after_next_step() or (manager._rebalance_due(manager.step_count + 1)
+                                                     and manager._check is None)
         records_before = len(manager.records)
         profile = cProfile.Profile() if due else None
         t0 = time.perf_counter()
