@@ -132,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hierarchical: balance experts over --eplb-num-nodes first, replicate only inside a node")
     e.add_argument("--eplb-num-nodes", type=int, default=1,
                    help="nodes the --ep-size ranks span (hierarchical needs > 1 and a divisor of --ep-size)")
-    e.add_argument("--eplb-layers-per-step", "--eplb-rebalance-layers-per-chunk", type=int, default=0, metavar="N",
-                   help="layers moved per forward step (0 = all layers at once)")
+    e.add_argument("--eplb-layers-per-step", "--eplb-rebalance-layers-per-chunk", type=int, default=1, metavar="N",
+                   help="layers moved per forward step (0 = all layers at once); 1: a move stalls no step for "
+                        "longer than one layer's copy")
     e.add_argument("--init-expert-location", metavar="SPEC",
                    help="initial placement: 'trivial', a record file (.pt / .json with logical_count, planned "
                         "at start, or physical_to_logical_map, used as is) or the same as an inline JSON object; "
