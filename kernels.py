@@ -709,19 +709,24 @@ if triton is not None:
         return even, odd
 
     @triton.jit
-    def _qdot(acc, acc2, a_rows, a_ok, w_ptr, s_ptr, w2_ptr, s2_ptr, slot, offs_n, n_ok, N, K,
-              FMT: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
-              ASM: tl.constexpr, TWO: tl.constexpr, VAR: tl.constexpr):
+    def _qdot(acc, acc2, a_rows, a_ok, sa_rows, part_q, part_s, w_ptr, s_ptr, w2_ptr, s2_ptr, slot, offs_n,
+              n_ok, N, K, FMT: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+              PRECISION: tl.constexpr, ASM: tl.constexpr, TWO: tl.constexpr, VAR: tl.constexpr):
         """acc [BM, BN] += A [BM, K] @ dequant(w[slot, offs_n, :])^T, dequantised in registers; with
         TWO also acc2 += A @ dequant(w2[slot, offs_n, :])^T in the same K loop (w1 and w3 share
         every A tile). -> (acc, acc2). VAR (bits, see _variant_code): 1 = swapped dots (_qdot_t),
-        2 = fp4 through tl.dot_scaled (A rows in natural order, not split)."""
-        if VAR % 2 == 1:
+        2 = fp4 through tl.dot_scaled (A rows in natural order, not split), 4 = fp4 on the fp8 tensor
+        cores (_qdot_f8: A split into two e4m3 parts; sa_rows [BM, 1] their scale rows, part_q /
+        part_s the strides from part 0 to part 1; unused by the other variants)."""
+        if VAR // 4 % 2 == 1:
+            acc, acc2 = _qdot_f8(acc, acc2, a_rows, a_ok, sa_rows, part_q, part_s, w_ptr, s_ptr, w2_ptr, s2_ptr,
+                                 slot, offs_n, n_ok, N, K, BLOCK_K, EVEN_K, ASM, TWO)
+        elif VAR % 2 == 1:
             acc, acc2 = _qdot_t(acc, acc2, a_rows, a_ok, w_ptr, s_ptr, w2_ptr, s2_ptr, slot, offs_n, n_ok, N, K,
-                                FMT, BLOCK_K, EVEN_K, PRECISION, ASM, TWO, VAR // 2 == 1)
+                                FMT, BLOCK_K, EVEN_K, PRECISION, ASM, TWO, VAR // 2 % 2 == 1)
         else:
             acc, acc2 = _qdot_n(acc, acc2, a_rows, a_ok, w_ptr, s_ptr, w2_ptr, s2_ptr, slot, offs_n, n_ok, N, K,
-                                FMT, BLOCK_K, EVEN_K, PRECISION, ASM, TWO, VAR // 2 == 1)
+                                FMT, BLOCK_K, EVEN_K, PRECISION, ASM, TWO, VAR // 2 % 2 == 1)
         return acc, acc2
 
     @triton.jit
@@ -900,24 +905,125 @@ if triton is not None:
         else:
             return tl.dot_scaled(a, None, "fp16", b, sg, "e2m1", acc)
 
+    # _fp4_to_e4m3 alone (no fp16, no scale) on 4 packed bytes per instance: $2 = bytes w0..w3 ->
+    # $0 = the e4m3 bytes (value * 2^-6) of their low nibbles (even inputs), $1 of their high nibbles
+    # (odd inputs), byte i of each output from byte i of $2. Shifts move no bit into a neighbouring
+    # byte's kept bits (the masks drop them). The fp8 tensor cores take these bytes as they are.
+    _FP4_E4M3_ASM = tl.constexpr("""
+    {
+    .reg .b32 t;
+    shl.b32 t, $2, 2;
+    and.b32 $0, t, 0x1C1C1C1C;
+    shl.b32 t, $2, 4;
+    and.b32 t, t, 0x80808080;
+    or.b32 $0, $0, t;
+    shr.b32 t, $2, 2;
+    and.b32 $1, t, 0x1C1C1C1C;
+    and.b32 t, $2, 0x80808080;
+    or.b32 $1, $1, t;
+    }
+    """)
+
+    @triton.jit
+    def _fp4_tile_e4m3(b, ASM: tl.constexpr):
+        """Packed e2m1 bytes b uint8 [BN, BK/2] -> [BN, BK] float8e4nv (value * 2^-6) in the stored K order:
+        each 32-input scale group as [16 even inputs | 16 odd inputs]. A thread holding bytes 4q..4q+3 of
+        a group gets K positions 4q.. and 16+4q.. of it: an e4m3 wgmma's A fragment, no shuffles."""
+        BN: tl.constexpr = b.shape[0]
+        G: tl.constexpr = b.shape[1] // 16
+        if ASM:
+            lo, hi = tl.inline_asm_elementwise(_FP4_E4M3_ASM, "=r,=r,r", [b], dtype=(tl.uint8, tl.uint8),
+                                               is_pure=True, pack=4)
+            lo = lo.to(tl.float8e4nv, bitcast=True)
+            hi = hi.to(tl.float8e4nv, bitcast=True)
+        else:
+            lo, hi = _fp4_to_e4m3(b)
+        w = tl.reshape(tl.join(lo, hi), [BN, G, 16, 2])  # [BN, G, 16, 2]
+        return tl.reshape(tl.permute(w, (0, 1, 3, 2)), [BN, G * 32])  # [BN, G, 2, 16] -> [BN, BK]
+
+    @triton.jit
+    def _fp4_f8_step(acc_t, b, r, s_hi, w_ptrs, s_ptrs, w_mask, s_mask, ASM: tl.constexpr):
+        """One K tile of G = BK/32 scale groups on the fp8 tensor cores: acc_t [BN, BM] += s_hi *
+        sum_g 64 scale[:, g] * (W_g @ (hi_g + r lo_g)). w_ptrs [BN, BK/2] packed bytes, s_ptrs [BN, G]
+        their e8m0 scales, r, s_hi [1, BM]; b [BK, G * 2 * BM] e4m3 is block-diagonal: column (g, p, m)
+        holds part p of activation row m on group g's 32 K rows and zeros elsewhere, so ONE dot yields
+        every group's partial products side by side (the MMA chain never mixes two groups, whose
+        scales differ) and each scale meets an fp32 product, never an e4m3 value."""
+        BN: tl.constexpr = acc_t.shape[0]
+        BM: tl.constexpr = acc_t.shape[1]
+        G: tl.constexpr = s_ptrs.shape[1]
+        w = _fp4_tile_e4m3(tl.load(w_ptrs, mask=w_mask, other=0), ASM)  # [BN, BK] e4m3
+        t = tl.reshape(tl.dot(w, b), [BN, G, 2, BM])  # [BN, G, part, BM] fp32
+        t_hi, t_lo = tl.split(tl.permute(t, (0, 1, 3, 2)))  # [BN, G, BM] each
+        sw = _e8m0_to_f32(tl.load(s_ptrs, mask=s_mask, other=0)) * 64.0  # [BN, G]
+        u = tl.sum((t_hi + t_lo * r[:, None, :]) * sw[:, :, None], axis=1)  # [BN, BM]
+        return acc_t + u * s_hi
+
+    @triton.jit
+    def _qdot_f8(acc, acc2, a_rows, a_ok, sa_rows, part_q, part_s, w_ptr, s_ptr, w2_ptr, s2_ptr, slot, offs_n,
+                 n_ok, N, K, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr, TWO: tl.constexpr):
+        """_qdot for fp4 weights on the fp8 tensor cores, swapped like _qdot_t (acc^T [BN, BM]): the nibbles
+        become e4m3 bytes by bit placement only (_FP4_E4M3_ASM, no fp16, no per-value scale) and the
+        scales multiply fp32 partial products (_fp4_f8_step).
+        A: a_rows [BM, 1] e4m3 rows of part 0 (part 1 at + part_q), stored in each group's K order
+        [even | odd] (_h_column), split per 128-input block (fp8x_act_split: a ~= s_hi hi + s_lo lo);
+        sa_rows [BM, 1] fp32 rows of scales [K/128] (part 1 at + part_s). BLOCK_K divides 128."""
+        BM: tl.constexpr = acc.shape[0]
+        BN: tl.constexpr = acc.shape[1]
+        G: tl.constexpr = BLOCK_K // 32
+        NB: tl.constexpr = G * 2 * BM  # B columns (group, part, row), row fastest
+        s_cols = tl.trans(sa_rows)  # [1, BM]
+        col = tl.arange(0, NB)
+        b_cols = tl.reshape(tl.broadcast_to(tl.trans(a_rows)[:, None, :], [1, 2 * G, BM]), [1, NB])
+        b_cols += (col // BM % 2 * part_q)[None, :]  # [1, NB] pointers to (part, row)
+        b_ok = tl.reshape(tl.broadcast_to(a_ok[None, :], [2 * G, BM]), [NB])  # [NB]
+        offs_k = tl.arange(0, BLOCK_K)  # [BK]
+        diag = (offs_k // 32)[:, None] == (col // (2 * BM))[None, :]  # [BK, NB]: group g's rows, g's columns
+        slot64 = slot.to(tl.int64)
+        n64 = offs_n.to(tl.int64)[:, None]  # [BN, 1]
+        KH, SK = K // 2, K // 32
+        w_off = slot64 * N * KH + n64 * KH + tl.arange(0, BLOCK_K // 2)[None, :]  # [BN, BK/2] packed bytes
+        s_off = slot64 * N * SK + n64 * SK + tl.arange(0, G)[None, :]  # [BN, G]
+        acc_t = tl.zeros([BN, BM], dtype=tl.float32)
+        acc2_t = tl.zeros([BN, BM], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            s_hi = tl.load(s_cols + k0 // 128, mask=a_ok[None, :], other=1.0)  # [1, BM] powers of two
+            inv_hi = (0x7F000000 - s_hi.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)  # exact 1/s_hi
+            r = tl.load(s_cols + part_s + k0 // 128, mask=a_ok[None, :], other=1.0) * inv_hi  # [1, BM]
+            k_ok = ((k0 + offs_k) < K) | EVEN_K  # [BK]
+            b = tl.load(b_cols + (k0 + offs_k)[:, None], mask=diag & k_ok[:, None] & b_ok[None, :],
+                        other=0.0)  # [BK, NB] e4m3
+            w_mask = n_ok[:, None] & ((k0 // 2 + tl.arange(0, BLOCK_K // 2) < KH) | EVEN_K)[None, :]
+            s_mask = n_ok[:, None] & ((k0 // 32 + tl.arange(0, G) < SK) | EVEN_K)[None, :]
+            acc_t = _fp4_f8_step(acc_t, b, r, s_hi, w_ptr + w_off + k0 // 2, s_ptr + s_off + k0 // 32, w_mask,
+                                 s_mask, ASM)
+            if TWO:
+                acc2_t = _fp4_f8_step(acc2_t, b, r, s_hi, w2_ptr + w_off + k0 // 2, s2_ptr + s_off + k0 // 32,
+                                      w_mask, s_mask, ASM)
+        return acc + tl.trans(acc_t), acc2 + tl.trans(acc2_t)
+
     @triton.jit
     def _h_column(offs_n, I, FMT: tl.constexpr, VAR: tl.constexpr):
         """Where feature n of h is stored: in place, or for fp4's down projection split into
-        [even features | odd features] (see _qdot_n; not for tl.dot_scaled, VAR bit 2)."""
-        if FMT == 2 and VAR // 2 == 0:
+        [even features | odd features] (see _qdot_n; not for tl.dot_scaled, VAR bit 2), or with
+        VAR bit 4 (_qdot_f8) the same split inside each 32-feature scale group."""
+        if FMT == 2 and VAR // 4 % 2 == 1:
+            return offs_n // 32 * 32 + (offs_n % 2) * 16 + offs_n % 32 // 2
+        elif FMT == 2 and VAR // 2 % 2 == 0:
             return (offs_n % 2) * (I // 2) + offs_n // 2
         else:
             return offs_n
 
     @triton.jit
-    def _swiglu_tile(x_ptr, stride_xt, w1_ptr, w3_ptr, s1_ptr, s3_ptr, rw_ptr, pair, pair_ok, slot, offs_n,
-                     w_off, n_ok, offs_k, D, I, top_k, limit, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    def _swiglu_tile(x_ptr, stride_xt, xs_ptr, x_part_q, x_part_s, w1_ptr, w3_ptr, s1_ptr, s3_ptr, rw_ptr, pair,
+                     pair_ok, slot, offs_n, w_off, n_ok, offs_k, D, I, top_k, limit, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
                      FMT: tl.constexpr, ASM: tl.constexpr, VAR: tl.constexpr):
         """One up-projection tile: silu(min(x w1, limit)) * clamp(x w3, +-limit) * routing weight
         for BM pairs (pair [BM], token = pair // top_k) x BN features of one slot (w_off [BK, BN]
         = the slot's w1/w3 rows, transposed; quantised formats (FMT 1 fp8, 2 fp4) use slot, offs_n
-        and the scales instead): [BM, BN] fp32."""
+        and the scales instead; VAR bit 4: x split, xs_ptr its scales, see _qdot_f8): [BM, BN] fp32."""
         tok = tl.where(pair_ok, pair // top_k, 0)
         a_ptrs = x_ptr + tok.to(tl.int64)[:, None] * stride_xt + offs_k[None, :]  # [BM, BK]
         b1_ptrs = w1_ptr + w_off  # [BK, BN] = w1[slot, n, k]^T
@@ -926,8 +1032,10 @@ if triton is not None:
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if FMT != 0:
             a_rows = x_ptr + tok.to(tl.int64)[:, None] * stride_xt  # [BM, 1]
-            acc_g, acc_u = _qdot(acc_g, acc_u, a_rows, pair_ok, w1_ptr, s1_ptr, w3_ptr, s3_ptr, slot, offs_n,
-                                 n_ok, I, D, FMT, BLOCK_K, EVEN_K, PRECISION, ASM, True, VAR)
+            sa_rows = xs_ptr + tok.to(tl.int64)[:, None] * tl.cdiv(D, 128)  # [BM, 1] (VAR bit 4 only)
+            acc_g, acc_u = _qdot(acc_g, acc_u, a_rows, pair_ok, sa_rows, x_part_q, x_part_s, w1_ptr, s1_ptr,
+                                 w3_ptr, s3_ptr, slot, offs_n, n_ok, I, D, FMT, BLOCK_K, EVEN_K, PRECISION, ASM,
+                                 True, VAR)
         else:
             for k0 in range(0, D, BLOCK_K):
                 if EVEN_K:
@@ -983,7 +1091,7 @@ if triton is not None:
         return offs_m, pair, pair < N
 
     @triton.jit
-    def _moe_up_kernel(x_ptr, stride_xt, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, rw_ptr, pairs_ptr, slot_ptr,
+    def _moe_up_kernel(x_ptr, stride_xt, xs_ptr, x_part_q, x_part_s, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, rw_ptr, pairs_ptr, slot_ptr,
                        N, D, I, top_k, limit, num_n,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        EVEN_K: tl.constexpr, PRECISION: tl.constexpr, FMT: tl.constexpr,
@@ -996,14 +1104,15 @@ if triton is not None:
         n_ok = offs_n < I
         offs_k = tl.arange(0, BLOCK_K)  # [BK]
         w_off = slot.to(tl.int64) * I * D + offs_n.to(tl.int64)[None, :] * D + offs_k[:, None]
-        h = _swiglu_tile(x_ptr, stride_xt, w1_ptr, w3_ptr, s1_ptr, s3_ptr, rw_ptr, pair, pair_ok, slot, offs_n,
+        h = _swiglu_tile(x_ptr, stride_xt, xs_ptr, x_part_q, x_part_s, w1_ptr, w3_ptr, s1_ptr, s3_ptr, rw_ptr,
+                         pair, pair_ok, slot, offs_n,
                          w_off, n_ok, offs_k, D, I, top_k, limit, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PRECISION,
                          FMT, ASM, VAR)
         h_ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * I + _h_column(offs_n, I, FMT, VAR)[None, :]
         tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=pair_ok[:, None] & n_ok[None, :])
 
     @triton.jit
-    def _moe_down_kernel(h_ptr, w2_ptr, s2_ptr, y_ptr, pairs_ptr, slot_ptr, N, D, I, num_n,
+    def _moe_down_kernel(h_ptr, hs_ptr, h_part_q, h_part_s, w2_ptr, s2_ptr, y_ptr, pairs_ptr, slot_ptr, N, D, I, num_n,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          EVEN_K: tl.constexpr, PRECISION: tl.constexpr, FMT: tl.constexpr,
                          ASM: tl.constexpr, VAR: tl.constexpr):
@@ -1021,9 +1130,10 @@ if triton is not None:
             acc = _down_tile(a_ptrs, b_ptrs, pair_ok, n_ok, offs_k, I, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PRECISION)
         else:
             h_rows = h_ptr + offs_m.to(tl.int64)[:, None] * I  # [BM, 1]
+            hs_rows = hs_ptr + offs_m.to(tl.int64)[:, None] * tl.cdiv(I, 128)  # [BM, 1] (VAR bit 4 only)
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            acc, _ = _qdot(acc, acc, h_rows, pair_ok, w2_ptr, s2_ptr, w2_ptr, s2_ptr, slot, offs_n, n_ok, D, I,
-                           FMT, BLOCK_K, EVEN_K, PRECISION, ASM, False, VAR)
+            acc, _ = _qdot(acc, acc, h_rows, pair_ok, hs_rows, h_part_q, h_part_s, w2_ptr, s2_ptr, w2_ptr, s2_ptr,
+                           slot, offs_n, n_ok, D, I, FMT, BLOCK_K, EVEN_K, PRECISION, ASM, False, VAR)
         y_ptrs = y_ptr + pair.to(tl.int64)[:, None] * D + offs_n[None, :]
         tl.store(y_ptrs, acc, mask=pair_ok[:, None] & n_ok[None, :])
 
@@ -1047,7 +1157,7 @@ if triton is not None:
         return tl.where(pair >= 0, pair, N)
 
     @triton.jit
-    def _moe_up_scan_kernel(x_ptr, stride_xt, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, rw_ptr, ids_ptr,
+    def _moe_up_scan_kernel(x_ptr, stride_xt, xs_ptr, x_part_q, x_part_s, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, rw_ptr, ids_ptr,
                             N, D, I, top_k, limit, slot_offset, num_n,
                             NP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
@@ -1064,14 +1174,15 @@ if triton is not None:
         for m0 in range(0, cnt, BLOCK_M):
             pair = _chunk_pairs(rank, m0, N, NP, BLOCK_M)  # [BM]
             pair_ok = pair < N
-            h = _swiglu_tile(x_ptr, stride_xt, w1_ptr, w3_ptr, s1_ptr, s3_ptr, rw_ptr, pair, pair_ok, slot, offs_n,
+            h = _swiglu_tile(x_ptr, stride_xt, xs_ptr, x_part_q, x_part_s, w1_ptr, w3_ptr, s1_ptr, s3_ptr, rw_ptr,
+                             pair, pair_ok, slot, offs_n,
                              w_off, n_ok, offs_k, D, I, top_k, limit, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
                              PRECISION, FMT, ASM, VAR)
             h_ptrs = h_ptr + pair.to(tl.int64)[:, None] * I + _h_column(offs_n, I, FMT, VAR)[None, :]
             tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=pair_ok[:, None] & n_ok[None, :])
 
     @triton.jit
-    def _moe_down_scan_kernel(h_ptr, w2_ptr, s2_ptr, y_ptr, ids_ptr, N, D, I, slot_offset, num_n,
+    def _moe_down_scan_kernel(h_ptr, hs_ptr, h_part_q, h_part_s, w2_ptr, s2_ptr, y_ptr, ids_ptr, N, D, I, slot_offset, num_n,
                               NP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                               PRECISION: tl.constexpr, FMT: tl.constexpr, ASM: tl.constexpr, VAR: tl.constexpr):
@@ -1093,9 +1204,10 @@ if triton is not None:
                                  PRECISION)
             else:
                 h_rows = h_ptr + pair.to(tl.int64)[:, None] * I  # [BM, 1]
+                hs_rows = hs_ptr + pair.to(tl.int64)[:, None] * tl.cdiv(I, 128)  # [BM, 1] (VAR bit 4 only)
                 acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-                acc, _ = _qdot(acc, acc, h_rows, pair_ok, w2_ptr, s2_ptr, w2_ptr, s2_ptr, slot, offs_n, n_ok, D, I,
-                               FMT, BLOCK_K, EVEN_K, PRECISION, ASM, False, VAR)
+                acc, _ = _qdot(acc, acc, h_rows, pair_ok, hs_rows, h_part_q, h_part_s, w2_ptr, s2_ptr, w2_ptr,
+                               s2_ptr, slot, offs_n, n_ok, D, I, FMT, BLOCK_K, EVEN_K, PRECISION, ASM, False, VAR)
             y_ptrs = y_ptr + pair.to(tl.int64)[:, None] * D + offs_n[None, :]
             tl.store(y_ptrs, acc, mask=pair_ok[:, None] & n_ok[None, :])
 
@@ -1197,17 +1309,32 @@ def _contiguous(*tensors):
     return [t if t.is_contiguous() else t.contiguous() for t in tensors]
 
 
-def _variant_code(cfg, fmt, dot_dtype) -> int:
+def _variant_code(cfg, fmt, dot_dtype, fp8_dots: bool = True) -> int:
     """The kernels' VAR constexpr from a config's variant keys: bit 1 "swap" (quantised only: the
     dequantised weights are the dot's first operand, see _qdot_t), bit 2 "dot_scaled" (fp4:
-    tl.dot_scaled does the dequantisation; ignored for fp32 activations)."""
+    tl.dot_scaled does the dequantisation; ignored for fp32 activations), bit 4 "fp8_mma" (fp4 on the
+    fp8 tensor cores with activations split into two e4m3 parts, see _qdot_f8; implies the swapped
+    orientation; ignored for fp32 activations and where fp8 dots are not supported: fp8_dots False)."""
     swap, scaled = bool(cfg.get("swap", False)), bool(cfg.get("dot_scaled", False))
+    f8 = bool(cfg.get("fp8_mma", False))
     if swap and fmt == "bf16":
         raise ValueError("moe_experts: config swap=True is for quantised experts")
-    if scaled and fmt != "fp4":
-        raise ValueError("moe_experts: config dot_scaled=True is for fp4 experts")
+    if (scaled or f8) and fmt != "fp4":
+        raise ValueError(f"moe_experts: config {'dot_scaled' if scaled else 'fp8_mma'}=True is for fp4 experts")
+    if scaled and f8:
+        raise ValueError("moe_experts: config dot_scaled and fp8_mma are two different fp4 dots; pick one")
     scaled = scaled and dot_dtype == torch.float16  # fp32 activations (exact path): the plain dots
-    return int(swap) | 2 * int(scaled)
+    f8 = f8 and dot_dtype == torch.float16 and fp8_dots
+    return int(swap or f8) | 2 * int(scaled) | 4 * int(f8)
+
+
+def _split_args(a, var):
+    """The kernels' activation arguments for a [R, K] contiguous a: (a, a, 0, 0) (no split; the scale
+    pointer unused), or for fp8_mma (var bit 4) fp8x_act_split(a, 2) as (q part 0, scales, part strides)."""
+    if not var & 4:
+        return a, a, 0, 0
+    q, s = fp8x_act_split(a, 2)  # [2, R, K] e4m3, [2, R, K/128] fp32
+    return q, s, q.stride(0), s.stride(0)
 
 
 def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0, scales=None, *, config=None):
@@ -1218,7 +1345,8 @@ def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0,
     exact in fp16, and so is a bf16 activation in fp16's normal range) and in fp32 for fp32 ones.
     config: optional dict like _moe_config's result, to override block sizes (benchmarks);
     its "scan" key (default: from _moe_config) picks the decode path, "swap" / "dot_scaled" the
-    quantised dot formulation (see _variant_code; defaults in QUANT_CFG). fp8 experts outside the scan
+    quantised dot formulation (see _variant_code; defaults in QUANT_CFG; "fp8_mma": fp4 on the fp8 tensor
+    cores, x and h split into two e4m3 parts: twin moe_experts_torch(act_parts=2)). fp8 experts outside the scan
     path with 16-bit activations on sm_89+ (or the interpreter) take the fp8 tensor-core path
     (_moe_fp8x_prefill) when the config's "fp8_act" is 1 or 2 (default 2 at prefill; 0: the path above).
     Host work: output + scratch allocations and 3 launches (decode) or 5 (prefill: scan, scatter, up, down, sum); no sync.
@@ -1245,8 +1373,10 @@ def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0,
     cfg = _moe_config(T * K, P_local, esize, I, fmt)
     if config:
         cfg = {**cfg, **config}
-    var = _variant_code(cfg, fmt, dot_dtype)
-    if fmt == "fp4" and not var & 2:  # rows split [even inputs | odd inputs], as the fp4 dots read them
+    var = _variant_code(cfg, fmt, dot_dtype, fmt != "fp4" or fp8_dots_supported(dev))
+    if var & 4:  # each 32-input group as [even | odd], as _qdot_f8 reads it (its 128-blocks unchanged)
+        x = x.view(T, D // 32, 16, 2).transpose(2, 3).reshape(T, D)
+    elif fmt == "fp4" and not var & 2:  # rows split [even inputs | odd inputs], as the fp4 dots read them
         x = torch.cat([x[:, 0::2], x[:, 1::2]], dim=1)
     if x.stride(1) != 1:
         x = x.contiguous()
@@ -1273,15 +1403,22 @@ def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0,
            and os.environ.get("DSV4_FP4_ASM", "1") != "0")  # config / env: force the plain-Triton path
     if fmt == "fp4" and (BK % 32 or BK2 % 32):
         raise ValueError(f"fp4 experts need BLOCK_K a multiple of 32, got {BK}, {BK2}")
+    if var & 4 and (128 % BK or 128 % BK2):
+        raise ValueError(f"fp8_mma needs BLOCK_K dividing 128 (one activation scale per K tile), got {BK}, {BK2}")
+    # fp8_mma: x (and h between the GEMMs) go to the kernels split into two e4m3 parts; h is written in
+    # fp32 and split like x (as the twin moe_experts_torch(act_parts=2) rounds it)
+    xa = _split_args(x, var)  # (x or its part 0, scales, part strides)
+    h_dtype = torch.float32 if var & 4 else dot_dtype
+    h_new = torch.zeros if var & 4 else torch.empty  # split whole: rows no pair writes must not hold NaN bits
     if scan:
         NP = max(16, _next_pow2(N))
-        h = torch.empty((N, I), dtype=dot_dtype, device=dev)  # [T*K, I] by pair
+        h = h_new((N, I), dtype=h_dtype, device=dev)  # [T*K, I] by pair
         _moe_up_scan_kernel[(P_local * num_n,)](
-            x, x.stride(0), w1, w3, s1, s3, h, weights, ids, N, D, I, K, limit, slot_offset, num_n,
+            xa[0], xa[0].stride(-2), *xa[1:], w1, w3, s1, s3, h, weights, ids, N, D, I, K, limit, slot_offset, num_n,
             NP=NP, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, EVEN_K=D % BK == 0, PRECISION=precision, FMT=FMT, ASM=asm, VAR=var,
             num_warps=warps, num_stages=_stages(BM, BN, BK, 2, esize, wsize))
         _moe_down_scan_kernel[(P_local * num_n2,)](
-            h, w2, s2, y, ids, N, D, I, slot_offset, num_n2,
+            *_split_args(h, var), w2, s2, y, ids, N, D, I, slot_offset, num_n2,
             NP=NP, BLOCK_M=BM, BLOCK_N=BN2, BLOCK_K=BK2, EVEN_K=I % BK2 == 0,
             PRECISION=precision, FMT=FMT, ASM=asm, VAR=var, num_warps=warps2, num_stages=_stages(BM, BN2, BK2, 1, esize, wsize))
     elif fmt == "fp8" and cfg.get("fp8_act") and dot_dtype == torch.float16 and fp8_dots_supported(dev):
@@ -1289,13 +1426,13 @@ def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0,
     else:
         sorted_pairs, block_slot = _moe_align(ids, slot_offset, P_local, BM)
         num_blocks = block_slot.shape[0]
-        h = torch.empty((num_blocks * BM, I), dtype=dot_dtype, device=dev)  # [rows, I] sorted
+        h = h_new((num_blocks * BM, I), dtype=h_dtype, device=dev)  # [rows, I] sorted
         _moe_up_kernel[(num_blocks * num_n,)](
-            x, x.stride(0), w1, w3, s1, s3, h, weights, sorted_pairs, block_slot, N, D, I, K,
+            xa[0], xa[0].stride(-2), *xa[1:], w1, w3, s1, s3, h, weights, sorted_pairs, block_slot, N, D, I, K,
             limit, num_n, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, EVEN_K=D % BK == 0,
             PRECISION=precision, FMT=FMT, ASM=asm, VAR=var, num_warps=warps, num_stages=_stages(BM, BN, BK, 2, esize, wsize))
         _moe_down_kernel[(num_blocks * num_n2,)](
-            h, w2, s2, y, sorted_pairs, block_slot, N, D, I, num_n2,
+            *_split_args(h, var), w2, s2, y, sorted_pairs, block_slot, N, D, I, num_n2,
             BLOCK_M=BM, BLOCK_N=BN2, BLOCK_K=BK2, EVEN_K=I % BK2 == 0, PRECISION=precision, FMT=FMT, ASM=asm, VAR=var,
             num_warps=warps2, num_stages=_stages(BM, BN2, BK2, 1, esize, wsize))
     SUM_N = min(1024, _next_pow2(D))
