@@ -199,7 +199,7 @@ def _check_scales(w1, scales):
 
 
 def moe_experts_torch(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0, scales=None, *,
-                      act_parts=0):
+                      act_parts=0, act_shared_scale=False):
     """Routed experts over physical slots: sum_k weights[t,k] * expert(ids[t,k])(x[t]).
 
     x [T, d], weights [T, K] fp32, ids [T, K] int32, w1/w3 [P_local, I, d], w2 [P_local, d, I]
@@ -210,7 +210,8 @@ def moe_experts_torch(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0, 
     Quantised experts (see dsv4_mini.RoutedExperts; format from w1.dtype): scales = (s1, s3, s2);
     each used slot is dequantised to x.dtype first (dequantize_slot), then the same math runs.
     act_parts (1 or 2, fp8 experts): twin of the fp8 tensor-core prefill path: x and h rounded
-    through fp8x_act_split_torch (that many e4m3 parts) before their matmuls, which run in fp32.
+    through fp8x_act_split_torch (that many e4m3 parts) before their matmuls, which run in fp32;
+    act_shared_scale: both parts in one scale (twin of the fp4 fp8_mma decode path: act_parts=2 with it).
     """
     fmt = _check_scales(w1, scales)
     T, K = ids.shape
@@ -234,12 +235,12 @@ def moe_experts_torch(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0, 
             m1, m3, m2 = (dequantize_slot(w, s, slot, wdt) for w, s in zip((w1, w3, w2), scales))
         xs = x[pairs // K].to(m1.dtype)  # [n, d]
         if act_parts:
-            xs = fp8x_act_round_torch(xs, act_parts)
+            xs = fp8x_act_round_torch(xs, act_parts, act_shared_scale)
         g = _tiled_matmul(xs, m1).float()  # [n, I]
         u = _tiled_matmul(xs, m3).float()  # [n, I]
         h = _swiglu(g, u, flat_w[pairs].unsqueeze(1), swiglu_limit)  # [n, I]
         if act_parts:
-            h = fp8x_act_round_torch(h, act_parts)
+            h = fp8x_act_round_torch(h, act_parts, act_shared_scale)
         per_pair[pairs] = _tiled_matmul(h.to(m2.dtype), m2).float()  # [n, d]
     return per_pair.view(T, K, x.shape[1]).sum(1)
 
@@ -256,17 +257,20 @@ def _pow2_for_e4m3_torch(amax):
     return (e << 23).view(torch.float32)
 
 
-def fp8x_act_split_torch(a, parts: int = 2):
+def fp8x_act_split_torch(a, parts: int = 2, shared_scale: bool = False):
     """a [R, K] float -> (q [parts, R, K] float8_e4m3fn, s [parts, R, ceil(K/128)] fp32) with
     a ~= s[0] * q[0] + s[1] * q[1] per 128-input block (scales broadcast over the block): part 0
     rounds a / s[0] to e4m3 (ties to even), part 1 the exact remainder a - s[0] q[0] the same way.
-    Relative error per element ~2^-8 with two parts (~2^-4 with one). Torch twin of _fp8x_split_kernel."""
+    Relative error per element ~2^-8 with two parts (~2^-4 with one). Torch twin of _fp8x_split_kernel.
+    shared_scale: part 1 keeps part 0's scale (s[1] = s[0]): the remainder is at most half an e4m3 step
+    of part 0, <= 16 in those units, so it fits, and e4m3's 18 binades leave the error per element
+    <= max(2^-8 |a|, 2^-10 s): as accurate, and the two parts' dots can share one accumulator."""
     R, K = a.shape
     KB = -(-K // FP8X_BLOCK)
     rest = F.pad(a.float(), (0, KB * FP8X_BLOCK - K)).view(R, KB, FP8X_BLOCK)  # [R, KB, 128]
     qs, ss = [], []
-    for _ in range(parts):
-        s = _pow2_for_e4m3_torch(rest.abs().amax(-1))  # [R, KB]
+    for p in range(parts):
+        s = ss[0] if p and shared_scale else _pow2_for_e4m3_torch(rest.abs().amax(-1))  # [R, KB]
         q = (rest / s.unsqueeze(-1)).to(torch.float8_e4m3fn)  # [R, KB, 128]
         rest = rest - q.float() * s.unsqueeze(-1)  # exact: q * s is a rounding of rest
         qs.append(q.view(R, KB * FP8X_BLOCK)[:, :K])
@@ -281,9 +285,9 @@ def fp8x_act_dequant_torch(q, s):
     return (q.float() * scale).sum(0)
 
 
-def fp8x_act_round_torch(a, parts: int = 2):
+def fp8x_act_round_torch(a, parts: int = 2, shared_scale: bool = False):
     """a [R, K] -> its fp8x split, dequantised (fp32): what the fp8 prefill path's dots see."""
-    return fp8x_act_dequant_torch(*fp8x_act_split_torch(a, parts))
+    return fp8x_act_dequant_torch(*fp8x_act_split_torch(a, parts, shared_scale))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -709,17 +713,17 @@ if triton is not None:
         return even, odd
 
     @triton.jit
-    def _qdot(acc, acc2, a_rows, a_ok, sa_rows, part_q, part_s, w_ptr, s_ptr, w2_ptr, s2_ptr, slot, offs_n,
+    def _qdot(acc, acc2, a_rows, a_ok, sa_rows, part_q, w_ptr, s_ptr, w2_ptr, s2_ptr, slot, offs_n,
               n_ok, N, K, FMT: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
               PRECISION: tl.constexpr, ASM: tl.constexpr, TWO: tl.constexpr, VAR: tl.constexpr):
         """acc [BM, BN] += A [BM, K] @ dequant(w[slot, offs_n, :])^T, dequantised in registers; with
         TWO also acc2 += A @ dequant(w2[slot, offs_n, :])^T in the same K loop (w1 and w3 share
         every A tile). -> (acc, acc2). VAR (bits, see _variant_code): 1 = swapped dots (_qdot_t),
         2 = fp4 through tl.dot_scaled (A rows in natural order, not split), 4 = fp4 on the fp8 tensor
-        cores (_qdot_f8: A split into two e4m3 parts; sa_rows [BM, 1] their scale rows, part_q /
-        part_s the strides from part 0 to part 1; unused by the other variants)."""
+        cores (_qdot_f8: A split into two e4m3 parts in one scale; sa_rows [BM, 1] the scale rows, part_q
+        the stride from part 0 to part 1; unused by the other variants)."""
         if VAR // 4 % 2 == 1:
-            acc, acc2 = _qdot_f8(acc, acc2, a_rows, a_ok, sa_rows, part_q, part_s, w_ptr, s_ptr, w2_ptr, s2_ptr,
+            acc, acc2 = _qdot_f8(acc, acc2, a_rows, a_ok, sa_rows, part_q, w_ptr, s_ptr, w2_ptr, s2_ptr,
                                  slot, offs_n, n_ok, N, K, BLOCK_K, EVEN_K, ASM, TWO)
         elif VAR % 2 == 1:
             acc, acc2 = _qdot_t(acc, acc2, a_rows, a_ok, w_ptr, s_ptr, w2_ptr, s2_ptr, slot, offs_n, n_ok, N, K,
@@ -942,43 +946,42 @@ if triton is not None:
         return tl.reshape(tl.permute(w, (0, 1, 3, 2)), [BN, G * 32])  # [BN, G, 2, 16] -> [BN, BK]
 
     @triton.jit
-    def _fp4_f8_step(acc_t, b, r, s_hi, w_ptrs, s_ptrs, w_mask, s_mask, ASM: tl.constexpr):
-        """One K tile of G = BK/32 scale groups on the fp8 tensor cores: acc_t [BN, BM] += s_hi *
-        sum_g 64 scale[:, g] * (W_g @ (hi_g + r lo_g)). w_ptrs [BN, BK/2] packed bytes, s_ptrs [BN, G]
-        their e8m0 scales, r, s_hi [1, BM]; b [BK, G * 2 * BM] e4m3 is block-diagonal: column (g, p, m)
-        holds part p of activation row m on group g's 32 K rows and zeros elsewhere, so ONE dot yields
-        every group's partial products side by side (the MMA chain never mixes two groups, whose
-        scales differ) and each scale meets an fp32 product, never an e4m3 value."""
+    def _fp4_f8_step(acc_t, b_hi, b_lo, s_a, w_ptrs, s_ptrs, w_mask, s_mask, ASM: tl.constexpr):
+        """One K tile of G = BK/32 scale groups on the fp8 tensor cores: acc_t [BN, BM] += s_a *
+        sum_g 64 scale[:, g] * (W_g @ (hi_g + lo_g)). w_ptrs [BN, BK/2] packed bytes, s_ptrs [BN, G] their
+        e8m0 scales, s_a [1, BM] the activations' (shared) scale; b_hi / b_lo [BK, G * BM] e4m3 are
+        block-diagonal: column (g, m) holds row m's part on group g's 32 K rows and zeros elsewhere, so
+        one dot yields every group's partial products side by side (the MMA never mixes two groups,
+        whose scales differ) and both parts accumulate in it. Each scale meets an fp32 product."""
         BN: tl.constexpr = acc_t.shape[0]
         BM: tl.constexpr = acc_t.shape[1]
         G: tl.constexpr = s_ptrs.shape[1]
         w = _fp4_tile_e4m3(tl.load(w_ptrs, mask=w_mask, other=0), ASM)  # [BN, BK] e4m3
-        t = tl.reshape(tl.dot(w, b), [BN, G, 2, BM])  # [BN, G, part, BM] fp32
-        t_hi, t_lo = tl.split(tl.permute(t, (0, 1, 3, 2)))  # [BN, G, BM] each
-        sw = _e8m0_to_f32(tl.load(s_ptrs, mask=s_mask, other=0)) * 64.0  # [BN, G]
-        u = tl.sum((t_hi + t_lo * r[:, None, :]) * sw[:, :, None], axis=1)  # [BN, BM]
-        return acc_t + u * s_hi
+        t = tl.dot(w, b_lo)  # [BN, G * BM] fp32; the small part first
+        t = tl.reshape(tl.dot(w, b_hi, t), [BN, G, BM])
+        # 2^(s - 127) * 64 in one integer op: exponent field s + 6 (a checkpoint's scale bytes sit far below
+        # 249, where it would overflow; a masked byte 0 gives 2^-121 times zero weights)
+        sw = ((tl.load(s_ptrs, mask=s_mask, other=0).to(tl.int32) + 6) << 23).to(tl.float32, bitcast=True)  # [BN, G]
+        return acc_t + tl.sum(t * sw[:, :, None], axis=1) * s_a  # [BN, BM]
 
     @triton.jit
-    def _qdot_f8(acc, acc2, a_rows, a_ok, sa_rows, part_q, part_s, w_ptr, s_ptr, w2_ptr, s2_ptr, slot, offs_n,
+    def _qdot_f8(acc, acc2, a_rows, a_ok, sa_rows, part_q, w_ptr, s_ptr, w2_ptr, s2_ptr, slot, offs_n,
                  n_ok, N, K, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr, TWO: tl.constexpr):
         """_qdot for fp4 weights on the fp8 tensor cores, swapped like _qdot_t (acc^T [BN, BM]): the nibbles
         become e4m3 bytes by bit placement only (_FP4_E4M3_ASM, no fp16, no per-value scale) and the
         scales multiply fp32 partial products (_fp4_f8_step).
         A: a_rows [BM, 1] e4m3 rows of part 0 (part 1 at + part_q), stored in each group's K order
-        [even | odd] (_h_column), split per 128-input block (fp8x_act_split: a ~= s_hi hi + s_lo lo);
-        sa_rows [BM, 1] fp32 rows of scales [K/128] (part 1 at + part_s). BLOCK_K divides 128."""
+        [even | odd] (_h_column), split per 128-input block in one scale (fp8x_act_split with
+        shared_scale: a ~= s (hi + lo)); sa_rows [BM, 1] fp32 rows of those scales [K/128]. BLOCK_K divides 128."""
         BM: tl.constexpr = acc.shape[0]
         BN: tl.constexpr = acc.shape[1]
         G: tl.constexpr = BLOCK_K // 32
-        NB: tl.constexpr = G * 2 * BM  # B columns (group, part, row), row fastest
+        NB: tl.constexpr = G * BM  # B columns (group, row), row fastest
         s_cols = tl.trans(sa_rows)  # [1, BM]
-        col = tl.arange(0, NB)
-        b_cols = tl.reshape(tl.broadcast_to(tl.trans(a_rows)[:, None, :], [1, 2 * G, BM]), [1, NB])
-        b_cols += (col // BM % 2 * part_q)[None, :]  # [1, NB] pointers to (part, row)
-        b_ok = tl.reshape(tl.broadcast_to(a_ok[None, :], [2 * G, BM]), [NB])  # [NB]
+        b_cols = tl.reshape(tl.broadcast_to(tl.trans(a_rows)[:, None, :], [1, G, BM]), [1, NB])  # [1, NB]
+        b_ok = tl.reshape(tl.broadcast_to(a_ok[None, :], [G, BM]), [NB])  # [NB]
         offs_k = tl.arange(0, BLOCK_K)  # [BK]
-        diag = (offs_k // 32)[:, None] == (col // (2 * BM))[None, :]  # [BK, NB]: group g's rows, g's columns
+        diag = (offs_k // 32)[:, None] == (tl.arange(0, NB) // BM)[None, :]  # [BK, NB]: group g's rows and columns
         slot64 = slot.to(tl.int64)
         n64 = offs_n.to(tl.int64)[:, None]  # [BN, 1]
         KH, SK = K // 2, K // 32
@@ -987,18 +990,17 @@ if triton is not None:
         acc_t = tl.zeros([BN, BM], dtype=tl.float32)
         acc2_t = tl.zeros([BN, BM], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            s_hi = tl.load(s_cols + k0 // 128, mask=a_ok[None, :], other=1.0)  # [1, BM] powers of two
-            inv_hi = (0x7F000000 - s_hi.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)  # exact 1/s_hi
-            r = tl.load(s_cols + part_s + k0 // 128, mask=a_ok[None, :], other=1.0) * inv_hi  # [1, BM]
+            s_a = tl.load(s_cols + k0 // 128, mask=a_ok[None, :], other=0.0)  # [1, BM]
             k_ok = ((k0 + offs_k) < K) | EVEN_K  # [BK]
-            b = tl.load(b_cols + (k0 + offs_k)[:, None], mask=diag & k_ok[:, None] & b_ok[None, :],
-                        other=0.0)  # [BK, NB] e4m3
+            b_mask = diag & k_ok[:, None] & b_ok[None, :]
+            b_hi = tl.load(b_cols + (k0 + offs_k)[:, None], mask=b_mask, other=0.0)  # [BK, NB] e4m3
+            b_lo = tl.load(b_cols + part_q + (k0 + offs_k)[:, None], mask=b_mask, other=0.0)
             w_mask = n_ok[:, None] & ((k0 // 2 + tl.arange(0, BLOCK_K // 2) < KH) | EVEN_K)[None, :]
             s_mask = n_ok[:, None] & ((k0 // 32 + tl.arange(0, G) < SK) | EVEN_K)[None, :]
-            acc_t = _fp4_f8_step(acc_t, b, r, s_hi, w_ptr + w_off + k0 // 2, s_ptr + s_off + k0 // 32, w_mask,
+            acc_t = _fp4_f8_step(acc_t, b_hi, b_lo, s_a, w_ptr + w_off + k0 // 2, s_ptr + s_off + k0 // 32, w_mask,
                                  s_mask, ASM)
             if TWO:
-                acc2_t = _fp4_f8_step(acc2_t, b, r, s_hi, w2_ptr + w_off + k0 // 2, s2_ptr + s_off + k0 // 32,
+                acc2_t = _fp4_f8_step(acc2_t, b_hi, b_lo, s_a, w2_ptr + w_off + k0 // 2, s2_ptr + s_off + k0 // 32,
                                       w_mask, s_mask, ASM)
         return acc + tl.trans(acc_t), acc2 + tl.trans(acc2_t)
 
@@ -1015,7 +1017,7 @@ if triton is not None:
             return offs_n
 
     @triton.jit
-    def _swiglu_tile(x_ptr, stride_xt, xs_ptr, x_part_q, x_part_s, w1_ptr, w3_ptr, s1_ptr, s3_ptr, rw_ptr, pair,
+    def _swiglu_tile(x_ptr, stride_xt, xs_ptr, x_part_q, w1_ptr, w3_ptr, s1_ptr, s3_ptr, rw_ptr, pair,
                      pair_ok, slot, offs_n, w_off, n_ok, offs_k, D, I, top_k, limit, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
@@ -1033,7 +1035,7 @@ if triton is not None:
         if FMT != 0:
             a_rows = x_ptr + tok.to(tl.int64)[:, None] * stride_xt  # [BM, 1]
             sa_rows = xs_ptr + tok.to(tl.int64)[:, None] * tl.cdiv(D, 128)  # [BM, 1] (VAR bit 4 only)
-            acc_g, acc_u = _qdot(acc_g, acc_u, a_rows, pair_ok, sa_rows, x_part_q, x_part_s, w1_ptr, s1_ptr,
+            acc_g, acc_u = _qdot(acc_g, acc_u, a_rows, pair_ok, sa_rows, x_part_q, w1_ptr, s1_ptr,
                                  w3_ptr, s3_ptr, slot, offs_n, n_ok, I, D, FMT, BLOCK_K, EVEN_K, PRECISION, ASM,
                                  True, VAR)
         else:
@@ -1091,7 +1093,7 @@ if triton is not None:
         return offs_m, pair, pair < N
 
     @triton.jit
-    def _moe_up_kernel(x_ptr, stride_xt, xs_ptr, x_part_q, x_part_s, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, rw_ptr, pairs_ptr, slot_ptr,
+    def _moe_up_kernel(x_ptr, stride_xt, xs_ptr, x_part_q, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, rw_ptr, pairs_ptr, slot_ptr,
                        N, D, I, top_k, limit, num_n,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        EVEN_K: tl.constexpr, PRECISION: tl.constexpr, FMT: tl.constexpr,
@@ -1104,7 +1106,7 @@ if triton is not None:
         n_ok = offs_n < I
         offs_k = tl.arange(0, BLOCK_K)  # [BK]
         w_off = slot.to(tl.int64) * I * D + offs_n.to(tl.int64)[None, :] * D + offs_k[:, None]
-        h = _swiglu_tile(x_ptr, stride_xt, xs_ptr, x_part_q, x_part_s, w1_ptr, w3_ptr, s1_ptr, s3_ptr, rw_ptr,
+        h = _swiglu_tile(x_ptr, stride_xt, xs_ptr, x_part_q, w1_ptr, w3_ptr, s1_ptr, s3_ptr, rw_ptr,
                          pair, pair_ok, slot, offs_n,
                          w_off, n_ok, offs_k, D, I, top_k, limit, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PRECISION,
                          FMT, ASM, VAR)
@@ -1112,7 +1114,7 @@ if triton is not None:
         tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=pair_ok[:, None] & n_ok[None, :])
 
     @triton.jit
-    def _moe_down_kernel(h_ptr, hs_ptr, h_part_q, h_part_s, w2_ptr, s2_ptr, y_ptr, pairs_ptr, slot_ptr, N, D, I, num_n,
+    def _moe_down_kernel(h_ptr, hs_ptr, h_part_q, w2_ptr, s2_ptr, y_ptr, pairs_ptr, slot_ptr, N, D, I, num_n,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          EVEN_K: tl.constexpr, PRECISION: tl.constexpr, FMT: tl.constexpr,
                          ASM: tl.constexpr, VAR: tl.constexpr):
@@ -1132,7 +1134,7 @@ if triton is not None:
             h_rows = h_ptr + offs_m.to(tl.int64)[:, None] * I  # [BM, 1]
             hs_rows = hs_ptr + offs_m.to(tl.int64)[:, None] * tl.cdiv(I, 128)  # [BM, 1] (VAR bit 4 only)
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            acc, _ = _qdot(acc, acc, h_rows, pair_ok, hs_rows, h_part_q, h_part_s, w2_ptr, s2_ptr, w2_ptr, s2_ptr,
+            acc, _ = _qdot(acc, acc, h_rows, pair_ok, hs_rows, h_part_q, w2_ptr, s2_ptr, w2_ptr, s2_ptr,
                            slot, offs_n, n_ok, D, I, FMT, BLOCK_K, EVEN_K, PRECISION, ASM, False, VAR)
         y_ptrs = y_ptr + pair.to(tl.int64)[:, None] * D + offs_n[None, :]
         tl.store(y_ptrs, acc, mask=pair_ok[:, None] & n_ok[None, :])
@@ -1157,7 +1159,7 @@ if triton is not None:
         return tl.where(pair >= 0, pair, N)
 
     @triton.jit
-    def _moe_up_scan_kernel(x_ptr, stride_xt, xs_ptr, x_part_q, x_part_s, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, rw_ptr, ids_ptr,
+    def _moe_up_scan_kernel(x_ptr, stride_xt, xs_ptr, x_part_q, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, rw_ptr, ids_ptr,
                             N, D, I, top_k, limit, slot_offset, num_n,
                             NP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
@@ -1174,7 +1176,7 @@ if triton is not None:
         for m0 in range(0, cnt, BLOCK_M):
             pair = _chunk_pairs(rank, m0, N, NP, BLOCK_M)  # [BM]
             pair_ok = pair < N
-            h = _swiglu_tile(x_ptr, stride_xt, xs_ptr, x_part_q, x_part_s, w1_ptr, w3_ptr, s1_ptr, s3_ptr, rw_ptr,
+            h = _swiglu_tile(x_ptr, stride_xt, xs_ptr, x_part_q, w1_ptr, w3_ptr, s1_ptr, s3_ptr, rw_ptr,
                              pair, pair_ok, slot, offs_n,
                              w_off, n_ok, offs_k, D, I, top_k, limit, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
                              PRECISION, FMT, ASM, VAR)
@@ -1182,7 +1184,7 @@ if triton is not None:
             tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=pair_ok[:, None] & n_ok[None, :])
 
     @triton.jit
-    def _moe_down_scan_kernel(h_ptr, hs_ptr, h_part_q, h_part_s, w2_ptr, s2_ptr, y_ptr, ids_ptr, N, D, I, slot_offset, num_n,
+    def _moe_down_scan_kernel(h_ptr, hs_ptr, h_part_q, w2_ptr, s2_ptr, y_ptr, ids_ptr, N, D, I, slot_offset, num_n,
                               NP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                               PRECISION: tl.constexpr, FMT: tl.constexpr, ASM: tl.constexpr, VAR: tl.constexpr):
@@ -1206,7 +1208,7 @@ if triton is not None:
                 h_rows = h_ptr + pair.to(tl.int64)[:, None] * I  # [BM, 1]
                 hs_rows = hs_ptr + pair.to(tl.int64)[:, None] * tl.cdiv(I, 128)  # [BM, 1] (VAR bit 4 only)
                 acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-                acc, _ = _qdot(acc, acc, h_rows, pair_ok, hs_rows, h_part_q, h_part_s, w2_ptr, s2_ptr, w2_ptr,
+                acc, _ = _qdot(acc, acc, h_rows, pair_ok, hs_rows, h_part_q, w2_ptr, s2_ptr, w2_ptr,
                                s2_ptr, slot, offs_n, n_ok, D, I, FMT, BLOCK_K, EVEN_K, PRECISION, ASM, False, VAR)
             y_ptrs = y_ptr + pair.to(tl.int64)[:, None] * D + offs_n[None, :]
             tl.store(y_ptrs, acc, mask=pair_ok[:, None] & n_ok[None, :])
@@ -1329,12 +1331,13 @@ def _variant_code(cfg, fmt, dot_dtype, fp8_dots: bool = True) -> int:
 
 
 def _split_args(a, var):
-    """The kernels' activation arguments for a [R, K] contiguous a: (a, a, 0, 0) (no split; the scale
-    pointer unused), or for fp8_mma (var bit 4) fp8x_act_split(a, 2) as (q part 0, scales, part strides)."""
+    """The kernels' activation arguments for a [R, K] contiguous a: (a, a, 0) (no split; the scale
+    pointer unused), or for fp8_mma (var bit 4) fp8x_act_split(a, 2, shared_scale=True) as (q part 0,
+    its scales, the part stride)."""
     if not var & 4:
-        return a, a, 0, 0
-    q, s = fp8x_act_split(a, 2)  # [2, R, K] e4m3, [2, R, K/128] fp32
-    return q, s, q.stride(0), s.stride(0)
+        return a, a, 0
+    q, s = fp8x_act_split(a, 2, shared_scale=True)  # [2, R, K] e4m3, [2, R, K/128] fp32 (s[1] = s[0])
+    return q, s[0], q.stride(0)
 
 
 def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0, scales=None, *, config=None):
@@ -1480,9 +1483,11 @@ if triton is not None:
         return (v + c) - c
 
     @triton.jit
-    def _fp8x_store(q_ptr, s_ptr, rows, row_ok, cols, col_ok, kb, part_q, part_s, K, KB, a, PARTS: tl.constexpr):
+    def _fp8x_store(q_ptr, s_ptr, rows, row_ok, cols, col_ok, kb, part_q, part_s, K, KB, a, PARTS: tl.constexpr,
+                    SHARED: tl.constexpr = False):
         """Split a [BR, 128] fp32 (block kb of each row; zero outside col_ok) and store it: parts
-        q [PARTS, R, K] e4m3 (part stride part_q), scales s [PARTS, R, KB] fp32 (stride part_s)."""
+        q [PARTS, R, K] e4m3 (part stride part_q), scales s [PARTS, R, KB] fp32 (stride part_s);
+        SHARED: part 1 in part 0's scale (fp8x_act_split_torch's shared_scale)."""
         mask = row_ok[:, None] & col_ok[None, :]
         q_ptrs = q_ptr + rows[:, None] * K + cols[None, :]  # [BR, 128]
         s_ptrs = s_ptr + rows * KB + kb  # [BR]
@@ -1492,14 +1497,17 @@ if triton is not None:
         tl.store(s_ptrs, s_hi, mask=row_ok)
         if PARTS == 2:
             r = a - hi * s_hi[:, None]  # exact: hi * s_hi is a rounding of a
-            s_lo, inv_lo = _pow2_for_e4m3(tl.max(tl.abs(r), axis=1))
+            if SHARED:
+                s_lo, inv_lo = s_hi, inv_hi
+            else:
+                s_lo, inv_lo = _pow2_for_e4m3(tl.max(tl.abs(r), axis=1))
             lo = _round_e4m3(r * inv_lo[:, None])
             tl.store(q_ptrs + part_q, lo.to(tl.float8e4nv), mask=mask)
             tl.store(s_ptrs + part_s, s_lo, mask=row_ok)
 
     @triton.jit
     def _fp8x_split_kernel(a_ptr, stride_a, q_ptr, s_ptr, R, K, KB, part_q, part_s,
-                           PARTS: tl.constexpr, BLOCK_R: tl.constexpr):
+                           PARTS: tl.constexpr, BLOCK_R: tl.constexpr, SHARED: tl.constexpr):
         # program = (BLOCK_R rows, one 128-block of inputs)
         rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)  # [BR]
         kb = tl.program_id(1)
@@ -1508,7 +1516,7 @@ if triton is not None:
         col_ok = cols < K
         a = tl.load(a_ptr + rows[:, None] * stride_a + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
                     other=0.0).to(tl.float32)
-        _fp8x_store(q_ptr, s_ptr, rows, row_ok, cols, col_ok, kb, part_q, part_s, K, KB, a, PARTS)
+        _fp8x_store(q_ptr, s_ptr, rows, row_ok, cols, col_ok, kb, part_q, part_s, K, KB, a, PARTS, SHARED)
 
     @triton.jit
     def _fp8x_load_a(q_ptr, s_ptr, rows, row_ok, k, k_ok, kb, part_q, part_s, K, KB, PARTS: tl.constexpr):
@@ -1611,7 +1619,7 @@ def fp8_dots_supported(dev) -> bool:
     return dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (8, 9)
 
 
-def fp8x_act_split(a, parts: int = 2):
+def fp8x_act_split(a, parts: int = 2, shared_scale: bool = False):
     """a [R, K] (fp16/bf16/fp32, unit stride along K) -> (q [parts, R, K] float8_e4m3fn,
     s [parts, R, ceil(K/128)] fp32): Triton twin of fp8x_act_split_torch (bitwise)."""
     R, K = a.shape
@@ -1620,7 +1628,8 @@ def fp8x_act_split(a, parts: int = 2):
     s = torch.empty((parts, R, KB), dtype=torch.float32, device=a.device)
     if R and K:
         _fp8x_split_kernel[(-(-R // FP8X_SPLIT_ROWS), KB)](
-            a, a.stride(0), q, s, R, K, KB, R * K, R * KB, PARTS=parts, BLOCK_R=FP8X_SPLIT_ROWS, num_warps=4)
+            a, a.stride(0), q, s, R, K, KB, R * K, R * KB, PARTS=parts, BLOCK_R=FP8X_SPLIT_ROWS,
+            SHARED=shared_scale, num_warps=4)
     return q, s
 
 

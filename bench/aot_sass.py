@@ -22,7 +22,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import kernels  # noqa: E402
 
-DIV16 = ("stride_xt", "N", "D", "I", "slot_offset", "num_n", "x_part_q", "x_part_s", "h_part_q", "h_part_s")  # ints the JIT sees as multiples of 16 at released sizes
+DIV16 = ("stride_xt", "N", "D", "I", "slot_offset", "num_n", "x_part_q", "h_part_q")  # ints the JIT sees as multiples of 16 at released sizes
 
 
 def compile_scan(down, fmt, var, asm, BM, BN, BK, warps, stages):
@@ -32,11 +32,11 @@ def compile_scan(down, fmt, var, asm, BM, BN, BK, warps, stages):
     act = "*fp8e4nv" if var & 4 else "*fp16"
     if down:
         fn = kernels._moe_down_scan_kernel
-        sig = dict(h_ptr=act, hs_ptr="*fp32", h_part_q="i32", h_part_s="i32", w2_ptr=w, s2_ptr="*u8",
+        sig = dict(h_ptr=act, hs_ptr="*fp32", h_part_q="i32", w2_ptr=w, s2_ptr="*u8",
                    y_ptr="*fp32", ids_ptr="*i32", N="i32", D="i32", I="i32", slot_offset="i32", num_n="i32")
     else:
         fn = kernels._moe_up_scan_kernel
-        sig = dict(x_ptr=act, stride_xt="i32", xs_ptr="*fp32", x_part_q="i32", x_part_s="i32", w1_ptr=w,
+        sig = dict(x_ptr=act, stride_xt="i32", xs_ptr="*fp32", x_part_q="i32", w1_ptr=w,
                    w3_ptr=w, s1_ptr="*u8", s3_ptr="*u8", h_ptr="*fp32" if var & 4 else "*fp16", rw_ptr="*fp32",
                    ids_ptr="*i32", N="i32", D="i32", I="i32", top_k="i32", limit="fp32", slot_offset="i32",
                    num_n="i32")
@@ -47,6 +47,14 @@ def compile_scan(down, fmt, var, asm, BM, BN, BK, warps, stages):
              for n, t in sig.items() if t.startswith("*") or n in DIV16}
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 128), options=dict(num_warps=warps, num_stages=stages))
+
+
+def resource_usage(cubin_path):
+    """cuobjdump's per-kernel resource line: registers (REG), spill stack (STACK), shared memory."""
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    out = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "-res-usage", cubin_path],
+                         capture_output=True, text=True, check=True).stdout
+    return " ".join(m.group(0) for m in re.finditer(r"(REG|STACK|SHARED|LOCAL):\d+", out))
 
 
 def inner_loop(cubin_path):
@@ -96,6 +104,7 @@ def main():
     mix = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in body)
     print(f"{tag}: inner loop {len(body)} SASS instructions, {len(body) / per_thread:.2f} per weight value per thread")
     print("  " + ", ".join(f"{op} {n}" for op, n in mix.most_common(16)))
+    print("  " + resource_usage(cubin))
 
 
 if __name__ == "__main__":

@@ -203,6 +203,19 @@ def test_fp8x_split_triton_equals_torch_and_error_bound(parts):
     assert ((qmax >= 224) & (qmax <= 448) | (qmax == 0)).all() and (qmax == 448).any()
 
 
+def test_fp8x_split_shared_scale_triton_equals_torch_and_error_bound():
+    # the fp4 fp8_mma path's split: part 1 in part 0's scale; error per element <= max(2^-8 |a|, 2^-10 s)
+    a = fp8x_edge_rows()
+    q, s = kernels.fp8x_act_split(a, 2, shared_scale=True)  # Triton (interpreter)
+    q2, s2 = kernels.fp8x_act_split_torch(a, 2, shared_scale=True)
+    assert torch.equal(q.float(), q2.float()) and torch.equal(s, s2) and torch.equal(s[1], s[0])
+    assert q[1].float().abs().max() <= 16  # the remainder: half an e4m3 step of part 0 at most
+    back = kernels.fp8x_act_dequant_torch(q2, s2)
+    scale = s2[0].repeat_interleave(128, 1)[:, :200]
+    assert ((back - a).abs() <= torch.maximum(2.0 ** -8 * a.abs(), 2.0 ** -10 * scale)).all()
+    assert torch.equal(back[1], a[1]) and torch.equal(back[2, :128], a[2, :128])
+
+
 def fp8x_case(T, K, P, d, I, offset, seed):
     """fp8 experts and an fp16 prefill-like batch where slot offset + 1 gets no rows."""
     gen = torch.Generator().manual_seed(seed)
@@ -429,8 +442,9 @@ FP8_MMA_CASES = [  # scan, BLOCK_M, (up, down) = (BLOCK_N, BLOCK_K, warps), T, d
 
 @pytest.mark.parametrize("scan,BM,up,down,T,d,I", FP8_MMA_CASES)
 def test_fp4_fp8_mma_matches_twin_and_stays_near_bf16(scan, BM, up, down, T, d, I):
-    # fp4 on the fp8 tensor cores (config fp8_mma): x and h split into two e4m3 parts; the twin is
-    # moe_experts_torch(act_parts=2). Several BLOCK_M chunks per slot, an empty slot, other ranks' pairs.
+    # fp4 on the fp8 tensor cores (config fp8_mma): x and h split into two e4m3 parts in one scale; the twin
+    # is moe_experts_torch(act_parts=2, act_shared_scale=True). Several BLOCK_M chunks per slot, an empty
+    # slot, other ranks' pairs.
     gen = torch.Generator().manual_seed(T + d + I)
     K, P, offset = 2, 4, 1
     (w1, w3, w2), scales, (d1, d3, d2) = random_experts(P, d, I, "fp4", gen)
@@ -440,7 +454,8 @@ def test_fp4_fp8_mma_matches_twin_and_stays_near_bf16(scan, BM, up, down, T, d, 
     weights = torch.rand(T, K, generator=gen)
     cfg = dict(BLOCK_M=BM, up=up, down=down, scan=scan, fp8_mma=True)
     out = kernels.moe_experts_triton(x, weights, ids, w1, w3, w2, 2.0, offset, scales, config=cfg)
-    twin = kernels.moe_experts_torch(x, weights, ids, w1, w3, w2, 2.0, offset, scales, act_parts=2)
+    twin = kernels.moe_experts_torch(x, weights, ids, w1, w3, w2, 2.0, offset, scales, act_parts=2,
+                                     act_shared_scale=True)
     assert max_rel(out, twin) < 1e-5  # same split; fp32 summation order only
     ref = kernels.moe_experts_torch(x.float(), weights, ids, d1, d3, d2, 2.0, offset)  # dequantised, fp32
     bf16 = kernels.moe_experts_torch(x.bfloat16(), weights, ids, d1.bfloat16(), d3.bfloat16(), d2.bfloat16(),
