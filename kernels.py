@@ -986,7 +986,10 @@ if triton is not None:
         n64 = offs_n.to(tl.int64)[:, None]  # [BN, 1]
         KH, SK = K // 2, K // 32
         w_off = slot64 * N * KH + n64 * KH + tl.arange(0, BLOCK_K // 2)[None, :]  # [BN, BK/2] packed bytes
-        s_off = slot64 * N * SK + n64 * SK + tl.arange(0, G)[None, :]  # [BN, G]
+        s_row = slot64 * N * SK + n64 * SK  # [BN, 1]
+        if EVEN_K:  # K % BLOCK_K == 0: a row's G scales of a K tile are G-aligned (one async copy when G = 4)
+            s_row = tl.multiple_of(s_row, [G, 1])
+        s_off = s_row + tl.arange(0, G)[None, :]  # [BN, G]
         acc_t = tl.zeros([BN, BM], dtype=tl.float32)
         acc2_t = tl.zeros([BN, BM], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -1237,6 +1240,9 @@ _FMT_CODE = {"bf16": 0, "fp8": 1, "fp4": 2}  # the kernels' FMT constexpr
 # (dequantised weights as its first operand, the few activation rows as its second: BLOCK_M 8 = wgmma's
 # narrowest N) — fp4 1.35 ms vs 1.63 unswapped at BLOCK_M 16, fp8 1.17 vs 1.22; fp8 prefill on the fp8
 # tensor cores (fp8_act: x and h split into that many e4m3 parts; 0: off) with 3 pipeline stages.
+# fp4 decode "fp8_mma" (VAR bit 4, _qdot_f8: e2m1 -> e4m3 by bit placement, e4m3 x e4m3 dots on x / h split in
+# two parts): ~half the SASS per weight value of "swap" in the sm_90 AOT count (bench/aot_sass.py --var 5);
+# off until timed on the H200 (QMOE_SWEEP has it).
 QUANT_CFG = {
     "fp8": dict(decode=dict(BLOCK_M=8, up=(128, 128, 4), down=(128, 128, 4), swap=True),
                 mid=dict(BLOCK_M=64, up=(64, 64, 4), down=(128, 64, 4)),
@@ -1376,7 +1382,7 @@ def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0,
     cfg = _moe_config(T * K, P_local, esize, I, fmt)
     if config:
         cfg = {**cfg, **config}
-    var = _variant_code(cfg, fmt, dot_dtype, fmt != "fp4" or fp8_dots_supported(dev))
+    var = _variant_code(cfg, fmt, dot_dtype, not cfg.get("fp8_mma") or fp8_dots_supported(dev))
     if var & 4:  # each 32-input group as [even | odd], as _qdot_f8 reads it (its 128-blocks unchanged)
         x = x.view(T, D // 32, 16, 2).transpose(2, 3).reshape(T, D)
     elif fmt == "fp4" and not var & 2:  # rows split [even inputs | odd inputs], as the fp4 dots read them
@@ -1413,17 +1419,19 @@ def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0,
     xa = _split_args(x, var)  # (x or its part 0, scales, part strides)
     h_dtype = torch.float32 if var & 4 else dot_dtype
     h_new = torch.zeros if var & 4 else torch.empty  # split whole: rows no pair writes must not hold NaN bits
+    # activation bytes per (row, input) of a pipeline stage: fp8_mma loads two block-diagonal e4m3 parts
+    asize, asize2 = (BK // 16, BK2 // 16) if var & 4 else (esize, esize)
     if scan:
         NP = max(16, _next_pow2(N))
         h = h_new((N, I), dtype=h_dtype, device=dev)  # [T*K, I] by pair
         _moe_up_scan_kernel[(P_local * num_n,)](
             xa[0], xa[0].stride(-2), *xa[1:], w1, w3, s1, s3, h, weights, ids, N, D, I, K, limit, slot_offset, num_n,
             NP=NP, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, EVEN_K=D % BK == 0, PRECISION=precision, FMT=FMT, ASM=asm, VAR=var,
-            num_warps=warps, num_stages=_stages(BM, BN, BK, 2, esize, wsize))
+            num_warps=warps, num_stages=_stages(BM, BN, BK, 2, asize, wsize))
         _moe_down_scan_kernel[(P_local * num_n2,)](
             *_split_args(h, var), w2, s2, y, ids, N, D, I, slot_offset, num_n2,
             NP=NP, BLOCK_M=BM, BLOCK_N=BN2, BLOCK_K=BK2, EVEN_K=I % BK2 == 0,
-            PRECISION=precision, FMT=FMT, ASM=asm, VAR=var, num_warps=warps2, num_stages=_stages(BM, BN2, BK2, 1, esize, wsize))
+            PRECISION=precision, FMT=FMT, ASM=asm, VAR=var, num_warps=warps2, num_stages=_stages(BM, BN2, BK2, 1, asize2, wsize))
     elif fmt == "fp8" and cfg.get("fp8_act") and dot_dtype == torch.float16 and fp8_dots_supported(dev):
         _moe_fp8x_prefill(x, weights, ids, w1, w3, w2, (s1, s3, s2), limit, slot_offset, cfg, y)
     else:
@@ -1433,11 +1441,11 @@ def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0,
         _moe_up_kernel[(num_blocks * num_n,)](
             xa[0], xa[0].stride(-2), *xa[1:], w1, w3, s1, s3, h, weights, sorted_pairs, block_slot, N, D, I, K,
             limit, num_n, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, EVEN_K=D % BK == 0,
-            PRECISION=precision, FMT=FMT, ASM=asm, VAR=var, num_warps=warps, num_stages=_stages(BM, BN, BK, 2, esize, wsize))
+            PRECISION=precision, FMT=FMT, ASM=asm, VAR=var, num_warps=warps, num_stages=_stages(BM, BN, BK, 2, asize, wsize))
         _moe_down_kernel[(num_blocks * num_n2,)](
             *_split_args(h, var), w2, s2, y, sorted_pairs, block_slot, N, D, I, num_n2,
             BLOCK_M=BM, BLOCK_N=BN2, BLOCK_K=BK2, EVEN_K=I % BK2 == 0, PRECISION=precision, FMT=FMT, ASM=asm, VAR=var,
-            num_warps=warps2, num_stages=_stages(BM, BN2, BK2, 1, esize, wsize))
+            num_warps=warps2, num_stages=_stages(BM, BN2, BK2, 1, asize2, wsize))
     SUM_N = min(1024, _next_pow2(D))
     _moe_sum_kernel[(T, -(-D // SUM_N))](
         y, ids, out, D, K, slot_offset, slot_offset + P_local, BLOCK_N=SUM_N, num_warps=4)
