@@ -1096,7 +1096,8 @@ if triton is not None:
         return offs_m, pair, pair < N
 
     @triton.jit
-    def _moe_up_kernel(x_ptr, stride_xt, xs_ptr, x_part_q, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, rw_ptr, pairs_ptr, slot_ptr,
+    def _moe_up_kernel(x_ptr, stride_xt, xs_ptr, x_part_q, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, rw_ptr, pairs_ptr,
+                       slot_ptr,
                        N, D, I, top_k, limit, num_n,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        EVEN_K: tl.constexpr, PRECISION: tl.constexpr, FMT: tl.constexpr,
@@ -1336,6 +1337,18 @@ def _variant_code(cfg, fmt, dot_dtype, fp8_dots: bool = True) -> int:
     return int(swap or f8) | 2 * int(scaled) | 4 * int(f8)
 
 
+def _fp4_rows(x, var):
+    """x [T, d] -> its rows in the input order the fp4 dots read (see _variant_code for var): split
+    [even inputs | odd inputs] (_qdot_n / _qdot_t), natural (dot_scaled), or each 32-input scale group as
+    [even | odd] (fp8_mma, _qdot_f8; a permutation inside each 128-block, so its split scales are unchanged)."""
+    T, D = x.shape
+    if var & 4:
+        return x.reshape(T, D // 32, 16, 2).transpose(2, 3).reshape(T, D)
+    if var & 2:
+        return x
+    return torch.cat([x[:, 0::2], x[:, 1::2]], dim=1)
+
+
 def _split_args(a, var):
     """The kernels' activation arguments for a [R, K] contiguous a: (a, a, 0) (no split; the scale
     pointer unused), or for fp8_mma (var bit 4) fp8x_act_split(a, 2, shared_scale=True) as (q part 0,
@@ -1354,8 +1367,8 @@ def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0,
     exact in fp16, and so is a bf16 activation in fp16's normal range) and in fp32 for fp32 ones.
     config: optional dict like _moe_config's result, to override block sizes (benchmarks);
     its "scan" key (default: from _moe_config) picks the decode path, "swap" / "dot_scaled" the
-    quantised dot formulation (see _variant_code; defaults in QUANT_CFG; "fp8_mma": fp4 on the fp8 tensor
-    cores, x and h split into two e4m3 parts: twin moe_experts_torch(act_parts=2)). fp8 experts outside the scan
+    quantised dot formulation (see _variant_code; defaults in QUANT_CFG; "fp8_mma": fp4 on the fp8 tensor cores,
+    x, h in two e4m3 parts: twin moe_experts_torch(act_parts=2, act_shared_scale=True)). fp8 experts outside the scan
     path with 16-bit activations on sm_89+ (or the interpreter) take the fp8 tensor-core path
     (_moe_fp8x_prefill) when the config's "fp8_act" is 1 or 2 (default 2 at prefill; 0: the path above).
     Host work: output + scratch allocations and 3 launches (decode) or 5 (prefill: scan, scatter, up, down, sum); no sync.
@@ -1383,10 +1396,8 @@ def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0,
     if config:
         cfg = {**cfg, **config}
     var = _variant_code(cfg, fmt, dot_dtype, not cfg.get("fp8_mma") or fp8_dots_supported(dev))
-    if var & 4:  # each 32-input group as [even | odd], as _qdot_f8 reads it (its 128-blocks unchanged)
-        x = x.view(T, D // 32, 16, 2).transpose(2, 3).reshape(T, D)
-    elif fmt == "fp4" and not var & 2:  # rows split [even inputs | odd inputs], as the fp4 dots read them
-        x = torch.cat([x[:, 0::2], x[:, 1::2]], dim=1)
+    if fmt == "fp4":
+        x = _fp4_rows(x, var)
     if x.stride(1) != 1:
         x = x.contiguous()
     if weights.dtype != torch.float32 or not weights.is_contiguous():
@@ -1402,8 +1413,8 @@ def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0,
     limit = float(swiglu_limit)
     BN, BK, warps = cfg["up"]
     BN2, BK2, warps2 = cfg["down"]
-    if fmt == "fp8" and (128 % BK or 128 % BK2):
-        raise ValueError(f"fp8 experts need BLOCK_K dividing 128, got {BK}, {BK2}")
+    if (fmt == "fp8" or var & 4) and (128 % BK or 128 % BK2):  # one weight / activation scale per K tile
+        raise ValueError(f"{'fp8_mma' if var & 4 else 'fp8 experts'} need BLOCK_K dividing 128, got {BK}, {BK2}")
     num_n, num_n2 = -(-I // BN), -(-D // BN2)
     FMT = _FMT_CODE[fmt]
     # fp4 dequantises with inline PTX on the GPU (cvt from e4m3 needs sm_89+; the interpreter cannot run it)
@@ -1412,15 +1423,12 @@ def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0,
            and os.environ.get("DSV4_FP4_ASM", "1") != "0")  # config / env: force the plain-Triton path
     if fmt == "fp4" and (BK % 32 or BK2 % 32):
         raise ValueError(f"fp4 experts need BLOCK_K a multiple of 32, got {BK}, {BK2}")
-    if var & 4 and (128 % BK or 128 % BK2):
-        raise ValueError(f"fp8_mma needs BLOCK_K dividing 128 (one activation scale per K tile), got {BK}, {BK2}")
     # fp8_mma: x (and h between the GEMMs) go to the kernels split into two e4m3 parts; h is written in
     # fp32 and split like x (as the twin moe_experts_torch(act_parts=2) rounds it)
     xa = _split_args(x, var)  # (x or its part 0, scales, part strides)
     h_dtype = torch.float32 if var & 4 else dot_dtype
     h_new = torch.zeros if var & 4 else torch.empty  # split whole: rows no pair writes must not hold NaN bits
-    # activation bytes per (row, input) of a pipeline stage: fp8_mma loads two block-diagonal e4m3 parts
-    asize, asize2 = (BK // 16, BK2 // 16) if var & 4 else (esize, esize)
+    asize, asize2 = (BK // 16, BK2 // 16) if var & 4 else (esize, esize)  # stage bytes: 2 block-diagonal parts
     if scan:
         NP = max(16, _next_pow2(N))
         h = h_new((N, I), dtype=h_dtype, device=dev)  # [T*K, I] by pair

@@ -22,7 +22,8 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import kernels  # noqa: E402
 
-DIV16 = ("stride_xt", "N", "D", "I", "slot_offset", "num_n", "x_part_q", "h_part_q")  # ints the JIT sees as multiples of 16 at released sizes
+# ints the JIT sees as multiples of 16 at released sizes
+DIV16 = ("stride_xt", "N", "D", "I", "slot_offset", "num_n", "x_part_q", "h_part_q")
 
 
 def compile_scan(down, fmt, var, asm, BM, BN, BK, warps, stages):
@@ -77,7 +78,8 @@ def inner_loop(cubin_path):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fmt", choices=("fp4", "fp8"), default="fp4")
-    ap.add_argument("--var", type=int, default=0, help="kernels._variant_code: 1 swap, 2 dot_scaled, 3 both, 5 fp8_mma (fp4 on the fp8 tensor cores)")
+    ap.add_argument("--var", type=int, default=0,
+                    help="kernels._variant_code: 1 swap, 2 dot_scaled, 3 both, 5 fp8_mma (fp4 on the fp8 tensor cores)")
     ap.add_argument("--no-asm", action="store_true", help="fp4: plain-Triton dequantisation instead of the PTX")
     ap.add_argument("--down", action="store_true")
     ap.add_argument("--bm", type=int, default=16)
