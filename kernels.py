@@ -199,7 +199,7 @@ def _check_scales(w1, scales):
 
 
 def moe_experts_torch(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0, scales=None, *,
-                      act_parts=0):
+                      act_parts=0, act_shared_scale=False):
     """Routed experts over physical slots: sum_k weights[t,k] * expert(ids[t,k])(x[t]).
 
     x [T, d], weights [T, K] fp32, ids [T, K] int32, w1/w3 [P_local, I, d], w2 [P_local, d, I]
@@ -210,7 +210,8 @@ def moe_experts_torch(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0, 
     Quantised experts (see dsv4_mini.RoutedExperts; format from w1.dtype): scales = (s1, s3, s2);
     each used slot is dequantised to x.dtype first (dequantize_slot), then the same math runs.
     act_parts (1 or 2, fp8 experts): twin of the fp8 tensor-core prefill path: x and h rounded
-    through fp8x_act_split_torch (that many e4m3 parts) before their matmuls, which run in fp32.
+    through fp8x_act_split_torch (that many e4m3 parts) before their matmuls, which run in fp32;
+    act_shared_scale: both parts in one scale (twin of the fp4 fp8_mma decode path: act_parts=2 with it).
     """
     fmt = _check_scales(w1, scales)
     T, K = ids.shape
@@ -234,12 +235,12 @@ def moe_experts_torch(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0, 
             m1, m3, m2 = (dequantize_slot(w, s, slot, wdt) for w, s in zip((w1, w3, w2), scales))
         xs = x[pairs // K].to(m1.dtype)  # [n, d]
         if act_parts:
-            xs = fp8x_act_round_torch(xs, act_parts)
+            xs = fp8x_act_round_torch(xs, act_parts, act_shared_scale)
         g = _tiled_matmul(xs, m1).float()  # [n, I]
         u = _tiled_matmul(xs, m3).float()  # [n, I]
         h = _swiglu(g, u, flat_w[pairs].unsqueeze(1), swiglu_limit)  # [n, I]
         if act_parts:
-            h = fp8x_act_round_torch(h, act_parts)
+            h = fp8x_act_round_torch(h, act_parts, act_shared_scale)
         per_pair[pairs] = _tiled_matmul(h.to(m2.dtype), m2).float()  # [n, d]
     return per_pair.view(T, K, x.shape[1]).sum(1)
 
@@ -256,17 +257,20 @@ def _pow2_for_e4m3_torch(amax):
     return (e << 23).view(torch.float32)
 
 
-def fp8x_act_split_torch(a, parts: int = 2):
+def fp8x_act_split_torch(a, parts: int = 2, shared_scale: bool = False):
     """a [R, K] float -> (q [parts, R, K] float8_e4m3fn, s [parts, R, ceil(K/128)] fp32) with
     a ~= s[0] * q[0] + s[1] * q[1] per 128-input block (scales broadcast over the block): part 0
     rounds a / s[0] to e4m3 (ties to even), part 1 the exact remainder a - s[0] q[0] the same way.
-    Relative error per element ~2^-8 with two parts (~2^-4 with one). Torch twin of _fp8x_split_kernel."""
+    Relative error per element ~2^-8 with two parts (~2^-4 with one). Torch twin of _fp8x_split_kernel.
+    shared_scale: part 1 keeps part 0's scale (s[1] = s[0]): the remainder is at most half an e4m3 step
+    of part 0, <= 16 in those units, so it fits, and e4m3's 18 binades leave the error per element
+    <= max(2^-8 |a|, 2^-10 s): as accurate, and the two parts' dots can share one accumulator."""
     R, K = a.shape
     KB = -(-K // FP8X_BLOCK)
     rest = F.pad(a.float(), (0, KB * FP8X_BLOCK - K)).view(R, KB, FP8X_BLOCK)  # [R, KB, 128]
     qs, ss = [], []
-    for _ in range(parts):
-        s = _pow2_for_e4m3_torch(rest.abs().amax(-1))  # [R, KB]
+    for p in range(parts):
+        s = ss[0] if p and shared_scale else _pow2_for_e4m3_torch(rest.abs().amax(-1))  # [R, KB]
         q = (rest / s.unsqueeze(-1)).to(torch.float8_e4m3fn)  # [R, KB, 128]
         rest = rest - q.float() * s.unsqueeze(-1)  # exact: q * s is a rounding of rest
         qs.append(q.view(R, KB * FP8X_BLOCK)[:, :K])
@@ -281,9 +285,9 @@ def fp8x_act_dequant_torch(q, s):
     return (q.float() * scale).sum(0)
 
 
-def fp8x_act_round_torch(a, parts: int = 2):
+def fp8x_act_round_torch(a, parts: int = 2, shared_scale: bool = False):
     """a [R, K] -> its fp8x split, dequantised (fp32): what the fp8 prefill path's dots see."""
-    return fp8x_act_dequant_torch(*fp8x_act_split_torch(a, parts))
+    return fp8x_act_dequant_torch(*fp8x_act_split_torch(a, parts, shared_scale))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -709,19 +713,24 @@ if triton is not None:
         return even, odd
 
     @triton.jit
-    def _qdot(acc, acc2, a_rows, a_ok, w_ptr, s_ptr, w2_ptr, s2_ptr, slot, offs_n, n_ok, N, K,
-              FMT: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
-              ASM: tl.constexpr, TWO: tl.constexpr, VAR: tl.constexpr):
+    def _qdot(acc, acc2, a_rows, a_ok, sa_rows, part_q, w_ptr, s_ptr, w2_ptr, s2_ptr, slot, offs_n,
+              n_ok, N, K, FMT: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+              PRECISION: tl.constexpr, ASM: tl.constexpr, TWO: tl.constexpr, VAR: tl.constexpr):
         """acc [BM, BN] += A [BM, K] @ dequant(w[slot, offs_n, :])^T, dequantised in registers; with
         TWO also acc2 += A @ dequant(w2[slot, offs_n, :])^T in the same K loop (w1 and w3 share
         every A tile). -> (acc, acc2). VAR (bits, see _variant_code): 1 = swapped dots (_qdot_t),
-        2 = fp4 through tl.dot_scaled (A rows in natural order, not split)."""
-        if VAR % 2 == 1:
+        2 = fp4 through tl.dot_scaled (A rows in natural order, not split), 4 = fp4 on the fp8 tensor
+        cores (_qdot_f8: A split into two e4m3 parts in one scale; sa_rows [BM, 1] the scale rows, part_q
+        the stride from part 0 to part 1; unused by the other variants)."""
+        if VAR // 4 % 2 == 1:
+            acc, acc2 = _qdot_f8(acc, acc2, a_rows, a_ok, sa_rows, part_q, w_ptr, s_ptr, w2_ptr, s2_ptr,
+                                 slot, offs_n, n_ok, N, K, BLOCK_K, EVEN_K, ASM, TWO)
+        elif VAR % 2 == 1:
             acc, acc2 = _qdot_t(acc, acc2, a_rows, a_ok, w_ptr, s_ptr, w2_ptr, s2_ptr, slot, offs_n, n_ok, N, K,
-                                FMT, BLOCK_K, EVEN_K, PRECISION, ASM, TWO, VAR // 2 == 1)
+                                FMT, BLOCK_K, EVEN_K, PRECISION, ASM, TWO, VAR // 2 % 2 == 1)
         else:
             acc, acc2 = _qdot_n(acc, acc2, a_rows, a_ok, w_ptr, s_ptr, w2_ptr, s2_ptr, slot, offs_n, n_ok, N, K,
-                                FMT, BLOCK_K, EVEN_K, PRECISION, ASM, TWO, VAR // 2 == 1)
+                                FMT, BLOCK_K, EVEN_K, PRECISION, ASM, TWO, VAR // 2 % 2 == 1)
         return acc, acc2
 
     @triton.jit
@@ -900,24 +909,126 @@ if triton is not None:
         else:
             return tl.dot_scaled(a, None, "fp16", b, sg, "e2m1", acc)
 
+    # _fp4_to_e4m3 alone (no fp16, no scale) on 4 packed bytes per instance: $2 = bytes w0..w3 ->
+    # $0 = the e4m3 bytes (value * 2^-6) of their low nibbles (even inputs), $1 of their high nibbles
+    # (odd inputs), byte i of each output from byte i of $2. Shifts move no bit into a neighbouring
+    # byte's kept bits (the masks drop them). The fp8 tensor cores take these bytes as they are.
+    _FP4_E4M3_ASM = tl.constexpr("""
+    {
+    .reg .b32 t;
+    shl.b32 t, $2, 2;
+    and.b32 $0, t, 0x1C1C1C1C;
+    shl.b32 t, $2, 4;
+    and.b32 t, t, 0x80808080;
+    or.b32 $0, $0, t;
+    shr.b32 t, $2, 2;
+    and.b32 $1, t, 0x1C1C1C1C;
+    and.b32 t, $2, 0x80808080;
+    or.b32 $1, $1, t;
+    }
+    """)
+
+    @triton.jit
+    def _fp4_tile_e4m3(b, ASM: tl.constexpr):
+        """Packed e2m1 bytes b uint8 [BN, BK/2] -> [BN, BK] float8e4nv (value * 2^-6) in the stored K order:
+        each 32-input scale group as [16 even inputs | 16 odd inputs]. A thread holding bytes 4q..4q+3 of
+        a group gets K positions 4q.. and 16+4q.. of it: an e4m3 wgmma's A fragment, no shuffles."""
+        BN: tl.constexpr = b.shape[0]
+        G: tl.constexpr = b.shape[1] // 16
+        if ASM:
+            lo, hi = tl.inline_asm_elementwise(_FP4_E4M3_ASM, "=r,=r,r", [b], dtype=(tl.uint8, tl.uint8),
+                                               is_pure=True, pack=4)
+            lo = lo.to(tl.float8e4nv, bitcast=True)
+            hi = hi.to(tl.float8e4nv, bitcast=True)
+        else:
+            lo, hi = _fp4_to_e4m3(b)
+        w = tl.reshape(tl.join(lo, hi), [BN, G, 16, 2])  # [BN, G, 16, 2]
+        return tl.reshape(tl.permute(w, (0, 1, 3, 2)), [BN, G * 32])  # [BN, G, 2, 16] -> [BN, BK]
+
+    @triton.jit
+    def _fp4_f8_step(acc_t, b_hi, b_lo, s_a, w_ptrs, s_ptrs, w_mask, s_mask, ASM: tl.constexpr):
+        """One K tile of G = BK/32 scale groups on the fp8 tensor cores: acc_t [BN, BM] += s_a *
+        sum_g 64 scale[:, g] * (W_g @ (hi_g + lo_g)). w_ptrs [BN, BK/2] packed bytes, s_ptrs [BN, G] their
+        e8m0 scales, s_a [1, BM] the activations' (shared) scale; b_hi / b_lo [BK, G * BM] e4m3 are
+        block-diagonal: column (g, m) holds row m's part on group g's 32 K rows and zeros elsewhere, so
+        one dot yields every group's partial products side by side (the MMA never mixes two groups,
+        whose scales differ) and both parts accumulate in it. Each scale meets an fp32 product."""
+        BN: tl.constexpr = acc_t.shape[0]
+        BM: tl.constexpr = acc_t.shape[1]
+        G: tl.constexpr = s_ptrs.shape[1]
+        w = _fp4_tile_e4m3(tl.load(w_ptrs, mask=w_mask, other=0), ASM)  # [BN, BK] e4m3
+        t = tl.dot(w, b_lo)  # [BN, G * BM] fp32; the small part first
+        t = tl.reshape(tl.dot(w, b_hi, t), [BN, G, BM])
+        # 2^(s - 127) * 64 in one integer op: exponent field s + 6 (a checkpoint's scale bytes sit far below
+        # 249, where it would overflow; a masked byte 0 gives 2^-121 times zero weights)
+        sw = ((tl.load(s_ptrs, mask=s_mask, other=0).to(tl.int32) + 6) << 23).to(tl.float32, bitcast=True)  # [BN, G]
+        return acc_t + tl.sum(t * sw[:, :, None], axis=1) * s_a  # [BN, BM]
+
+    @triton.jit
+    def _qdot_f8(acc, acc2, a_rows, a_ok, sa_rows, part_q, w_ptr, s_ptr, w2_ptr, s2_ptr, slot, offs_n,
+                 n_ok, N, K, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr, TWO: tl.constexpr):
+        """_qdot for fp4 weights on the fp8 tensor cores, swapped like _qdot_t (acc^T [BN, BM]): the nibbles
+        become e4m3 bytes by bit placement only (_FP4_E4M3_ASM, no fp16, no per-value scale) and the
+        scales multiply fp32 partial products (_fp4_f8_step).
+        A: a_rows [BM, 1] e4m3 rows of part 0 (part 1 at + part_q), stored in each group's K order
+        [even | odd] (_h_column), split per 128-input block in one scale (fp8x_act_split with
+        shared_scale: a ~= s (hi + lo)); sa_rows [BM, 1] fp32 rows of those scales [K/128]. BLOCK_K divides 128."""
+        BM: tl.constexpr = acc.shape[0]
+        BN: tl.constexpr = acc.shape[1]
+        G: tl.constexpr = BLOCK_K // 32
+        NB: tl.constexpr = G * BM  # B columns (group, row), row fastest
+        s_cols = tl.trans(sa_rows)  # [1, BM]
+        b_cols = tl.reshape(tl.broadcast_to(tl.trans(a_rows)[:, None, :], [1, G, BM]), [1, NB])  # [1, NB]
+        b_ok = tl.reshape(tl.broadcast_to(a_ok[None, :], [G, BM]), [NB])  # [NB]
+        offs_k = tl.arange(0, BLOCK_K)  # [BK]
+        diag = (offs_k // 32)[:, None] == (tl.arange(0, NB) // BM)[None, :]  # [BK, NB]: group g's rows and columns
+        slot64 = slot.to(tl.int64)
+        n64 = offs_n.to(tl.int64)[:, None]  # [BN, 1]
+        KH, SK = K // 2, K // 32
+        w_off = slot64 * N * KH + n64 * KH + tl.arange(0, BLOCK_K // 2)[None, :]  # [BN, BK/2] packed bytes
+        s_row = slot64 * N * SK + n64 * SK  # [BN, 1]
+        if EVEN_K:  # K % BLOCK_K == 0: a row's G scales of a K tile are G-aligned (one async copy when G = 4)
+            s_row = tl.multiple_of(s_row, [G, 1])
+        s_off = s_row + tl.arange(0, G)[None, :]  # [BN, G]
+        acc_t = tl.zeros([BN, BM], dtype=tl.float32)
+        acc2_t = tl.zeros([BN, BM], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            s_a = tl.load(s_cols + k0 // 128, mask=a_ok[None, :], other=0.0)  # [1, BM]
+            k_ok = ((k0 + offs_k) < K) | EVEN_K  # [BK]
+            b_mask = diag & k_ok[:, None] & b_ok[None, :]
+            b_hi = tl.load(b_cols + (k0 + offs_k)[:, None], mask=b_mask, other=0.0)  # [BK, NB] e4m3
+            b_lo = tl.load(b_cols + part_q + (k0 + offs_k)[:, None], mask=b_mask, other=0.0)
+            w_mask = n_ok[:, None] & ((k0 // 2 + tl.arange(0, BLOCK_K // 2) < KH) | EVEN_K)[None, :]
+            s_mask = n_ok[:, None] & ((k0 // 32 + tl.arange(0, G) < SK) | EVEN_K)[None, :]
+            acc_t = _fp4_f8_step(acc_t, b_hi, b_lo, s_a, w_ptr + w_off + k0 // 2, s_ptr + s_off + k0 // 32, w_mask,
+                                 s_mask, ASM)
+            if TWO:
+                acc2_t = _fp4_f8_step(acc2_t, b_hi, b_lo, s_a, w2_ptr + w_off + k0 // 2, s2_ptr + s_off + k0 // 32,
+                                      w_mask, s_mask, ASM)
+        return acc + tl.trans(acc_t), acc2 + tl.trans(acc2_t)
+
     @triton.jit
     def _h_column(offs_n, I, FMT: tl.constexpr, VAR: tl.constexpr):
         """Where feature n of h is stored: in place, or for fp4's down projection split into
-        [even features | odd features] (see _qdot_n; not for tl.dot_scaled, VAR bit 2)."""
-        if FMT == 2 and VAR // 2 == 0:
+        [even features | odd features] (see _qdot_n; not for tl.dot_scaled, VAR bit 2), or with
+        VAR bit 4 (_qdot_f8) the same split inside each 32-feature scale group."""
+        if FMT == 2 and VAR // 4 % 2 == 1:
+            return offs_n // 32 * 32 + (offs_n % 2) * 16 + offs_n % 32 // 2
+        elif FMT == 2 and VAR // 2 % 2 == 0:
             return (offs_n % 2) * (I // 2) + offs_n // 2
         else:
             return offs_n
 
     @triton.jit
-    def _swiglu_tile(x_ptr, stride_xt, w1_ptr, w3_ptr, s1_ptr, s3_ptr, rw_ptr, pair, pair_ok, slot, offs_n,
-                     w_off, n_ok, offs_k, D, I, top_k, limit, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    def _swiglu_tile(x_ptr, stride_xt, xs_ptr, x_part_q, w1_ptr, w3_ptr, s1_ptr, s3_ptr, rw_ptr, pair,
+                     pair_ok, slot, offs_n, w_off, n_ok, offs_k, D, I, top_k, limit, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
                      FMT: tl.constexpr, ASM: tl.constexpr, VAR: tl.constexpr):
         """One up-projection tile: silu(min(x w1, limit)) * clamp(x w3, +-limit) * routing weight
         for BM pairs (pair [BM], token = pair // top_k) x BN features of one slot (w_off [BK, BN]
         = the slot's w1/w3 rows, transposed; quantised formats (FMT 1 fp8, 2 fp4) use slot, offs_n
-        and the scales instead): [BM, BN] fp32."""
+        and the scales instead; VAR bit 4: x split, xs_ptr its scales, see _qdot_f8): [BM, BN] fp32."""
         tok = tl.where(pair_ok, pair // top_k, 0)
         a_ptrs = x_ptr + tok.to(tl.int64)[:, None] * stride_xt + offs_k[None, :]  # [BM, BK]
         b1_ptrs = w1_ptr + w_off  # [BK, BN] = w1[slot, n, k]^T
@@ -926,8 +1037,10 @@ if triton is not None:
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if FMT != 0:
             a_rows = x_ptr + tok.to(tl.int64)[:, None] * stride_xt  # [BM, 1]
-            acc_g, acc_u = _qdot(acc_g, acc_u, a_rows, pair_ok, w1_ptr, s1_ptr, w3_ptr, s3_ptr, slot, offs_n,
-                                 n_ok, I, D, FMT, BLOCK_K, EVEN_K, PRECISION, ASM, True, VAR)
+            sa_rows = xs_ptr + tok.to(tl.int64)[:, None] * tl.cdiv(D, 128)  # [BM, 1] (VAR bit 4 only)
+            acc_g, acc_u = _qdot(acc_g, acc_u, a_rows, pair_ok, sa_rows, x_part_q, w1_ptr, s1_ptr,
+                                 w3_ptr, s3_ptr, slot, offs_n, n_ok, I, D, FMT, BLOCK_K, EVEN_K, PRECISION, ASM,
+                                 True, VAR)
         else:
             for k0 in range(0, D, BLOCK_K):
                 if EVEN_K:
@@ -983,7 +1096,8 @@ if triton is not None:
         return offs_m, pair, pair < N
 
     @triton.jit
-    def _moe_up_kernel(x_ptr, stride_xt, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, rw_ptr, pairs_ptr, slot_ptr,
+    def _moe_up_kernel(x_ptr, stride_xt, xs_ptr, x_part_q, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, rw_ptr, pairs_ptr,
+                       slot_ptr,
                        N, D, I, top_k, limit, num_n,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        EVEN_K: tl.constexpr, PRECISION: tl.constexpr, FMT: tl.constexpr,
@@ -996,14 +1110,15 @@ if triton is not None:
         n_ok = offs_n < I
         offs_k = tl.arange(0, BLOCK_K)  # [BK]
         w_off = slot.to(tl.int64) * I * D + offs_n.to(tl.int64)[None, :] * D + offs_k[:, None]
-        h = _swiglu_tile(x_ptr, stride_xt, w1_ptr, w3_ptr, s1_ptr, s3_ptr, rw_ptr, pair, pair_ok, slot, offs_n,
+        h = _swiglu_tile(x_ptr, stride_xt, xs_ptr, x_part_q, w1_ptr, w3_ptr, s1_ptr, s3_ptr, rw_ptr,
+                         pair, pair_ok, slot, offs_n,
                          w_off, n_ok, offs_k, D, I, top_k, limit, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PRECISION,
                          FMT, ASM, VAR)
         h_ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * I + _h_column(offs_n, I, FMT, VAR)[None, :]
         tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=pair_ok[:, None] & n_ok[None, :])
 
     @triton.jit
-    def _moe_down_kernel(h_ptr, w2_ptr, s2_ptr, y_ptr, pairs_ptr, slot_ptr, N, D, I, num_n,
+    def _moe_down_kernel(h_ptr, hs_ptr, h_part_q, w2_ptr, s2_ptr, y_ptr, pairs_ptr, slot_ptr, N, D, I, num_n,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          EVEN_K: tl.constexpr, PRECISION: tl.constexpr, FMT: tl.constexpr,
                          ASM: tl.constexpr, VAR: tl.constexpr):
@@ -1021,9 +1136,10 @@ if triton is not None:
             acc = _down_tile(a_ptrs, b_ptrs, pair_ok, n_ok, offs_k, I, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PRECISION)
         else:
             h_rows = h_ptr + offs_m.to(tl.int64)[:, None] * I  # [BM, 1]
+            hs_rows = hs_ptr + offs_m.to(tl.int64)[:, None] * tl.cdiv(I, 128)  # [BM, 1] (VAR bit 4 only)
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            acc, _ = _qdot(acc, acc, h_rows, pair_ok, w2_ptr, s2_ptr, w2_ptr, s2_ptr, slot, offs_n, n_ok, D, I,
-                           FMT, BLOCK_K, EVEN_K, PRECISION, ASM, False, VAR)
+            acc, _ = _qdot(acc, acc, h_rows, pair_ok, hs_rows, h_part_q, w2_ptr, s2_ptr, w2_ptr, s2_ptr,
+                           slot, offs_n, n_ok, D, I, FMT, BLOCK_K, EVEN_K, PRECISION, ASM, False, VAR)
         y_ptrs = y_ptr + pair.to(tl.int64)[:, None] * D + offs_n[None, :]
         tl.store(y_ptrs, acc, mask=pair_ok[:, None] & n_ok[None, :])
 
@@ -1047,7 +1163,7 @@ if triton is not None:
         return tl.where(pair >= 0, pair, N)
 
     @triton.jit
-    def _moe_up_scan_kernel(x_ptr, stride_xt, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, rw_ptr, ids_ptr,
+    def _moe_up_scan_kernel(x_ptr, stride_xt, xs_ptr, x_part_q, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, rw_ptr, ids_ptr,
                             N, D, I, top_k, limit, slot_offset, num_n,
                             NP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
@@ -1064,14 +1180,15 @@ if triton is not None:
         for m0 in range(0, cnt, BLOCK_M):
             pair = _chunk_pairs(rank, m0, N, NP, BLOCK_M)  # [BM]
             pair_ok = pair < N
-            h = _swiglu_tile(x_ptr, stride_xt, w1_ptr, w3_ptr, s1_ptr, s3_ptr, rw_ptr, pair, pair_ok, slot, offs_n,
+            h = _swiglu_tile(x_ptr, stride_xt, xs_ptr, x_part_q, w1_ptr, w3_ptr, s1_ptr, s3_ptr, rw_ptr,
+                             pair, pair_ok, slot, offs_n,
                              w_off, n_ok, offs_k, D, I, top_k, limit, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
                              PRECISION, FMT, ASM, VAR)
             h_ptrs = h_ptr + pair.to(tl.int64)[:, None] * I + _h_column(offs_n, I, FMT, VAR)[None, :]
             tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=pair_ok[:, None] & n_ok[None, :])
 
     @triton.jit
-    def _moe_down_scan_kernel(h_ptr, w2_ptr, s2_ptr, y_ptr, ids_ptr, N, D, I, slot_offset, num_n,
+    def _moe_down_scan_kernel(h_ptr, hs_ptr, h_part_q, w2_ptr, s2_ptr, y_ptr, ids_ptr, N, D, I, slot_offset, num_n,
                               NP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                               PRECISION: tl.constexpr, FMT: tl.constexpr, ASM: tl.constexpr, VAR: tl.constexpr):
@@ -1093,9 +1210,10 @@ if triton is not None:
                                  PRECISION)
             else:
                 h_rows = h_ptr + pair.to(tl.int64)[:, None] * I  # [BM, 1]
+                hs_rows = hs_ptr + pair.to(tl.int64)[:, None] * tl.cdiv(I, 128)  # [BM, 1] (VAR bit 4 only)
                 acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-                acc, _ = _qdot(acc, acc, h_rows, pair_ok, w2_ptr, s2_ptr, w2_ptr, s2_ptr, slot, offs_n, n_ok, D, I,
-                               FMT, BLOCK_K, EVEN_K, PRECISION, ASM, False, VAR)
+                acc, _ = _qdot(acc, acc, h_rows, pair_ok, hs_rows, h_part_q, w2_ptr, s2_ptr, w2_ptr,
+                               s2_ptr, slot, offs_n, n_ok, D, I, FMT, BLOCK_K, EVEN_K, PRECISION, ASM, False, VAR)
             y_ptrs = y_ptr + pair.to(tl.int64)[:, None] * D + offs_n[None, :]
             tl.store(y_ptrs, acc, mask=pair_ok[:, None] & n_ok[None, :])
 
@@ -1123,6 +1241,9 @@ _FMT_CODE = {"bf16": 0, "fp8": 1, "fp4": 2}  # the kernels' FMT constexpr
 # (dequantised weights as its first operand, the few activation rows as its second: BLOCK_M 8 = wgmma's
 # narrowest N) — fp4 1.35 ms vs 1.63 unswapped at BLOCK_M 16, fp8 1.17 vs 1.22; fp8 prefill on the fp8
 # tensor cores (fp8_act: x and h split into that many e4m3 parts; 0: off) with 3 pipeline stages.
+# fp4 decode "fp8_mma" (VAR bit 4, _qdot_f8: e2m1 -> e4m3 by bit placement, e4m3 x e4m3 dots on x / h split in
+# two parts): ~half the SASS per weight value of "swap" in the sm_90 AOT count (bench/aot_sass.py --var 5);
+# off until timed on the H200 (QMOE_SWEEP has it).
 QUANT_CFG = {
     "fp8": dict(decode=dict(BLOCK_M=8, up=(128, 128, 4), down=(128, 128, 4), swap=True),
                 mid=dict(BLOCK_M=64, up=(64, 64, 4), down=(128, 64, 4)),
@@ -1197,17 +1318,45 @@ def _contiguous(*tensors):
     return [t if t.is_contiguous() else t.contiguous() for t in tensors]
 
 
-def _variant_code(cfg, fmt, dot_dtype) -> int:
+def _variant_code(cfg, fmt, dot_dtype, fp8_dots: bool = True) -> int:
     """The kernels' VAR constexpr from a config's variant keys: bit 1 "swap" (quantised only: the
     dequantised weights are the dot's first operand, see _qdot_t), bit 2 "dot_scaled" (fp4:
-    tl.dot_scaled does the dequantisation; ignored for fp32 activations)."""
+    tl.dot_scaled does the dequantisation; ignored for fp32 activations), bit 4 "fp8_mma" (fp4 on the
+    fp8 tensor cores with activations split into two e4m3 parts, see _qdot_f8; implies the swapped
+    orientation; ignored for fp32 activations and where fp8 dots are not supported: fp8_dots False)."""
     swap, scaled = bool(cfg.get("swap", False)), bool(cfg.get("dot_scaled", False))
+    f8 = bool(cfg.get("fp8_mma", False))
     if swap and fmt == "bf16":
         raise ValueError("moe_experts: config swap=True is for quantised experts")
-    if scaled and fmt != "fp4":
-        raise ValueError("moe_experts: config dot_scaled=True is for fp4 experts")
+    if (scaled or f8) and fmt != "fp4":
+        raise ValueError(f"moe_experts: config {'dot_scaled' if scaled else 'fp8_mma'}=True is for fp4 experts")
+    if scaled and f8:
+        raise ValueError("moe_experts: config dot_scaled and fp8_mma are two different fp4 dots; pick one")
     scaled = scaled and dot_dtype == torch.float16  # fp32 activations (exact path): the plain dots
-    return int(swap) | 2 * int(scaled)
+    f8 = f8 and dot_dtype == torch.float16 and fp8_dots
+    return int(swap or f8) | 2 * int(scaled) | 4 * int(f8)
+
+
+def _fp4_rows(x, var):
+    """x [T, d] -> its rows in the input order the fp4 dots read (see _variant_code for var): split
+    [even inputs | odd inputs] (_qdot_n / _qdot_t), natural (dot_scaled), or each 32-input scale group as
+    [even | odd] (fp8_mma, _qdot_f8; a permutation inside each 128-block, so its split scales are unchanged)."""
+    T, D = x.shape
+    if var & 4:
+        return x.reshape(T, D // 32, 16, 2).transpose(2, 3).reshape(T, D)
+    if var & 2:
+        return x
+    return torch.cat([x[:, 0::2], x[:, 1::2]], dim=1)
+
+
+def _split_args(a, var):
+    """The kernels' activation arguments for a [R, K] contiguous a: (a, a, 0) (no split; the scale
+    pointer unused), or for fp8_mma (var bit 4) fp8x_act_split(a, 2, shared_scale=True) as (q part 0,
+    its scales, the part stride)."""
+    if not var & 4:
+        return a, a, 0
+    q, s = fp8x_act_split(a, 2, shared_scale=True)  # [2, R, K] e4m3, [2, R, K/128] fp32 (s[1] = s[0])
+    return q, s[0], q.stride(0)
 
 
 def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0, scales=None, *, config=None):
@@ -1218,7 +1367,8 @@ def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0,
     exact in fp16, and so is a bf16 activation in fp16's normal range) and in fp32 for fp32 ones.
     config: optional dict like _moe_config's result, to override block sizes (benchmarks);
     its "scan" key (default: from _moe_config) picks the decode path, "swap" / "dot_scaled" the
-    quantised dot formulation (see _variant_code; defaults in QUANT_CFG). fp8 experts outside the scan
+    quantised dot formulation (see _variant_code; defaults in QUANT_CFG; "fp8_mma": fp4 on the fp8 tensor cores,
+    x, h in two e4m3 parts: twin moe_experts_torch(act_parts=2, act_shared_scale=True)). fp8 experts outside the scan
     path with 16-bit activations on sm_89+ (or the interpreter) take the fp8 tensor-core path
     (_moe_fp8x_prefill) when the config's "fp8_act" is 1 or 2 (default 2 at prefill; 0: the path above).
     Host work: output + scratch allocations and 3 launches (decode) or 5 (prefill: scan, scatter, up, down, sum); no sync.
@@ -1245,9 +1395,9 @@ def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0,
     cfg = _moe_config(T * K, P_local, esize, I, fmt)
     if config:
         cfg = {**cfg, **config}
-    var = _variant_code(cfg, fmt, dot_dtype)
-    if fmt == "fp4" and not var & 2:  # rows split [even inputs | odd inputs], as the fp4 dots read them
-        x = torch.cat([x[:, 0::2], x[:, 1::2]], dim=1)
+    var = _variant_code(cfg, fmt, dot_dtype, not cfg.get("fp8_mma") or fp8_dots_supported(dev))
+    if fmt == "fp4":
+        x = _fp4_rows(x, var)
     if x.stride(1) != 1:
         x = x.contiguous()
     if weights.dtype != torch.float32 or not weights.is_contiguous():
@@ -1263,8 +1413,8 @@ def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0,
     limit = float(swiglu_limit)
     BN, BK, warps = cfg["up"]
     BN2, BK2, warps2 = cfg["down"]
-    if fmt == "fp8" and (128 % BK or 128 % BK2):
-        raise ValueError(f"fp8 experts need BLOCK_K dividing 128, got {BK}, {BK2}")
+    if (fmt == "fp8" or var & 4) and (128 % BK or 128 % BK2):  # one weight / activation scale per K tile
+        raise ValueError(f"{'fp8_mma' if var & 4 else 'fp8 experts'} need BLOCK_K dividing 128, got {BK}, {BK2}")
     num_n, num_n2 = -(-I // BN), -(-D // BN2)
     FMT = _FMT_CODE[fmt]
     # fp4 dequantises with inline PTX on the GPU (cvt from e4m3 needs sm_89+; the interpreter cannot run it)
@@ -1273,31 +1423,37 @@ def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0,
            and os.environ.get("DSV4_FP4_ASM", "1") != "0")  # config / env: force the plain-Triton path
     if fmt == "fp4" and (BK % 32 or BK2 % 32):
         raise ValueError(f"fp4 experts need BLOCK_K a multiple of 32, got {BK}, {BK2}")
+    # fp8_mma: x (and h between the GEMMs) go to the kernels split into two e4m3 parts; h is written in
+    # fp32 and split like x (as the twin moe_experts_torch(act_parts=2) rounds it)
+    xa = _split_args(x, var)  # (x or its part 0, scales, part strides)
+    h_dtype = torch.float32 if var & 4 else dot_dtype
+    h_new = torch.zeros if var & 4 else torch.empty  # split whole: rows no pair writes must not hold NaN bits
+    asize, asize2 = (BK // 16, BK2 // 16) if var & 4 else (esize, esize)  # stage bytes: 2 block-diagonal parts
     if scan:
         NP = max(16, _next_pow2(N))
-        h = torch.empty((N, I), dtype=dot_dtype, device=dev)  # [T*K, I] by pair
+        h = h_new((N, I), dtype=h_dtype, device=dev)  # [T*K, I] by pair
         _moe_up_scan_kernel[(P_local * num_n,)](
-            x, x.stride(0), w1, w3, s1, s3, h, weights, ids, N, D, I, K, limit, slot_offset, num_n,
+            xa[0], xa[0].stride(-2), *xa[1:], w1, w3, s1, s3, h, weights, ids, N, D, I, K, limit, slot_offset, num_n,
             NP=NP, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, EVEN_K=D % BK == 0, PRECISION=precision, FMT=FMT, ASM=asm, VAR=var,
-            num_warps=warps, num_stages=_stages(BM, BN, BK, 2, esize, wsize))
+            num_warps=warps, num_stages=_stages(BM, BN, BK, 2, asize, wsize))
         _moe_down_scan_kernel[(P_local * num_n2,)](
-            h, w2, s2, y, ids, N, D, I, slot_offset, num_n2,
+            *_split_args(h, var), w2, s2, y, ids, N, D, I, slot_offset, num_n2,
             NP=NP, BLOCK_M=BM, BLOCK_N=BN2, BLOCK_K=BK2, EVEN_K=I % BK2 == 0,
-            PRECISION=precision, FMT=FMT, ASM=asm, VAR=var, num_warps=warps2, num_stages=_stages(BM, BN2, BK2, 1, esize, wsize))
+            PRECISION=precision, FMT=FMT, ASM=asm, VAR=var, num_warps=warps2, num_stages=_stages(BM, BN2, BK2, 1, asize2, wsize))
     elif fmt == "fp8" and cfg.get("fp8_act") and dot_dtype == torch.float16 and fp8_dots_supported(dev):
         _moe_fp8x_prefill(x, weights, ids, w1, w3, w2, (s1, s3, s2), limit, slot_offset, cfg, y)
     else:
         sorted_pairs, block_slot = _moe_align(ids, slot_offset, P_local, BM)
         num_blocks = block_slot.shape[0]
-        h = torch.empty((num_blocks * BM, I), dtype=dot_dtype, device=dev)  # [rows, I] sorted
+        h = h_new((num_blocks * BM, I), dtype=h_dtype, device=dev)  # [rows, I] sorted
         _moe_up_kernel[(num_blocks * num_n,)](
-            x, x.stride(0), w1, w3, s1, s3, h, weights, sorted_pairs, block_slot, N, D, I, K,
+            xa[0], xa[0].stride(-2), *xa[1:], w1, w3, s1, s3, h, weights, sorted_pairs, block_slot, N, D, I, K,
             limit, num_n, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, EVEN_K=D % BK == 0,
-            PRECISION=precision, FMT=FMT, ASM=asm, VAR=var, num_warps=warps, num_stages=_stages(BM, BN, BK, 2, esize, wsize))
+            PRECISION=precision, FMT=FMT, ASM=asm, VAR=var, num_warps=warps, num_stages=_stages(BM, BN, BK, 2, asize, wsize))
         _moe_down_kernel[(num_blocks * num_n2,)](
-            h, w2, s2, y, sorted_pairs, block_slot, N, D, I, num_n2,
+            *_split_args(h, var), w2, s2, y, sorted_pairs, block_slot, N, D, I, num_n2,
             BLOCK_M=BM, BLOCK_N=BN2, BLOCK_K=BK2, EVEN_K=I % BK2 == 0, PRECISION=precision, FMT=FMT, ASM=asm, VAR=var,
-            num_warps=warps2, num_stages=_stages(BM, BN2, BK2, 1, esize, wsize))
+            num_warps=warps2, num_stages=_stages(BM, BN2, BK2, 1, asize2, wsize))
     SUM_N = min(1024, _next_pow2(D))
     _moe_sum_kernel[(T, -(-D // SUM_N))](
         y, ids, out, D, K, slot_offset, slot_offset + P_local, BLOCK_N=SUM_N, num_warps=4)
@@ -1343,9 +1499,11 @@ if triton is not None:
         return (v + c) - c
 
     @triton.jit
-    def _fp8x_store(q_ptr, s_ptr, rows, row_ok, cols, col_ok, kb, part_q, part_s, K, KB, a, PARTS: tl.constexpr):
+    def _fp8x_store(q_ptr, s_ptr, rows, row_ok, cols, col_ok, kb, part_q, part_s, K, KB, a, PARTS: tl.constexpr,
+                    SHARED: tl.constexpr = False):
         """Split a [BR, 128] fp32 (block kb of each row; zero outside col_ok) and store it: parts
-        q [PARTS, R, K] e4m3 (part stride part_q), scales s [PARTS, R, KB] fp32 (stride part_s)."""
+        q [PARTS, R, K] e4m3 (part stride part_q), scales s [PARTS, R, KB] fp32 (stride part_s);
+        SHARED: part 1 in part 0's scale (fp8x_act_split_torch's shared_scale)."""
         mask = row_ok[:, None] & col_ok[None, :]
         q_ptrs = q_ptr + rows[:, None] * K + cols[None, :]  # [BR, 128]
         s_ptrs = s_ptr + rows * KB + kb  # [BR]
@@ -1355,14 +1513,17 @@ if triton is not None:
         tl.store(s_ptrs, s_hi, mask=row_ok)
         if PARTS == 2:
             r = a - hi * s_hi[:, None]  # exact: hi * s_hi is a rounding of a
-            s_lo, inv_lo = _pow2_for_e4m3(tl.max(tl.abs(r), axis=1))
+            if SHARED:
+                s_lo, inv_lo = s_hi, inv_hi
+            else:
+                s_lo, inv_lo = _pow2_for_e4m3(tl.max(tl.abs(r), axis=1))
             lo = _round_e4m3(r * inv_lo[:, None])
             tl.store(q_ptrs + part_q, lo.to(tl.float8e4nv), mask=mask)
             tl.store(s_ptrs + part_s, s_lo, mask=row_ok)
 
     @triton.jit
     def _fp8x_split_kernel(a_ptr, stride_a, q_ptr, s_ptr, R, K, KB, part_q, part_s,
-                           PARTS: tl.constexpr, BLOCK_R: tl.constexpr):
+                           PARTS: tl.constexpr, BLOCK_R: tl.constexpr, SHARED: tl.constexpr):
         # program = (BLOCK_R rows, one 128-block of inputs)
         rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)  # [BR]
         kb = tl.program_id(1)
@@ -1371,7 +1532,7 @@ if triton is not None:
         col_ok = cols < K
         a = tl.load(a_ptr + rows[:, None] * stride_a + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
                     other=0.0).to(tl.float32)
-        _fp8x_store(q_ptr, s_ptr, rows, row_ok, cols, col_ok, kb, part_q, part_s, K, KB, a, PARTS)
+        _fp8x_store(q_ptr, s_ptr, rows, row_ok, cols, col_ok, kb, part_q, part_s, K, KB, a, PARTS, SHARED)
 
     @triton.jit
     def _fp8x_load_a(q_ptr, s_ptr, rows, row_ok, k, k_ok, kb, part_q, part_s, K, KB, PARTS: tl.constexpr):
@@ -1474,7 +1635,7 @@ def fp8_dots_supported(dev) -> bool:
     return dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (8, 9)
 
 
-def fp8x_act_split(a, parts: int = 2):
+def fp8x_act_split(a, parts: int = 2, shared_scale: bool = False):
     """a [R, K] (fp16/bf16/fp32, unit stride along K) -> (q [parts, R, K] float8_e4m3fn,
     s [parts, R, ceil(K/128)] fp32): Triton twin of fp8x_act_split_torch (bitwise)."""
     R, K = a.shape
@@ -1483,7 +1644,8 @@ def fp8x_act_split(a, parts: int = 2):
     s = torch.empty((parts, R, KB), dtype=torch.float32, device=a.device)
     if R and K:
         _fp8x_split_kernel[(-(-R // FP8X_SPLIT_ROWS), KB)](
-            a, a.stride(0), q, s, R, K, KB, R * K, R * KB, PARTS=parts, BLOCK_R=FP8X_SPLIT_ROWS, num_warps=4)
+            a, a.stride(0), q, s, R, K, KB, R * K, R * KB, PARTS=parts, BLOCK_R=FP8X_SPLIT_ROWS,
+            SHARED=shared_scale, num_warps=4)
     return q, s
 
 

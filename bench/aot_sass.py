@@ -1,5 +1,6 @@
 """Ahead-of-time sm_90 compile of the quantised decode (scan) kernels on a machine without a GPU, and the
-instruction mix of their inner K loop: python bench/aot_sass.py --fmt fp4 --var 1 --bn 64 [--down].
+instruction mix of their inner K loop: python bench/aot_sass.py --fmt fp4 --var 1 --bn 64 --bm 8 [--down]
+(--var 5: the fp8_mma variant).
 
 Prints the dot ops of the TTGIR (wgmma operand placement: a `dot_op` tensor = registers, a `memdesc` =
 shared memory) and the SASS of the innermost loop holding MMAs, with instructions per weight value per
@@ -21,21 +22,25 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import kernels  # noqa: E402
 
-DIV16 = ("stride_xt", "N", "D", "I", "slot_offset", "num_n")  # ints the JIT sees as multiples of 16 at released sizes
+# ints the JIT sees as multiples of 16 at released sizes
+DIV16 = ("stride_xt", "N", "D", "I", "slot_offset", "num_n", "x_part_q", "h_part_q")
 
 
 def compile_scan(down, fmt, var, asm, BM, BN, BK, warps, stages):
-    """The up or down scan kernel for sm_90 with released-size specialisation (fp16 activations)."""
+    """The up or down scan kernel for sm_90 with released-size specialisation (fp16 activations;
+    var bit 4 (fp8_mma): x and h split into e4m3 parts with fp32 scales, h written in fp32)."""
     w = "*u8" if fmt == "fp4" else "*fp8e4nv"
+    act = "*fp8e4nv" if var & 4 else "*fp16"
     if down:
         fn = kernels._moe_down_scan_kernel
-        sig = dict(h_ptr="*fp16", w2_ptr=w, s2_ptr="*u8", y_ptr="*fp32", ids_ptr="*i32", N="i32", D="i32",
-                   I="i32", slot_offset="i32", num_n="i32")
+        sig = dict(h_ptr=act, hs_ptr="*fp32", h_part_q="i32", w2_ptr=w, s2_ptr="*u8",
+                   y_ptr="*fp32", ids_ptr="*i32", N="i32", D="i32", I="i32", slot_offset="i32", num_n="i32")
     else:
         fn = kernels._moe_up_scan_kernel
-        sig = dict(x_ptr="*fp16", stride_xt="i32", w1_ptr=w, w3_ptr=w, s1_ptr="*u8", s3_ptr="*u8",
-                   h_ptr="*fp16", rw_ptr="*fp32", ids_ptr="*i32", N="i32", D="i32", I="i32", top_k="i32",
-                   limit="fp32", slot_offset="i32", num_n="i32")
+        sig = dict(x_ptr=act, stride_xt="i32", xs_ptr="*fp32", x_part_q="i32", w1_ptr=w,
+                   w3_ptr=w, s1_ptr="*u8", s3_ptr="*u8", h_ptr="*fp32" if var & 4 else "*fp16", rw_ptr="*fp32",
+                   ids_ptr="*i32", N="i32", D="i32", I="i32", top_k="i32", limit="fp32", slot_offset="i32",
+                   num_n="i32")
     consts = dict(NP=512, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, EVEN_K=True, PRECISION="tf32",
                   FMT=kernels._FMT_CODE[fmt], ASM=asm, VAR=var)
     sig.update({k: "constexpr" for k in consts})
@@ -43,6 +48,14 @@ def compile_scan(down, fmt, var, asm, BM, BN, BK, warps, stages):
              for n, t in sig.items() if t.startswith("*") or n in DIV16}
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 128), options=dict(num_warps=warps, num_stages=stages))
+
+
+def resource_usage(cubin_path):
+    """cuobjdump's per-kernel resource line: registers (REG), spill stack (STACK), shared memory."""
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    out = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "-res-usage", cubin_path],
+                         capture_output=True, text=True, check=True).stdout
+    return " ".join(m.group(0) for m in re.finditer(r"(REG|STACK|SHARED|LOCAL):\d+", out))
 
 
 def inner_loop(cubin_path):
@@ -65,7 +78,8 @@ def inner_loop(cubin_path):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fmt", choices=("fp4", "fp8"), default="fp4")
-    ap.add_argument("--var", type=int, default=0, help="kernels._variant_code: 1 swap, 2 dot_scaled, 3 both")
+    ap.add_argument("--var", type=int, default=0,
+                    help="kernels._variant_code: 1 swap, 2 dot_scaled, 3 both, 5 fp8_mma (fp4 on the fp8 tensor cores)")
     ap.add_argument("--no-asm", action="store_true", help="fp4: plain-Triton dequantisation instead of the PTX")
     ap.add_argument("--down", action="store_true")
     ap.add_argument("--bm", type=int, default=16)
@@ -92,6 +106,7 @@ def main():
     mix = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in body)
     print(f"{tag}: inner loop {len(body)} SASS instructions, {len(body) / per_thread:.2f} per weight value per thread")
     print("  " + ", ".join(f"{op} {n}" for op, n in mix.most_common(16)))
+    print("  " + resource_usage(cubin))
 
 
 if __name__ == "__main__":

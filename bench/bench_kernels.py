@@ -322,7 +322,7 @@ def moe_rows(copy_gbs, mm_tflops, results):
 # ------------------------------------------------------------------------------------ quantised experts
 QMOE_T = (64, 8192)
 QMOE_SWEEP_BUDGET_S = float(os.environ.get("QMOE_SWEEP_BUDGET_S", 420))  # skip further sweep configs once the run has taken this long
-QMOE_VARIANT_KEYS = ("swap", "dot_scaled")  # dot formulations (kernels._variant_code): timed whatever the budget
+QMOE_VARIANT_KEYS = ("swap", "dot_scaled", "fp8_mma")  # dot formulations (kernels._variant_code): always timed
 QMOE_SWEEP = {  # alternative block configs per (format, phase), timed after the default (kernels.QUANT_CFG)
     ("fp8", "decode"): [dict(BLOCK_M=16, up=(128, 128, 4), down=(128, 128, 4), swap=False),
                         dict(BLOCK_M=8, up=(64, 128, 4), down=(64, 128, 4), swap=True),
@@ -333,7 +333,13 @@ QMOE_SWEEP = {  # alternative block configs per (format, phase), timed after the
                         dict(BLOCK_M=8, up=(64, 256, 4), down=(64, 256, 4), swap=True),
                         dict(BLOCK_M=8, up=(64, 128, 2), down=(64, 128, 2), swap=True),
                         dict(BLOCK_M=8, up=(64, 64, 4), down=(64, 64, 4), swap=True),
-                        dict(BLOCK_M=8, up=(64, 128, 4), down=(64, 128, 4), dot_scaled=True, swap=True)],
+                        dict(BLOCK_M=8, up=(64, 128, 4), down=(64, 128, 4), dot_scaled=True, swap=True),
+                        # fp4 on the fp8 tensor cores (kernels._qdot_f8; x / h split into two e4m3 parts):
+                        # sm_90 AOT SASS per weight value up / down 2.88 / 3.53 at BLOCK_N 64, 2.39 / 2.67 at 128
+                        dict(BLOCK_M=8, up=(64, 128, 4), down=(64, 128, 4), fp8_mma=True),
+                        dict(BLOCK_M=8, up=(128, 128, 4), down=(128, 128, 4), fp8_mma=True),
+                        dict(BLOCK_M=8, up=(128, 64, 4), down=(128, 64, 4), fp8_mma=True),
+                        dict(BLOCK_M=8, up=(64, 64, 4), down=(64, 64, 4), fp8_mma=True)],
     # fp8_act: 2 = fp8 tensor cores on x / h split into two e4m3 parts (the default), 1 = one part
     # (activation-quantised fp8, for comparison), 0 = weights dequantised to fp16 in registers (before)
     ("fp8", "prefill"): [dict(BLOCK_M=128, up=(128, 64, 8), down=(128, 64, 8), fp8_act=1, stages=3),
@@ -490,7 +496,7 @@ def print_qmoe_table(results):
     print("GB read: the bytes of the slots the routing touches (weights + scales); %copy: GB/s over the device "
           "copy bandwidth of this run; rel err: max |out - ref| / max |ref| against bf16 experts holding the "
           "dequantised weights (err twin: against the quantised torch twin); sweep best: fastest alternative "
-          "block config; the indented rows under a case are every QMOE_SWEEP config (swap / dot_scaled: "
+          "block config; the indented rows under a case are every QMOE_SWEEP config (swap / dot_scaled / fp8_mma: "
           "the alternative dot formulations, kernels._variant_code).")
 
 

@@ -203,6 +203,19 @@ def test_fp8x_split_triton_equals_torch_and_error_bound(parts):
     assert ((qmax >= 224) & (qmax <= 448) | (qmax == 0)).all() and (qmax == 448).any()
 
 
+def test_fp8x_split_shared_scale_triton_equals_torch_and_error_bound():
+    # the fp4 fp8_mma path's split: part 1 in part 0's scale; error per element <= max(2^-8 |a|, 2^-10 s)
+    a = fp8x_edge_rows()
+    q, s = kernels.fp8x_act_split(a, 2, shared_scale=True)  # Triton (interpreter)
+    q2, s2 = kernels.fp8x_act_split_torch(a, 2, shared_scale=True)
+    assert torch.equal(q.float(), q2.float()) and torch.equal(s, s2) and torch.equal(s[1], s[0])
+    assert q[1].float().abs().max() <= 16  # the remainder: half an e4m3 step of part 0 at most
+    back = kernels.fp8x_act_dequant_torch(q2, s2)
+    scale = s2[0].repeat_interleave(128, 1)[:, :200]
+    assert ((back - a).abs() <= torch.maximum(2.0 ** -8 * a.abs(), 2.0 ** -10 * scale)).all()
+    assert torch.equal(back[1], a[1]) and torch.equal(back[2, :128], a[2, :128])
+
+
 def fp8x_case(T, K, P, d, I, offset, seed):
     """fp8 experts and an fp16 prefill-like batch where slot offset + 1 gets no rows."""
     gen = torch.Generator().manual_seed(seed)
@@ -401,6 +414,77 @@ def test_fp4_asm_emulated_zero_weights_stay_zero_for_any_scale():
     r = PtxEmu(ops).run(kernels._FP4_F16_ASM.value)
     for k in ("$0", "$1", "$2", "$3"):
         assert np.all((r[k] & 0x7FFF7FFF) == 0)
+
+
+def test_fp4_e4m3_asm_emulated_matches_dequantise_every_byte():
+    # the fp8_mma variant's integer-only PTX: every byte value at every position of the 4-byte instance
+    # -> e4m3 bytes holding exactly the dequantised value * 2^-6 (scale byte 127 = 1)
+    b = np.arange(256, dtype=np.uint32)
+    byte = [(b + 67 * p) % 256 for p in range(4)]
+    r = PtxEmu({2: sum(byte[p] << (8 * p) for p in range(4))}).run(kernels._FP4_E4M3_ASM.value)
+    for p in range(4):
+        packed = torch.zeros(256, 16, dtype=torch.uint8)
+        packed[:, 0] = torch.from_numpy(byte[p].astype(np.uint8))
+        ref = checkpoint.dequantize_fp4_packed(packed, torch.full((256, 1), 127, dtype=torch.uint8),
+                                               torch.float32)[:, :2] / 64  # [256, (even, odd)]
+        for out, col in (("$0", 0), ("$1", 1)):
+            got = torch.from_numpy(((r[out] >> np.uint32(8 * p)) & np.uint32(0xFF)).astype(np.uint8))
+            assert torch.equal(got.view(torch.float8_e4m3fn).float(), ref[:, col]), (p, out)
+            assert torch.equal(got >> 7, packed[:, 0] >> (3 + 4 * col) & 1)  # the sign too (-0 stays -0)
+
+
+FP8_MMA_CASES = [  # scan, BLOCK_M, (up, down) = (BLOCK_N, BLOCK_K, warps), T, d, I
+    (True, 8, (32, 64, 4), (64, 64, 4), 13, 96, 160),  # K tails of 32 (d 96), N tails (I 160 / 32, d 96 / 64)
+    (True, 16, (64, 128, 4), (32, 32, 4), 9, 256, 96),  # two activation blocks per row; BLOCK_K 32
+    (False, 16, (32, 64, 4), (64, 64, 4), 21, 96, 160),  # the align path (prefill-style sorted blocks)
+]
+
+
+@pytest.mark.parametrize("scan,BM,up,down,T,d,I", FP8_MMA_CASES)
+def test_fp4_fp8_mma_matches_twin_and_stays_near_bf16(scan, BM, up, down, T, d, I):
+    # fp4 on the fp8 tensor cores (config fp8_mma): x and h split into two e4m3 parts in one scale; the twin
+    # is moe_experts_torch(act_parts=2, act_shared_scale=True). Several BLOCK_M chunks per slot, an empty
+    # slot, other ranks' pairs.
+    gen = torch.Generator().manual_seed(T + d + I)
+    K, P, offset = 2, 4, 1
+    (w1, w3, w2), scales, (d1, d3, d2) = random_experts(P, d, I, "fp4", gen)
+    x = torch.randn(T, d + 32, generator=gen).half()[:, :d]  # rows with a stride (a view)
+    ids = torch.randint(-1, 6, (T, K), generator=gen, dtype=torch.int32)
+    ids[ids == offset + 2] = offset + 1
+    weights = torch.rand(T, K, generator=gen)
+    cfg = dict(BLOCK_M=BM, up=up, down=down, scan=scan, fp8_mma=True)
+    out = kernels.moe_experts_triton(x, weights, ids, w1, w3, w2, 2.0, offset, scales, config=cfg)
+    twin = kernels.moe_experts_torch(x, weights, ids, w1, w3, w2, 2.0, offset, scales, act_parts=2,
+                                     act_shared_scale=True)
+    assert max_rel(out, twin) < 1e-5  # same split; fp32 summation order only
+    ref = kernels.moe_experts_torch(x.float(), weights, ids, d1, d3, d2, 2.0, offset)  # dequantised, fp32
+    bf16 = kernels.moe_experts_torch(x.bfloat16(), weights, ids, d1.bfloat16(), d3.bfloat16(), d2.bfloat16(),
+                                     2.0, offset)  # bf16 experts holding the dequantised weights (exact)
+    assert max_rel(out, ref) < min(2 * max_rel(bf16, ref), 2.0 ** -8)
+    plain = kernels.moe_experts_triton(x, weights, ids, w1, w3, w2, 2.0, offset, scales,
+                                       config=dict(cfg, fp8_mma=False, swap=True))
+    assert max_rel(plain, twin) > 1e-4  # (the check above tells the paths apart)
+
+
+def test_fp4_fp8_mma_keys_and_fallbacks():
+    assert kernels._variant_code(dict(fp8_mma=True), "fp4", torch.float16) == 5  # implies the swapped dots
+    assert kernels._variant_code(dict(fp8_mma=True), "fp4", torch.float32) == 0  # exact path: plain dots
+    assert kernels._variant_code(dict(fp8_mma=True), "fp4", torch.float16, fp8_dots=False) == 0
+    with pytest.raises(ValueError, match="fp8_mma"):
+        kernels._variant_code(dict(fp8_mma=True), "fp8", torch.float16)
+    with pytest.raises(ValueError, match="pick one"):
+        kernels._variant_code(dict(fp8_mma=True, dot_scaled=True), "fp4", torch.float16)
+    assert not kernels.QUANT_CFG["fp4"]["decode"].get("fp8_mma")  # off by default until timed on a GPU
+    gen = torch.Generator().manual_seed(4)
+    (w1, w3, w2), scales, _ = random_experts(2, 64, 64, "fp4", gen)
+    x, ids, wt = torch.randn(3, 64, generator=gen), torch.zeros(3, 1, dtype=torch.int32), torch.ones(3, 1)
+    with pytest.raises(ValueError, match="dividing 128"):
+        kernels.moe_experts_triton(x.half(), wt, ids, w1, w3, w2, 2.0, 0, scales,
+                                   config=dict(BLOCK_M=8, up=(32, 256, 4), down=(32, 64, 4), fp8_mma=True))
+    # fp32 activations keep the exact plain path
+    a = kernels.moe_experts_triton(x, wt, ids, w1, w3, w2, 2.0, 0, scales, config=dict(fp8_mma=True))
+    torch.testing.assert_close(a, kernels.moe_experts_torch(x, wt, ids, w1, w3, w2, 2.0, 0, scales),
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_quantised_shapes_are_checked():
