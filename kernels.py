@@ -1552,11 +1552,14 @@ if triton is not None:
         return hi, lo, s_hi, s_lo
 
     @triton.jit
-    def _fp8x_mma(acc, hi, lo, s_hi, s_lo, w, w_scale, PARTS: tl.constexpr):
+    def _fp8x_mma(acc, hi, lo, s_hi, s_lo, w, w_scale, PARTS: tl.constexpr, SHARED: tl.constexpr):
         """acc [BM, BN] += (s_hi * hi @ w + s_lo * lo @ w) * w_scale for one 128-wide K block
         (s_lo / s_hi may underflow only where lo is negligible next to hi):
-        hi, lo [BM, 128] e4m3, s_hi, s_lo [BM], w [128, BN] e4m3, w_scale a scalar (fp32)."""
-        if PARTS == 2:  # one fp32 temporary: lo's dot, rescaled to hi's scale, seeds hi's (fewer registers)
+        hi, lo [BM, 128] e4m3, s_hi, s_lo [BM], w [128, BN] e4m3, w_scale a scalar (fp32).
+        SHARED (s_lo = s_hi): both dots chain in one accumulator, no rescale pass between them."""
+        if PARTS == 2 and SHARED:
+            t = tl.dot(lo, w, tl.dot(hi, w))
+        elif PARTS == 2:  # one fp32 temporary: lo's dot, rescaled to hi's scale, seeds hi's (fewer registers)
             t = tl.dot(lo, w) * (s_lo / s_hi)[:, None]
             t = tl.dot(hi, w, t)
         else:
@@ -1567,7 +1570,8 @@ if triton is not None:
     def _moe_up_fp8x_kernel(xq_ptr, xs_ptr, x_part_q, x_part_s, w1_ptr, w3_ptr, s1_ptr, s3_ptr,
                             hq_ptr, hs_ptr, h_part_q, h_part_s, rw_ptr, pairs_ptr, slot_ptr,
                             N, D, I, top_k, limit, num_n,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr):
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr,
+                            SHARED: tl.constexpr):
         # as _moe_up_kernel; x split (xq [PARTS, T, D], xs [PARTS, T, D/128]); h written split
         # (hq [PARTS, rows, I], hs [PARTS, rows, I/128]); BLOCK_N = 128: this tile is h's block pid_n
         pid_m, pid_n, slot = _sorted_tile(tl.program_id(0), num_n, slot_ptr)
@@ -1589,20 +1593,23 @@ if triton is not None:
                                               D, KB, PARTS)
             w_mask = k_ok[:, None] & n_ok[None, :]
             w1 = tl.load(w1_ptr + w_rows + k[:, None], mask=w_mask, other=0.0)  # [128, BN] = w1[slot, n, k]^T
-            acc_g = _fp8x_mma(acc_g, hi, lo, s_hi, s_lo, w1, _e8m0_to_f32(tl.load(s1_ptr + s_row + kb)), PARTS)
+            acc_g = _fp8x_mma(acc_g, hi, lo, s_hi, s_lo, w1, _e8m0_to_f32(tl.load(s1_ptr + s_row + kb)), PARTS,
+                              SHARED)
             w3 = tl.load(w3_ptr + w_rows + k[:, None], mask=w_mask, other=0.0)
-            acc_u = _fp8x_mma(acc_u, hi, lo, s_hi, s_lo, w3, _e8m0_to_f32(tl.load(s3_ptr + s_row + kb)), PARTS)
+            acc_u = _fp8x_mma(acc_u, hi, lo, s_hi, s_lo, w3, _e8m0_to_f32(tl.load(s3_ptr + s_row + kb)), PARTS,
+                              SHARED)
         g = tl.minimum(acc_g, limit)
         u = tl.minimum(tl.maximum(acc_u, -limit), limit)
         rw = tl.load(rw_ptr + pair, mask=pair_ok, other=0.0)  # [BM] routing weight, before w2
         h = tl.where(n_ok[None, :], g / (1.0 + tl.exp(-g)) * u * rw[:, None], 0.0)  # [BM, BN] fp32
         _fp8x_store(hq_ptr, hs_ptr, offs_m.to(tl.int64), pair_ok, offs_n, n_ok, pid_n, h_part_q, h_part_s,
-                    I, tl.cdiv(I, 128), h, PARTS)
+                    I, tl.cdiv(I, 128), h, PARTS, SHARED)
 
     @triton.jit
     def _moe_down_fp8x_kernel(hq_ptr, hs_ptr, h_part_q, h_part_s, w2_ptr, s2_ptr, y_ptr, pairs_ptr, slot_ptr,
                               N, D, I, num_n,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr):
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr,
+                              SHARED: tl.constexpr):
         pid_m, pid_n, slot = _sorted_tile(tl.program_id(0), num_n, slot_ptr)
         if slot < 0:  # a padding block of the align step
             return
@@ -1620,7 +1627,7 @@ if triton is not None:
             hi, lo, s_hi, s_lo = _fp8x_load_a(hq_ptr, hs_ptr, rows, pair_ok, k, k_ok, kb, h_part_q, h_part_s,
                                               I, KB, PARTS)
             w2 = tl.load(w2_ptr + w_rows + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # [128, BN]
-            acc = _fp8x_mma(acc, hi, lo, s_hi, s_lo, w2, _e8m0_to_f32(tl.load(s2_ptr + s_row + kb)), PARTS)
+            acc = _fp8x_mma(acc, hi, lo, s_hi, s_lo, w2, _e8m0_to_f32(tl.load(s2_ptr + s_row + kb)), PARTS, SHARED)
         y_ptrs = y_ptr + pair.to(tl.int64)[:, None] * D + offs_n[None, :]
         tl.store(y_ptrs, acc, mask=pair_ok[:, None] & n_ok[None, :])
 
@@ -1651,7 +1658,8 @@ def fp8x_act_split(a, parts: int = 2, shared_scale: bool = False):
 
 def _moe_fp8x_prefill(x, weights, ids, w1, w3, w2, scales, limit, slot_offset, cfg, y):
     """The fp8 tensor-core prefill path of moe_experts_triton: fills y [T*K, d] fp32 (per-pair outputs).
-    cfg: BLOCK_M, up/down (BLOCK_N, ignored BLOCK_K, warps), fp8_act (parts: 1 or 2), optional stages."""
+    cfg: BLOCK_M, up/down (BLOCK_N, ignored BLOCK_K, warps), fp8_act (parts: 1 or 2), optional stages,
+    optional fp8_shared (two parts in one scale: their dots chain in one accumulator)."""
     T, D = x.shape
     P_local, I = w1.shape[0], w1.shape[1]
     N = ids.numel()
@@ -1663,7 +1671,8 @@ def _moe_fp8x_prefill(x, weights, ids, w1, w3, w2, scales, limit, slot_offset, c
         raise ValueError(f"fp8 prefill path: fp8_act must be 1 or 2, up BLOCK_N {FP8X_BLOCK}, down BLOCK_N "
                          f"dividing {FP8X_BLOCK}; got {parts}, {BN}, {BN2}")
     s1, s3, s2 = scales
-    xq, xs = fp8x_act_split(x, parts)  # [parts, T, d], [parts, T, d/128]
+    shared = bool(cfg.get("fp8_shared", False)) and parts == 2
+    xq, xs = fp8x_act_split(x, parts, shared)  # [parts, T, d], [parts, T, d/128]
     sorted_pairs, block_slot = _moe_align(ids, slot_offset, P_local, BM)
     R = block_slot.shape[0] * BM  # rows of the sorted order
     IB = -(-I // FP8X_BLOCK)
@@ -1673,11 +1682,11 @@ def _moe_fp8x_prefill(x, weights, ids, w1, w3, w2, scales, limit, slot_offset, c
     stages = cfg.get("stages")
     _moe_up_fp8x_kernel[(block_slot.shape[0] * num_n,)](
         xq, xs, T * D, T * xs.shape[2], w1, w3, s1, s3, hq, hs, R * I, R * IB, weights, sorted_pairs, block_slot,
-        N, D, I, ids.shape[1], limit, num_n, BLOCK_M=BM, BLOCK_N=BN, PARTS=parts, num_warps=warps,
+        N, D, I, ids.shape[1], limit, num_n, BLOCK_M=BM, BLOCK_N=BN, PARTS=parts, SHARED=shared, num_warps=warps,
         num_stages=stages or _stages(BM, BN, FP8X_BLOCK, 2, parts, 1))
     _moe_down_fp8x_kernel[(block_slot.shape[0] * num_n2,)](
         hq, hs, R * I, R * IB, w2, s2, y, sorted_pairs, block_slot, N, D, I, num_n2,
-        BLOCK_M=BM, BLOCK_N=BN2, PARTS=parts, num_warps=warps2,
+        BLOCK_M=BM, BLOCK_N=BN2, PARTS=parts, SHARED=shared, num_warps=warps2,
         num_stages=stages or _stages(BM, BN2, FP8X_BLOCK, 1, parts, 1))
 
 

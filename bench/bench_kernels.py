@@ -322,7 +322,7 @@ def moe_rows(copy_gbs, mm_tflops, results):
 # ------------------------------------------------------------------------------------ quantised experts
 QMOE_T = (64, 8192)
 QMOE_SWEEP_BUDGET_S = float(os.environ.get("QMOE_SWEEP_BUDGET_S", 420))  # skip further sweep configs once the run has taken this long
-QMOE_VARIANT_KEYS = ("swap", "dot_scaled", "fp8_mma")  # dot formulations (kernels._variant_code): always timed
+QMOE_VARIANT_KEYS = ("swap", "dot_scaled", "fp8_mma", "fp8_shared")  # dot formulations (kernels._variant_code): always timed
 QMOE_SWEEP = {  # alternative block configs per (format, phase), timed after the default (kernels.QUANT_CFG)
     ("fp8", "decode"): [dict(BLOCK_M=16, up=(128, 128, 4), down=(128, 128, 4), swap=False),
                         dict(BLOCK_M=8, up=(64, 128, 4), down=(64, 128, 4), swap=True),
@@ -346,7 +346,12 @@ QMOE_SWEEP = {  # alternative block configs per (format, phase), timed after the
                          dict(BLOCK_M=128, up=(128, 64, 8), down=(128, 64, 8), fp8_act=0),
                          dict(BLOCK_M=128, up=(128, 64, 8), down=(128, 64, 8), fp8_act=2, stages=2),
                          dict(BLOCK_M=128, up=(128, 64, 8), down=(128, 64, 8), fp8_act=2, stages=4),
-                         dict(BLOCK_M=128, up=(128, 64, 8), down=(128, 128, 8), fp8_act=2, stages=3)],
+                         dict(BLOCK_M=128, up=(128, 64, 8), down=(128, 128, 8), fp8_act=2, stages=3),
+                         # both parts in one scale: the two dots chain in one accumulator, no rescale pass
+                         dict(BLOCK_M=128, up=(128, 64, 8), down=(128, 64, 8), fp8_act=2, stages=3, fp8_shared=True),
+                         dict(BLOCK_M=128, up=(128, 64, 8), down=(128, 64, 8), fp8_act=2, stages=4, fp8_shared=True),
+                         dict(BLOCK_M=128, up=(128, 64, 8), down=(128, 128, 8), fp8_act=2, stages=3, fp8_shared=True),
+                         dict(BLOCK_M=128, up=(128, 64, 4), down=(128, 64, 4), fp8_act=2, stages=3, fp8_shared=True)],
     ("fp4", "prefill"): [dict(BLOCK_M=128, up=(128, 64, 8), down=(128, 64, 8))],
 }
 

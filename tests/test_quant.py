@@ -231,14 +231,18 @@ def max_rel(out, ref):
     return float((out - ref).abs().max() / ref.abs().max())
 
 
-@pytest.mark.parametrize("parts", [1, 2])
+@pytest.mark.parametrize("parts,shared", [(1, False), (2, False), (2, True)], ids=["one", "two", "two_shared"])
 @pytest.mark.parametrize("T,K,P,d,I,offset", [(40, 2, 4, 96, 160, 0), (23, 3, 3, 136, 64, 2)])
-def test_fp8x_prefill_matches_twin_and_stays_at_bf16_noise(parts, T, K, P, d, I, offset):
-    # forced at BLOCK_M 16 (several row blocks per slot); d and I leave masked tail blocks
+def test_fp8x_prefill_matches_twin_and_stays_at_bf16_noise(parts, shared, T, K, P, d, I, offset):
+    # forced at BLOCK_M 16 (several row blocks per slot); d and I leave masked tail blocks.
+    # shared: both parts in one scale (config fp8_shared), the two dots chained in one accumulator
     x, weights, ids, (w1, w3, w2, scales), (d1, d3, d2) = fp8x_case(T, K, P, d, I, offset, T + d + parts)
-    cfg = dict(BLOCK_M=16, up=(128, 64, 4), down=(64, 64, 4), scan=False, fp8_act=parts)
+    if parts == 2:  # an outlier: its block's other inputs sit far below a shared scale, so the twins differ
+        x[1, 5] = 2000 * x.abs().max()  # (~5e-5 apart) and only the matching one passes the 1e-5 check
+    cfg = dict(BLOCK_M=16, up=(128, 64, 4), down=(64, 64, 4), scan=False, fp8_act=parts, fp8_shared=shared)
     out = kernels.moe_experts_triton(x, weights, ids, w1, w3, w2, 2.0, offset, scales, config=cfg)
-    twin = kernels.moe_experts_torch(x, weights, ids, w1, w3, w2, 2.0, offset, scales, act_parts=parts)
+    twin = kernels.moe_experts_torch(x, weights, ids, w1, w3, w2, 2.0, offset, scales, act_parts=parts,
+                                     act_shared_scale=shared)
     assert max_rel(out, twin) < 1e-5  # same split; fp32 summation order only
     ref = kernels.moe_experts_torch(x.float(), weights, ids, d1, d3, d2, 2.0, offset)  # dequantised, fp32
     bf16 = kernels.moe_experts_torch(x.bfloat16(), weights, ids, d1.bfloat16(), d3.bfloat16(), d2.bfloat16(),
