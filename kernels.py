@@ -1240,14 +1240,16 @@ _FMT_CODE = {"bf16": 0, "fp8": 1, "fp4": 2}  # the kernels' FMT constexpr
 # Picked on the H200 (bench/bench_kernels.py --only qmoe, QMOE_SWEEP; triton 3.6): decode "swaps" the dot
 # (dequantised weights as its first operand, the few activation rows as its second: BLOCK_M 8 = wgmma's
 # narrowest N) — fp4 1.35 ms vs 1.63 unswapped at BLOCK_M 16, fp8 1.17 vs 1.22; fp8 prefill on the fp8
-# tensor cores (fp8_act: x and h split into that many e4m3 parts; 0: off) with 3 pipeline stages.
+# tensor cores (fp8_act: x and h split into that many e4m3 parts; 0: off) with 3 pipeline stages, the two
+# parts in one scale (fp8_shared: their dots chain in one accumulator) — 6.86 ms vs 7.66 with a scale each.
 # fp4 decode "fp8_mma" (VAR bit 4, _qdot_f8: e2m1 -> e4m3 by bit placement, e4m3 x e4m3 dots on x / h split in
-# two parts): ~half the SASS per weight value of "swap" in the sm_90 AOT count (bench/aot_sass.py --var 5);
-# off until timed on the H200 (QMOE_SWEEP has it).
+# two parts): ~half the SASS per weight value of "swap" in the sm_90 AOT count (bench/aot_sass.py --var 5),
+# yet slower on the H200 (1.97-2.41 ms vs 1.34): off; QMOE_SWEEP keeps timing it.
 QUANT_CFG = {
     "fp8": dict(decode=dict(BLOCK_M=8, up=(128, 128, 4), down=(128, 128, 4), swap=True),
                 mid=dict(BLOCK_M=64, up=(64, 64, 4), down=(128, 64, 4)),
-                prefill=dict(BLOCK_M=128, up=(128, 64, 8), down=(128, 64, 8), fp8_act=2, stages=3)),
+                prefill=dict(BLOCK_M=128, up=(128, 64, 8), down=(128, 64, 8), fp8_act=2, stages=3,
+                             fp8_shared=True)),
     "fp4": dict(decode=dict(BLOCK_M=8, up=(64, 128, 4), down=(64, 128, 4), swap=True, dot_scaled=False),
                 mid=dict(BLOCK_M=64, up=(64, 64, 4), down=(128, 64, 4)),
                 prefill=dict(BLOCK_M=128, up=(128, 128, 8), down=(128, 128, 8))),  # 11.8 ms vs 13.4 at 128 x 64
@@ -1370,7 +1372,8 @@ def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0,
     quantised dot formulation (see _variant_code; defaults in QUANT_CFG; "fp8_mma": fp4 on the fp8 tensor cores,
     x, h in two e4m3 parts: twin moe_experts_torch(act_parts=2, act_shared_scale=True)). fp8 experts outside the scan
     path with 16-bit activations on sm_89+ (or the interpreter) take the fp8 tensor-core path
-    (_moe_fp8x_prefill) when the config's "fp8_act" is 1 or 2 (default 2 at prefill; 0: the path above).
+    (_moe_fp8x_prefill) when the config's "fp8_act" is 1 or 2 (default 2 at prefill, with "fp8_shared": both
+    parts in one scale, twin act_shared_scale=True; 0: the path above).
     Host work: output + scratch allocations and 3 launches (decode) or 5 (prefill: scan, scatter, up, down, sum); no sync.
     """
     fmt = _check_scales(w1, scales)

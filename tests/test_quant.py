@@ -256,11 +256,11 @@ def test_fp8x_prefill_matches_twin_and_stays_at_bf16_noise(parts, shared, T, K, 
 
 def test_fp8x_prefill_is_the_default_for_16_bit_fp8_prefill():
     cfg = kernels._moe_config(500 * 4, 4, 2, fmt="fp8")
-    assert cfg["fp8_act"] == 2 and not cfg["scan"] and cfg["BLOCK_M"] == 128
+    assert cfg["fp8_act"] == 2 and cfg["fp8_shared"] and not cfg["scan"] and cfg["BLOCK_M"] == 128
     assert kernels.fp8_dots_supported(torch.device("cpu"))  # the interpreter runs e4m3 dots
     x, weights, ids, (w1, w3, w2, scales), _ = fp8x_case(150, 2, 2, 64, 128, 0, 1)  # 150 pairs per slot
     out = kernels.moe_experts_triton(x, weights, ids, w1, w3, w2, 2.0, 0, scales)
-    twin = kernels.moe_experts_torch(x, weights, ids, w1, w3, w2, 2.0, 0, scales, act_parts=2)
+    twin = kernels.moe_experts_torch(x, weights, ids, w1, w3, w2, 2.0, 0, scales, act_parts=2, act_shared_scale=True)
     assert max_rel(out, twin) < 1e-5
     old = kernels.moe_experts_torch(x, weights, ids, w1, w3, w2, 2.0, 0, scales)  # fp16 dequantised path
     assert max_rel(old, twin) > 1e-4  # (so the check above tells the paths apart)
