@@ -29,13 +29,17 @@ for part in "$@"; do
              timeout 280 python3 bench/bench_serve.py --device cuda --preset mini --concurrency 64 --output-len 256 \
                --requests-per-client 3 --eplb-modes off on off on --sampling greedy sampled > $OUT/sampler.log 2>&1
              grep -A 20 "^experts" $OUT/sampler.log ;;
-    eplbcost) # #12: EPLB on vs off, vs off with on's redundant slots ("slots"), and with no redundant slots
+    eplbcost) # #12: EPLB on vs off and vs off with on's redundant slots ("slots"); eplbcost0: no redundant slots
              timeout 380 python3 bench/bench_serve.py --device cuda --preset mini --concurrency 64 --output-len 256 \
                --requests-per-client 3 --eplb-modes off slots on off slots on --sampling greedy sampled \
-               > $OUT/eplbcost.log 2>&1; grep -A 30 "^experts" $OUT/eplbcost.log
-             timeout 160 python3 bench/bench_serve.py --device cuda --preset mini --concurrency 64 --output-len 256 \
+               > $OUT/eplbcost.log 2>&1; grep -A 30 "^experts" $OUT/eplbcost.log ;;
+    eplbcost0) timeout 160 python3 bench/bench_serve.py --device cuda --preset mini --concurrency 64 --output-len 256 \
                --requests-per-client 3 --redundant 0 --eplb-modes off on off on --sampling greedy sampled \
                > $OUT/eplbcost0.log 2>&1; grep -A 30 "^experts" $OUT/eplbcost0.log ;;
+    flashsampled) # #12 at released width: sampled vs greedy, flash truncated to 2 layers
+             timeout 200 python3 bench/bench_serve.py --device cuda --preset flash --num-layers 2 --concurrency 64 \
+               --output-len 128 --requests-per-client 2 --eplb-modes off --sampling greedy sampled greedy sampled \
+               > $OUT/flashsampled.log 2>&1; grep -A 12 "^experts" $OUT/flashsampled.log ;;
     eplbstep) timeout 45 python3 bench/bench_eplb_step.py --device cuda --background > $OUT/eplbstep.log 2>&1
              head -14 $OUT/eplbstep.log ;;
     qmoe)    QMOE_SWEEP_BUDGET_S=${QMOE_SWEEP_BUDGET_S:-120} timeout 300 python3 bench/bench_kernels.py --only qmoe \
