@@ -253,8 +253,10 @@ def test_metrics_show_the_move_in_progress_gauge_and_the_move_step_histogram(epl
                                                                    "max_tokens": 4, "ignore_eos": True})
     assert done.status_code == 200
     assert eplb_client.post("/eplb/rebalance", headers=auth).json()["status"] == "started"
-    lines = eplb_client.get("/metrics").text.splitlines()
-    assert "dsv4_eplb_rebalance_in_progress 0.0" in lines          # all layers moved in one step
+    deadline = time.monotonic() + 60  # a layer per step (the default): the idle engine finishes the move
+    while "dsv4_eplb_rebalance_in_progress 0.0" not in (lines := eplb_client.get("/metrics").text.splitlines()):
+        assert "dsv4_eplb_rebalance_in_progress 1.0" in lines and time.monotonic() < deadline
+        time.sleep(0.05)
     count = next(float(line.split()[1]) for line in lines if line.startswith("dsv4_eplb_move_step_seconds_count"))
     assert count >= 1 and any(line.startswith('dsv4_eplb_move_step_seconds_bucket{le="+Inf"}') for line in lines)
     state = eplb_client.get("/eplb/state", headers=auth).json()

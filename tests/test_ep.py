@@ -111,7 +111,10 @@ def test_two_ranks_match_single_process_and_survive_cross_rank_rebalance(single_
         assert before["num_ranks"] == 2 and before["num_physical"] == before["num_experts"]
         done = httpx.post(server.url + "/eplb/rebalance", timeout=60).json()
         assert done["status"] == "started", done
-        after_move = server.state()
+        deadline = time.monotonic() + 60  # a layer per step (the default): the idle engine finishes the move
+        while (after_move := server.state())["rebalance_in_progress"] is not None:
+            assert time.monotonic() < deadline, after_move["rebalance_in_progress"]
+            time.sleep(0.05)
         record = after_move["rebalances"][-1]
         assert record["slots_changed"] > 0 and record["bytes_moved"] > 0
         per_rank = before["num_physical"] // 2
