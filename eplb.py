@@ -580,12 +580,14 @@ class EPLBManager:
         self._window_balancedness()  # ...and the device work of a balancedness sample (first launches load kernels)
 
     def close(self) -> None:
-        """Stop the judging process of background checks (a check in flight is dropped)."""
+        """Stop the judging process of background checks (a check in flight is dropped); later checks,
+        if any, run on the engine thread."""
         for pool in (self._judges, self._courier):
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
         self._judges = self._courier = self._check = None
         self._verdict_ready = False
+        self.config.background_checks = False
 
     @property
     def load(self) -> torch.Tensor:
@@ -627,7 +629,6 @@ class EPLBManager:
         except concurrent.futures.BrokenExecutor as error:  # killed (e.g. out of memory)
             log.error("eplb: the judging process died (%s); checks run on the engine thread from now on", error)
             self.close()
-            self.config.background_checks = False
             return
         self._act(verdict)
 

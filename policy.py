@@ -266,8 +266,6 @@ def _skipped(rec: RebalanceRecord, reason: str, detail: str) -> Verdict:
 
 
 def init_judge_process() -> None:
-    """A judging process's start: one CPU thread (the engine's process needs the cores), and one-off
-    costs paid now rather than by the first check (numpy's lazy submodules, the planner's first call)."""
+    """A judging process's start: one CPU thread for its torch ops (the engine's process needs the
+    cores; a check's tensors are small). The manager's warm-up check then pays the one-off costs."""
     torch.set_num_threads(1)
-    load = torch.ones(2, 8, dtype=torch.float64)
-    rebalance_experts(load, 8, 1, 1, 2, old_phy2log=torch.arange(8).repeat(2, 1))
