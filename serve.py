@@ -140,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "at start, or physical_to_logical_map, used as is) or the same as an inline JSON object; "
                         "without it: trivial")
     e.add_argument("--record-dir", metavar="DIR", help="where /dump_expert_distribution_record writes (needs --eplb)")
+    e.add_argument("--eplb-checks", choices=("auto", "process", "engine"), default="auto",
+                   help="where a due rebalance check is judged: process = a spawned judging process while decoding "
+                        "goes on, engine = on the engine thread between steps; auto = process on CUDA, engine on a "
+                        "CPU (whose cores the forward needs)")
     e.add_argument("--eplb-canary", action="store_true",
                    help="after every cross-rank expert move, check that each slot holds its planned expert")
     e.add_argument("--eager-decode", action="store_true",
@@ -305,7 +309,8 @@ def make_eplb(args: argparse.Namespace, model, mover=None) -> eplb.EPLBManager:
                              init_expert_location=args.init_expert_location,
                              # on a GPU a check's planning (~10 ms of CPU) runs beside the decode steps
                              # instead of between them; on a CPU the forward itself needs the cores
-                             background_checks=model.phy2log.is_cuda)
+                             background_checks={"auto": model.phy2log.is_cuda, "process": True,
+                                                "engine": False}[args.eplb_checks])
     return eplb.EPLBManager(model, config, mover=mover)
 
 

@@ -141,6 +141,21 @@ def test_two_ranks_match_single_process_and_survive_cross_rank_rebalance(single_
         server.stop()
 
 
+def test_ep_checks_judged_in_a_spawned_process_move_experts_and_keep_outputs(single_outputs):
+    # the GPU server's default (--eplb-checks process), here on the CPU under torchrun: rank 0 spawns its
+    # judging process, checks every 4 steps move whatever the plan changes, the tokens stay one process's
+    server = Launch(True, "--eplb-checks", "process", "--eplb-rebalance-num-iterations", "4", "--eplb-window", "4",
+                    "--eplb-min-gain", "-1", "--eplb-gain-noise-sigmas", "0")
+    try:
+        assert [server.complete(p) for p in PROMPTS] == single_outputs
+        state = server.state()
+        assert state["config"]["background_checks"]
+        assert state["counters"]["rebalance_checks_total"] > 0 and state["counters"]["rebalances_total"] > 0
+        assert server.stop() == 0
+    finally:
+        server.stop()
+
+
 def test_eager_ep_decode_gives_the_same_tokens_as_the_graphed_ep_path(single_outputs):
     # the graphed path (every rank's DecodeGraphs) is the default, checked against one process above;
     # the eager path is the plain forward broadcast step by step: both must give one process's tokens
