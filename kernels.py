@@ -713,6 +713,36 @@ if triton is not None:
         return even, odd
 
     @triton.jit
+    def _fp4_tile_pairs(b16, scale_groups):
+        """_fp4_tile's ASM path on byte pairs, K along axis 1: b16 int16 [BN, BK/4] (bytes 2i, 2i+1 of a
+        row: inputs 4i..4i+3), scale_groups [BN, BK/32] -> (even, odd) fp16 [BN, BK/2]. An MMA operand
+        register holds the pair (2i, 2i+1) of even (or odd) inputs, which is exactly what one int16 gives:
+        each pair is loaded with one 16-bit load and converted in place. Bytes one by one, Triton unpacks
+        and repacks every byte (sm_90 SASS: PRMT 154 -> 55 per 128 values, 4.88 -> 4.49 instructions)."""
+        s2 = _fp4_scale_pairs(scale_groups, b16.shape[1])  # [BN, BK/4] f16x2 (s, s)
+        even2, odd2 = tl.inline_asm_elementwise(
+            _FP4_F16_ASM, "=r,=r,=r,=r,r,r,r", [b16, s2], dtype=(tl.int32, tl.int32), is_pure=True, pack=2)
+        return _f16x2_to_pairs(even2), _f16x2_to_pairs(odd2)
+
+    @triton.jit
+    def _fp4_scale_pairs(scale_groups, P: tl.constexpr):
+        """e8m0 scale bytes [BN, G] -> int32 [BN, P]: for each of the tile's P byte pairs (P / G per scale
+        group) its group's _fp4_scale_f16 twice, as the f16x2 operand of _FP4_F16_ASM."""
+        BN: tl.constexpr = scale_groups.shape[0]
+        G: tl.constexpr = scale_groups.shape[1]
+        sh = _fp4_scale_f16(scale_groups).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF  # [BN, G]
+        return tl.reshape(tl.broadcast_to((sh | (sh << 16))[:, :, None], [BN, G, P // G]), [BN, P])
+
+    @triton.jit
+    def _f16x2_to_pairs(x):
+        """int32 [BN, P] holding f16x2 -> fp16 [BN, 2P], each register's two halves side by side."""
+        BN: tl.constexpr = x.shape[0]
+        P: tl.constexpr = x.shape[1]
+        lo = (x & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+        hi = (x >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+        return tl.reshape(tl.join(lo, hi), [BN, 2 * P])
+
+    @triton.jit
     def _qdot(acc, acc2, a_rows, a_ok, sa_rows, part_q, w_ptr, s_ptr, w2_ptr, s2_ptr, slot, offs_n,
               n_ok, N, K, FMT: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
               PRECISION: tl.constexpr, ASM: tl.constexpr, TWO: tl.constexpr, VAR: tl.constexpr):
@@ -830,21 +860,22 @@ if triton is not None:
             KH, SK = K // 2, K // 32
             w_off = slot64 * N * KH + n64 * KH  # [BN, 1] packed rows
             s_off = slot64 * N * SK + n64 * SK  # [BN, 1]
+            if EVEN_K:  # SK is a multiple of the tile's BK/32 scale groups: one vector load per row
+                s_off = tl.multiple_of(s_off, [BLOCK_K // 32, 1])
             offs_j = tl.arange(0, BLOCK_K // 2)
             offs_g = tl.arange(0, BLOCK_K // 32)
             for k0 in range(0, K, BLOCK_K):
                 j = k0 // 2 + offs_j  # [BK/2]
                 j_ok = (j < KH) | EVEN_K
                 g = k0 // 32 + offs_g  # [BK/32]
-                w_mask = n_ok[:, None] & j_ok[None, :]  # [BN, BK/2]
                 s_mask = n_ok[:, None] & ((g < SK) | EVEN_K)[None, :]  # [BN, BK/32]
-                w_ptrs = w_ptr + w_off + j[None, :]  # [BN, BK/2]
                 s_ptrs = s_ptr + s_off + g[None, :]  # [BN, BK/32]
                 if SCALED:
+                    w_mask = n_ok[:, None] & j_ok[None, :]  # [BN, BK/2]
                     k = k0 + tl.arange(0, BLOCK_K)  # [BK] natural order
                     a_t = tl.load(a_cols + k[:, None], mask=((k < K) | EVEN_K)[:, None] & a_ok[None, :],
                                   other=0.0)  # [BK, BM]
-                    acc_t = _fp4_scaled_step(acc_t, a_t, w_ptrs, s_ptrs, w_mask, s_mask, True)
+                    acc_t = _fp4_scaled_step(acc_t, a_t, w_ptr + w_off + j[None, :], s_ptrs, w_mask, s_mask, True)
                     if TWO:
                         acc2_t = _fp4_scaled_step(acc2_t, a_t, w2_ptr + w_off + j[None, :], s2_ptr + s_off + g[None, :],
                                                   w_mask, s_mask, True)
@@ -852,10 +883,11 @@ if triton is not None:
                     a_mask = j_ok[:, None] & a_ok[None, :]
                     a_even = tl.load(a_cols + j[:, None], mask=a_mask, other=0.0)  # [BK/2, BM]
                     a_odd = tl.load(a_cols + KH + j[:, None], mask=a_mask, other=0.0)
-                    acc_t = _fp4_step_t(acc_t, a_even, a_odd, w_ptrs, s_ptrs, w_mask, s_mask, PRECISION, ASM)
+                    acc_t = _fp4_step_t(acc_t, a_even, a_odd, w_ptr + w_off, k0, KH, n_ok, s_ptrs, s_mask,
+                                        BLOCK_K, EVEN_K, PRECISION, ASM)
                     if TWO:
-                        acc2_t = _fp4_step_t(acc2_t, a_even, a_odd, w2_ptr + w_off + j[None, :],
-                                             s2_ptr + s_off + g[None, :], w_mask, s_mask, PRECISION, ASM)
+                        acc2_t = _fp4_step_t(acc2_t, a_even, a_odd, w2_ptr + w_off, k0, KH, n_ok,
+                                             s2_ptr + s_off + g[None, :], s_mask, BLOCK_K, EVEN_K, PRECISION, ASM)
         return acc + tl.trans(acc_t), acc2 + tl.trans(acc2_t)
 
     @triton.jit
@@ -887,13 +919,22 @@ if triton is not None:
         return tl.dot(a_odd, odd, acc, input_precision=PRECISION)
 
     @triton.jit
-    def _fp4_step_t(acc_t, a_even, a_odd, w_ptrs, s_ptrs, w_mask, s_mask, PRECISION: tl.constexpr,
-                    ASM: tl.constexpr):
-        """_fp4_step swapped: w_ptrs [BN, BK/2] bytes, s_ptrs [BN, BK/32], a_even / a_odd [BK/2, BM];
-        acc_t [BN, BM] += even [BN, BK/2] @ a_even + odd @ a_odd."""
-        b = tl.load(w_ptrs, mask=w_mask, other=0)  # [BN, BK/2] uint8
+    def _fp4_step_t(acc_t, a_even, a_odd, w_rows, k0, KH, n_ok, s_ptrs, s_mask, BLOCK_K: tl.constexpr,
+                    EVEN_K: tl.constexpr, PRECISION: tl.constexpr, ASM: tl.constexpr):
+        """_fp4_step swapped: the K tile at input k0 of packed rows w_rows [BN, 1] (KH bytes each),
+        s_ptrs [BN, BK/32], a_even / a_odd [BK/2, BM]; acc_t [BN, BM] += even [BN, BK/2] @ a_even +
+        odd @ a_odd. ASM reads the bytes as int16 pairs (_fp4_tile_pairs: 6% faster on the H200)."""
         sg = tl.load(s_ptrs, mask=s_mask, other=0)  # [BN, BK/32]
-        even, odd = _fp4_tile(b, sg, a_even.dtype, ASM, 1)
+        if ASM:
+            i = k0 // 4 + tl.arange(0, BLOCK_K // 4)  # [BK/4] byte pairs of the tile
+            ok = n_ok[:, None] & ((i < KH // 2) | EVEN_K)[None, :]
+            b16 = tl.load(w_rows.to(tl.pointer_type(tl.int16), bitcast=True) + i[None, :], mask=ok, other=0)
+            even, odd = _fp4_tile_pairs(b16, sg)
+        else:
+            j = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # [BK/2] bytes of the tile
+            ok = n_ok[:, None] & ((j < KH) | EVEN_K)[None, :]
+            b = tl.load(w_rows + j[None, :], mask=ok, other=0)  # [BN, BK/2] uint8
+            even, odd = _fp4_tile(b, sg, a_even.dtype, ASM, 1)
         acc_t = tl.dot(even, a_even, acc_t, input_precision=PRECISION)
         return tl.dot(odd, a_odd, acc_t, input_precision=PRECISION)
 

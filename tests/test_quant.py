@@ -420,6 +420,31 @@ def test_fp4_asm_emulated_zero_weights_stay_zero_for_any_scale():
         assert np.all((r[k] & 0x7FFF7FFF) == 0)
 
 
+@triton.jit
+def _pairs_probe_kernel(x_ptr, s_ptr, out_ptr, s2_ptr, P: tl.constexpr, G: tl.constexpr):
+    rows = tl.arange(0, 4)[:, None]
+    x = tl.load(x_ptr + rows * P + tl.arange(0, P)[None, :])  # [4, P] int32
+    tl.store(out_ptr + rows * 2 * P + tl.arange(0, 2 * P)[None, :], kernels._f16x2_to_pairs(x))
+    sg = tl.load(s_ptr + rows * G + tl.arange(0, G)[None, :])  # [4, G] uint8
+    tl.store(s2_ptr + rows * P + tl.arange(0, P)[None, :], kernels._fp4_scale_pairs(sg, P))
+
+
+def test_fp4_byte_pair_path_helpers():
+    """The plain-Triton halves of the GPU's byte-pair path (_fp4_tile_pairs, whose PTX is emulated above):
+    f16x2 registers become side-by-side fp16 values, and each byte pair gets its group's scale twice."""
+    P, G = 8, 2
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(-2**31, 2**31 - 1, (4, P), generator=gen, dtype=torch.int64).to(torch.int32)
+    scales = torch.randint(0, 256, (4, G), generator=gen, dtype=torch.int64).to(torch.uint8)
+    out = torch.empty(4, 2 * P, dtype=torch.float16)
+    s2 = torch.empty(4, P, dtype=torch.int32)
+    _pairs_probe_kernel[(1,)](x, scales, out, s2, P=P, G=G)
+    assert torch.equal(out.view(torch.int16), x.view(torch.int16))  # little-endian: low half first
+    sh = torch.from_numpy(fp4_scale_f16_table().astype(np.int64))[scales.long()]  # [4, G] fp16 bits
+    want = (sh | (sh << 16)).repeat_interleave(P // G, dim=1)  # [4, P]
+    assert torch.equal(s2.to(torch.int64) & 0xFFFFFFFF, want)
+
+
 def test_fp4_e4m3_asm_emulated_matches_dequantise_every_byte():
     # the fp8_mma variant's integer-only PTX: every byte value at every position of the 4-byte instance
     # -> e4m3 bytes holding exactly the dequantised value * 2^-6 (scale byte 127 = 1)
