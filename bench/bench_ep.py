@@ -50,7 +50,8 @@ def start(args, torchrun: bool = True) -> tuple[subprocess.Popen, str]:
     cmd = [*head, "--preset", args.preset, "--device", args.device,
            "--port", str(port), "--log-level", "warning", "--eplb", "--ep-size", str(args.gpus),
            "--ep-num-redundant-experts", str(args.redundant), "--eplb-rebalance-num-iterations", "1000000",
-           "--eplb-window", "10000", "--max-batch-size", str(args.concurrency),
+           "--eplb-window", "10000", "--eplb-layers-per-step", "0",  # the forced rebalance: all layers at once
+           "--max-batch-size", str(args.concurrency),
            "--max-seq-len", str(args.prompt_len + args.output_len + 16)]
     if args.num_layers:
         cmd += ["--num-layers", str(args.num_layers)]
