@@ -391,9 +391,12 @@ def move_layer_checked(mover: DistributedMover, model, weights, old_row, new_row
 
 def shutdown(group) -> None:
     """Leave together: a barrier first, so no rank tears down its connections while a peer still
-    talks to it (gloo aborts the process then), and then the process group itself."""
+    talks to it (gloo aborts the process then), and then the process group itself. NCCL's teardown
+    waits on peers that may have exited already (a rank hung in destroy_process_group until torchrun
+    killed it, on two H200s), so there the process group ends with the process."""
     collective(dist.barrier, group=group)
-    dist.destroy_process_group()
+    if "nccl" not in str(dist.get_backend()):
+        dist.destroy_process_group()
 
 
 def gather_moe_seconds(model, group) -> torch.Tensor:

@@ -10,6 +10,7 @@ steps (ep.py). SIGTERM to rank 0 drains the requests in flight, then stops every
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
@@ -384,6 +385,7 @@ def worker_main(args: argparse.Namespace) -> int:
     # ends by the collective timeout.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: where a rank waits, on stderr
     device, dtype = pick_device(args)
     rank_ctx = ep.setup_rank(device, partial(build_model_for_rank, args, device, dtype), args.ep_timeout)
     first_slot = rank_ctx.rank * rank_ctx.model.slots_per_rank
