@@ -32,14 +32,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_serve import free_port, sweep_point  # noqa: E402  (same load generator)
+from bench_serve import free_port, sweep_point, wait_ready  # noqa: E402  (same load generator)
 
 
 def start(args, torchrun: bool = True) -> tuple[subprocess.Popen, str]:
@@ -58,17 +57,8 @@ def start(args, torchrun: bool = True) -> tuple[subprocess.Popen, str]:
     cmd += ["--init-device", args.init_device]  # each rank draws its own slots' experts
     proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError("server not ready")
+    wait_ready(proc, url)
+    return proc, url
 
 
 def phase(url: str, model: str, args) -> dict:

@@ -31,7 +31,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -42,6 +41,8 @@ import httpx
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_serve import free_port, wait_ready  # noqa: E402
 from eplb import EPLBConfig, EPLBManager, ExpertLocation  # noqa: E402
 from planner import balancedness, rank_load, rebalance_experts, replica_load  # noqa: E402
 
@@ -190,22 +191,13 @@ QUESTIONS = ["Why is the sky blue?", "How do bees make honey?", "What is a prime
 
 
 def start_server(flags: list[str], preset: str) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "serve.py", "--preset", preset, "--port", str(port), *flags],
                             cwd=os.path.join(os.path.dirname(__file__), ".."), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        assert proc.poll() is None, proc.stdout.read()
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError("server did not start")
+    wait_ready(proc, url, timeout_s=300)
+    return proc, url
 
 
 async def chat_traffic(url: str, model: str, requests: int, concurrency: int, max_tokens: int) -> None:

@@ -43,6 +43,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(proc: subprocess.Popen, url: str, timeout_s: float = 600.0) -> None:
+    """Until the server at url answers /health with 200 (the model is loaded); RuntimeError if it exits
+    first (with its output when piped), TimeoutError after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            output = proc.stdout.read() if proc.stdout else ""
+            raise RuntimeError(f"server exited with {proc.returncode}" + (f":\n{output}" if output else ""))
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"server at {url} not ready after {timeout_s:.0f} s")
+
+
 def start_server(args, eplb: str, expert_dtype: str | None = None) -> tuple[subprocess.Popen, str, float]:
     """eplb: "off"; "record" (count load on every step, never move: P = E, one rank, so the only
     difference from "off" is the counting); "on" (EP ranks, redundant slots, a rebalance check every
@@ -69,15 +86,8 @@ def start_server(args, eplb: str, expert_dtype: str | None = None) -> tuple[subp
     started = time.monotonic()
     proc = subprocess.Popen([sys.executable, "serve.py", *flags], cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url, time.monotonic() - started
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
+    wait_ready(proc, url)
+    return proc, url, time.monotonic() - started
 
 
 def make_prompt(rng: random.Random, n_words: int) -> str:
