@@ -1098,10 +1098,16 @@ if triton is not None:
                 a_ptrs += BLOCK_K
                 b1_ptrs += BLOCK_K
                 b3_ptrs += BLOCK_K
+        return _swiglu_weighted(acc_g, acc_u, rw_ptr, pair, pair_ok, limit)
+
+    @triton.jit
+    def _swiglu_weighted(acc_g, acc_u, rw_ptr, pair, pair_ok, limit):
+        """silu(min(g, limit)) * clamp(u, +-limit) * routing weight of each pair: acc_g, acc_u [BM, BN]
+        fp32 (x w1, x w3), pair [BM] -> [BM, BN] fp32 (the routing weight is applied before w2)."""
         g = tl.minimum(acc_g, limit)
         u = tl.minimum(tl.maximum(acc_u, -limit), limit)
-        rw = tl.load(rw_ptr + pair, mask=pair_ok, other=0.0)  # [BM] routing weight, before w2
-        return g / (1.0 + tl.exp(-g)) * u * rw[:, None]  # silu(g) * u * w, fp32
+        rw = tl.load(rw_ptr + pair, mask=pair_ok, other=0.0)  # [BM]
+        return g / (1.0 + tl.exp(-g)) * u * rw[:, None]
 
     @triton.jit
     def _down_tile(a_ptrs, b_ptrs, pair_ok, n_ok, offs_k, I, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -1642,10 +1648,7 @@ if triton is not None:
             w3 = tl.load(w3_ptr + w_rows + k[:, None], mask=w_mask, other=0.0)
             acc_u = _fp8x_mma(acc_u, hi, lo, s_hi, s_lo, w3, _e8m0_to_f32(tl.load(s3_ptr + s_row + kb)), PARTS,
                               SHARED)
-        g = tl.minimum(acc_g, limit)
-        u = tl.minimum(tl.maximum(acc_u, -limit), limit)
-        rw = tl.load(rw_ptr + pair, mask=pair_ok, other=0.0)  # [BM] routing weight, before w2
-        h = tl.where(n_ok[None, :], g / (1.0 + tl.exp(-g)) * u * rw[:, None], 0.0)  # [BM, BN] fp32
+        h = tl.where(n_ok[None, :], _swiglu_weighted(acc_g, acc_u, rw_ptr, pair, pair_ok, limit), 0.0)  # [BM, BN]
         _fp8x_store(hq_ptr, hs_ptr, offs_m.to(tl.int64), pair_ok, offs_n, n_ok, pid_n, h_part_q, h_part_s,
                     I, tl.cdiv(I, 128), h, PARTS, SHARED)
 
