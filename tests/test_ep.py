@@ -148,7 +148,9 @@ def test_ep_checks_judged_in_a_spawned_process_move_experts_and_keep_outputs(sin
                     "--eplb-min-gain", "-1", "--eplb-gain-noise-sigmas", "0")
     try:
         assert [server.complete(p) for p in PROMPTS] == single_outputs
-        state = server.state()
+        deadline = time.monotonic() + 60  # verdicts judged while decoding are applied by the idle engine
+        while (state := server.state())["counters"]["rebalances_total"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert state["config"]["background_checks"]
         assert state["counters"]["rebalance_checks_total"] > 0 and state["counters"]["rebalances_total"] > 0
         assert server.stop() == 0

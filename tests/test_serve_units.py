@@ -369,3 +369,23 @@ def test_chat_logprobs_streamed_and_not(client):
               if line.startswith("data: {")]
     streamed = [e for ev in events for e in (ev["choices"][0]["logprobs"] or {}).get("content", [])]
     assert streamed == whole
+
+
+def test_server_eplb_moves_one_layer_per_step_and_judges_on_the_engine_thread_on_a_cpu():
+    """serve.py's defaults: a move stalls a forward step by at most one layer's copy (#12), and on a CPU
+    (--eplb-checks auto) checks are judged between steps, not in a spawned process."""
+    args = serve.parse_args(["--preset", "tiny", "--eplb", "--ep-size", "2", "--ep-num-redundant-experts", "2"])
+    model = serve.build_model_for_rank(args, "cpu", torch.float32)
+    manager = serve.make_eplb(args, model)
+    assert manager.config.layers_per_step == 1 and not manager.config.background_checks
+    assert manager._judges is None
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(8):  # skewed load on every layer
+        manager.load.copy_(torch.randint(0, 50, manager.load.shape, generator=gen, dtype=torch.int32) ** 2)
+        manager.after_step()
+    assert manager.rebalance(force=True)["status"] == "started"
+    assert manager.rebalancer.stats.layers == 1  # this step moved one layer ...
+    left = len(manager.rebalancer.pending)
+    assert left >= 1
+    manager.after_step()  # ... and each later step one more
+    assert manager.rebalancer.stats.layers == 2 and len(manager.rebalancer.pending) == left - 1
