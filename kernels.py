@@ -864,30 +864,47 @@ if triton is not None:
                 s_off = tl.multiple_of(s_off, [BLOCK_K // 32, 1])
             offs_j = tl.arange(0, BLOCK_K // 2)
             offs_g = tl.arange(0, BLOCK_K // 32)
-            for k0 in range(0, K, BLOCK_K):
-                j = k0 // 2 + offs_j  # [BK/2]
-                j_ok = (j < KH) | EVEN_K
-                g = k0 // 32 + offs_g  # [BK/32]
-                s_mask = n_ok[:, None] & ((g < SK) | EVEN_K)[None, :]  # [BN, BK/32]
-                s_ptrs = s_ptr + s_off + g[None, :]  # [BN, BK/32]
-                if SCALED:
-                    w_mask = n_ok[:, None] & j_ok[None, :]  # [BN, BK/2]
+            if SCALED:
+                for k0 in range(0, K, BLOCK_K):
+                    j = k0 // 2 + offs_j  # [BK/2]
+                    g = k0 // 32 + offs_g  # [BK/32]
+                    s_mask = n_ok[:, None] & ((g < SK) | EVEN_K)[None, :]  # [BN, BK/32]
+                    w_mask = n_ok[:, None] & ((j < KH) | EVEN_K)[None, :]  # [BN, BK/2]
                     k = k0 + tl.arange(0, BLOCK_K)  # [BK] natural order
                     a_t = tl.load(a_cols + k[:, None], mask=((k < K) | EVEN_K)[:, None] & a_ok[None, :],
                                   other=0.0)  # [BK, BM]
-                    acc_t = _fp4_scaled_step(acc_t, a_t, w_ptr + w_off + j[None, :], s_ptrs, w_mask, s_mask, True)
+                    acc_t = _fp4_scaled_step(acc_t, a_t, w_ptr + w_off + j[None, :], s_ptr + s_off + g[None, :],
+                                             w_mask, s_mask, True)
                     if TWO:
                         acc2_t = _fp4_scaled_step(acc2_t, a_t, w2_ptr + w_off + j[None, :], s2_ptr + s_off + g[None, :],
                                                   w_mask, s_mask, True)
-                else:
-                    a_mask = j_ok[:, None] & a_ok[None, :]
+            else:
+                # The scales are read one K tile ahead: unlike the weights (cp.async through shared memory,
+                # several tiles in flight), their small loads are plain global loads, and a warp would wait
+                # out their whole latency in the tile that uses them (ncu: 34% of the stall cycles).
+                s_rows = s_ptr + s_off  # [BN, 1]
+                s2_rows = s2_ptr + s_off
+                s_mask = n_ok[:, None] & (offs_g < SK)[None, :]  # [BN, BK/32]
+                sg = tl.load(s_rows + offs_g[None, :], mask=s_mask, other=0)  # [BN, BK/32] this tile's scales
+                sg2 = sg
+                if TWO:
+                    sg2 = tl.load(s2_rows + offs_g[None, :], mask=s_mask, other=0)
+                for k0 in range(0, K, BLOCK_K):
+                    j = k0 // 2 + offs_j  # [BK/2]
+                    g_next = (k0 + BLOCK_K) // 32 + offs_g  # [BK/32] the next tile's scale groups
+                    next_mask = n_ok[:, None] & (g_next < SK)[None, :]
+                    sg_next = tl.load(s_rows + g_next[None, :], mask=next_mask, other=0)
+                    a_mask = ((j < KH) | EVEN_K)[:, None] & a_ok[None, :]
                     a_even = tl.load(a_cols + j[:, None], mask=a_mask, other=0.0)  # [BK/2, BM]
                     a_odd = tl.load(a_cols + KH + j[:, None], mask=a_mask, other=0.0)
-                    acc_t = _fp4_step_t(acc_t, a_even, a_odd, w_ptr + w_off, k0, KH, n_ok, s_ptrs, s_mask,
-                                        BLOCK_K, EVEN_K, PRECISION, ASM)
+                    acc_t = _fp4_step_t(acc_t, a_even, a_odd, w_ptr + w_off, k0, KH, n_ok, sg, BLOCK_K, EVEN_K,
+                                        PRECISION, ASM)
+                    sg2_next = sg_next
                     if TWO:
-                        acc2_t = _fp4_step_t(acc2_t, a_even, a_odd, w2_ptr + w_off, k0, KH, n_ok,
-                                             s2_ptr + s_off + g[None, :], s_mask, BLOCK_K, EVEN_K, PRECISION, ASM)
+                        sg2_next = tl.load(s2_rows + g_next[None, :], mask=next_mask, other=0)
+                        acc2_t = _fp4_step_t(acc2_t, a_even, a_odd, w2_ptr + w_off, k0, KH, n_ok, sg2, BLOCK_K,
+                                             EVEN_K, PRECISION, ASM)
+                    sg, sg2 = sg_next, sg2_next
         return acc + tl.trans(acc_t), acc2 + tl.trans(acc2_t)
 
     @triton.jit
@@ -919,12 +936,11 @@ if triton is not None:
         return tl.dot(a_odd, odd, acc, input_precision=PRECISION)
 
     @triton.jit
-    def _fp4_step_t(acc_t, a_even, a_odd, w_rows, k0, KH, n_ok, s_ptrs, s_mask, BLOCK_K: tl.constexpr,
+    def _fp4_step_t(acc_t, a_even, a_odd, w_rows, k0, KH, n_ok, sg, BLOCK_K: tl.constexpr,
                     EVEN_K: tl.constexpr, PRECISION: tl.constexpr, ASM: tl.constexpr):
-        """_fp4_step swapped: the K tile at input k0 of packed rows w_rows [BN, 1] (KH bytes each),
-        s_ptrs [BN, BK/32], a_even / a_odd [BK/2, BM]; acc_t [BN, BM] += even [BN, BK/2] @ a_even +
+        """_fp4_step swapped: the K tile at input k0 of packed rows w_rows [BN, 1] (KH bytes each), sg
+        [BN, BK/32] its scale bytes, a_even / a_odd [BK/2, BM]; acc_t [BN, BM] += even [BN, BK/2] @ a_even +
         odd @ a_odd. ASM reads the bytes as int16 pairs (_fp4_tile_pairs: 6% faster on the H200)."""
-        sg = tl.load(s_ptrs, mask=s_mask, other=0)  # [BN, BK/32]
         if ASM:
             i = k0 // 4 + tl.arange(0, BLOCK_K // 4)  # [BK/4] byte pairs of the tile
             ok = n_ok[:, None] & ((i < KH // 2) | EVEN_K)[None, :]
@@ -1291,13 +1307,18 @@ _FMT_CODE = {"bf16": 0, "fp8": 1, "fp4": 2}  # the kernels' FMT constexpr
 # parts in one scale (fp8_shared: their dots chain in one accumulator) — 6.86 ms vs 7.66 with a scale each.
 # fp4 decode "fp8_mma" (VAR bit 4, _qdot_f8: e2m1 -> e4m3 by bit placement, e4m3 x e4m3 dots on x / h split in
 # two parts): ~half the SASS per weight value of "swap" in the sm_90 AOT count (bench/aot_sass.py --var 5),
-# yet slower on the H200 (1.97-2.41 ms vs 1.34): off; QMOE_SWEEP keeps timing it.
+# yet slower on the H200 (1.97-2.41 ms vs 1.34): off; QMOE_SWEEP keeps timing it. fp4 decode (1.27 -> 1.03 ms):
+# capped at 128 registers per thread (168 uncapped; 4 blocks per SM instead of 3), its scales read a tile
+# ahead (_qdot_t; ncu: a warp issued every 7.0 cycles, 34% of them waiting on the scale loads), and the align
+# step's sorted blocks instead of the scan path ("scan": False): its conversion-heavy blocks cannot hide
+# each block scanning all pair ids first, which the bf16 and fp8 weight streams do.
 QUANT_CFG = {
     "fp8": dict(decode=dict(BLOCK_M=8, up=(128, 128, 4), down=(128, 128, 4), swap=True),
                 mid=dict(BLOCK_M=64, up=(64, 64, 4), down=(128, 64, 4)),
                 prefill=dict(BLOCK_M=128, up=(128, 64, 8), down=(128, 64, 8), fp8_act=2, stages=3,
                              fp8_shared=True)),
-    "fp4": dict(decode=dict(BLOCK_M=8, up=(64, 128, 4), down=(64, 128, 4), swap=True, dot_scaled=False),
+    "fp4": dict(decode=dict(BLOCK_M=8, up=(64, 128, 4), down=(64, 256, 4), swap=True, dot_scaled=False,
+                            maxnreg=128, scan=False),
                 mid=dict(BLOCK_M=64, up=(64, 64, 4), down=(128, 64, 4)),
                 prefill=dict(BLOCK_M=128, up=(128, 128, 8), down=(128, 128, 8))),  # 11.8 ms vs 13.4 at 128 x 64
 }
@@ -1305,8 +1326,9 @@ QUANT_CFG = {
 
 def _moe_config(N: int, P_local: int, elem_size: int, I: int = 2048, fmt: str = "bf16"):
     """Block sizes by pairs per slot: decode (few rows per slot) is a weight stream, so a small
-    BLOCK_M keeps padding cheap and the scan path skips the align step; prefill uses 128-row
-    tiles for the tensor cores. (BLOCK_N, BLOCK_K, warps) per GEMM."""
+    BLOCK_M keeps padding cheap and the scan path skips the align step (unless the config has
+    "scan": False, as fp4's decode does); prefill uses 128-row tiles for the tensor cores.
+    (BLOCK_N, BLOCK_K, warps) per GEMM."""
     per_slot = N / max(P_local, 1)
     phase = "decode" if per_slot <= 32 else "mid" if per_slot <= 64 else "prefill"
     if fmt != "bf16":
@@ -1318,7 +1340,7 @@ def _moe_config(N: int, P_local: int, elem_size: int, I: int = 2048, fmt: str = 
         cfg = dict(BLOCK_M=64, up=(64, 64, 4), down=(128, 64, 4))
     else:
         cfg = dict(BLOCK_M=128, up=(128, 64, 8), down=(128, 64, 8))
-    cfg["scan"] = N <= SCAN_MAX_PAIRS and cfg["BLOCK_M"] * _next_pow2(N) <= SCAN_MAX_TILE
+    cfg["scan"] = cfg.get("scan", True) and N <= SCAN_MAX_PAIRS and cfg["BLOCK_M"] * _next_pow2(N) <= SCAN_MAX_TILE
     cfg["elem_size"] = elem_size
     return cfg
 
@@ -1357,6 +1379,11 @@ def expert_shapes(fmt, rows, cols):
         b = checkpoint.FP8_BLOCK
         return (rows, cols), (-(-rows // b), -(-cols // b))
     return (rows, cols), None
+
+
+def _regs(cfg) -> dict:
+    """Launch options from a config's "maxnreg" (a register cap per thread: more blocks per SM; None: none)."""
+    return {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}
 
 
 def _interpreting() -> bool:
@@ -1415,13 +1442,14 @@ def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0,
     tile by tile; their dots run in fp16 for 16-bit activations (e4m3 and scaled e2m1 values are
     exact in fp16, and so is a bf16 activation in fp16's normal range) and in fp32 for fp32 ones.
     config: optional dict like _moe_config's result, to override block sizes (benchmarks);
-    its "scan" key (default: from _moe_config) picks the decode path, "swap" / "dot_scaled" the
+    its "scan" key (default: from _moe_config) picks the decode path, "stages" / "maxnreg" the pipeline
+    depth / a register cap per thread (default: _stages / none), "swap" / "dot_scaled" the
     quantised dot formulation (see _variant_code; defaults in QUANT_CFG; "fp8_mma": fp4 on the fp8 tensor cores,
     x, h in two e4m3 parts: twin moe_experts_torch(act_parts=2, act_shared_scale=True)). fp8 experts outside the scan
     path with 16-bit activations on sm_89+ (or the interpreter) take the fp8 tensor-core path
     (_moe_fp8x_prefill) when the config's "fp8_act" is 1 or 2 (default 2 at prefill, with "fp8_shared": both
     parts in one scale, twin act_shared_scale=True; 0: the path above).
-    Host work: output + scratch allocations and 3 launches (decode) or 5 (prefill: scan, scatter, up, down, sum); no sync.
+    Host work: output + scratch allocations and 3 launches (the scan path) or 5 (align: scan, scatter, up, down, sum); no sync.
     """
     fmt = _check_scales(w1, scales)
     T, D = x.shape
@@ -1479,17 +1507,20 @@ def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0,
     h_dtype = torch.float32 if var & 4 else dot_dtype
     h_new = torch.zeros if var & 4 else torch.empty  # split whole: rows no pair writes must not hold NaN bits
     asize, asize2 = (BK // 16, BK2 // 16) if var & 4 else (esize, esize)  # stage bytes: 2 block-diagonal parts
+    stages_up = cfg.get("stages") or _stages(BM, BN, BK, 2, asize, wsize)  # config: pipeline depth, register cap
+    stages_down = cfg.get("stages") or _stages(BM, BN2, BK2, 1, asize2, wsize)
+    regs = _regs(cfg)
     if scan:
         NP = max(16, _next_pow2(N))
         h = h_new((N, I), dtype=h_dtype, device=dev)  # [T*K, I] by pair
         _moe_up_scan_kernel[(P_local * num_n,)](
             xa[0], xa[0].stride(-2), *xa[1:], w1, w3, s1, s3, h, weights, ids, N, D, I, K, limit, slot_offset, num_n,
             NP=NP, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, EVEN_K=D % BK == 0, PRECISION=precision, FMT=FMT, ASM=asm, VAR=var,
-            num_warps=warps, num_stages=_stages(BM, BN, BK, 2, asize, wsize))
+            num_warps=warps, num_stages=stages_up, **regs)
         _moe_down_scan_kernel[(P_local * num_n2,)](
             *_split_args(h, var), w2, s2, y, ids, N, D, I, slot_offset, num_n2,
             NP=NP, BLOCK_M=BM, BLOCK_N=BN2, BLOCK_K=BK2, EVEN_K=I % BK2 == 0,
-            PRECISION=precision, FMT=FMT, ASM=asm, VAR=var, num_warps=warps2, num_stages=_stages(BM, BN2, BK2, 1, asize2, wsize))
+            PRECISION=precision, FMT=FMT, ASM=asm, VAR=var, num_warps=warps2, num_stages=stages_down, **regs)
     elif fmt == "fp8" and cfg.get("fp8_act") and dot_dtype == torch.float16 and fp8_dots_supported(dev):
         _moe_fp8x_prefill(x, weights, ids, w1, w3, w2, (s1, s3, s2), limit, slot_offset, cfg, y)
     else:
@@ -1499,11 +1530,11 @@ def moe_experts_triton(x, weights, ids, w1, w3, w2, swiglu_limit, slot_offset=0,
         _moe_up_kernel[(num_blocks * num_n,)](
             xa[0], xa[0].stride(-2), *xa[1:], w1, w3, s1, s3, h, weights, sorted_pairs, block_slot, N, D, I, K,
             limit, num_n, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, EVEN_K=D % BK == 0,
-            PRECISION=precision, FMT=FMT, ASM=asm, VAR=var, num_warps=warps, num_stages=_stages(BM, BN, BK, 2, asize, wsize))
+            PRECISION=precision, FMT=FMT, ASM=asm, VAR=var, num_warps=warps, num_stages=stages_up, **regs)
         _moe_down_kernel[(num_blocks * num_n2,)](
             *_split_args(h, var), w2, s2, y, sorted_pairs, block_slot, N, D, I, num_n2,
             BLOCK_M=BM, BLOCK_N=BN2, BLOCK_K=BK2, EVEN_K=I % BK2 == 0, PRECISION=precision, FMT=FMT, ASM=asm, VAR=var,
-            num_warps=warps2, num_stages=_stages(BM, BN2, BK2, 1, asize2, wsize))
+            num_warps=warps2, num_stages=stages_down, **regs)
     SUM_N = min(1024, _next_pow2(D))
     _moe_sum_kernel[(T, -(-D // SUM_N))](
         y, ids, out, D, K, slot_offset, slot_offset + P_local, BLOCK_N=SUM_N, num_warps=4)

@@ -26,7 +26,7 @@ import kernels  # noqa: E402
 DIV16 = ("stride_xt", "N", "D", "I", "slot_offset", "num_n", "x_part_q", "h_part_q")
 
 
-def compile_scan(down, fmt, var, asm, BM, BN, BK, warps, stages):
+def compile_scan(down, fmt, var, asm, BM, BN, BK, warps, stages, maxnreg=None):
     """The up or down scan kernel for sm_90 with released-size specialisation (fp16 activations;
     var bit 4 (fp8_mma): x and h split into e4m3 parts with fp32 scales, h written in fp32)."""
     w = "*u8" if fmt == "fp4" else "*fp8e4nv"
@@ -47,7 +47,8 @@ def compile_scan(down, fmt, var, asm, BM, BN, BK, warps, stages):
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
              for n, t in sig.items() if t.startswith("*") or n in DIV16}
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 128), options=dict(num_warps=warps, num_stages=stages))
+    opts = dict(num_warps=warps, num_stages=stages, **({} if maxnreg is None else dict(maxnreg=maxnreg)))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 128), options=opts)
 
 
 def resource_usage(cubin_path):
@@ -87,9 +88,10 @@ def main():
     ap.add_argument("--bk", type=int, default=128)
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=3)
+    ap.add_argument("--maxnreg", type=int, default=None, help="cap registers per thread (ptx .maxnreg)")
     ap.add_argument("--out", default="/tmp/aot_sass")
     a = ap.parse_args()
-    k = compile_scan(a.down, a.fmt, a.var, not a.no_asm, a.bm, a.bn, a.bk, a.warps, a.stages)
+    k = compile_scan(a.down, a.fmt, a.var, not a.no_asm, a.bm, a.bn, a.bk, a.warps, a.stages, a.maxnreg)
     os.makedirs(a.out, exist_ok=True)
     tag = f"{a.fmt}_{'down' if a.down else 'up'}_v{a.var}_m{a.bm}_n{a.bn}_k{a.bk}_w{a.warps}"
     for ext in ("ttgir", "ptx"):

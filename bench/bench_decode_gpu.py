@@ -1,11 +1,12 @@
 """GPU decode step: eager forward vs DecodeGraphs (CUDA graphs).
 
-Mini preset, bf16, one GPU. Every row is first prefilled with a `--prompt`-token prompt (one
+Mini preset (or --preset flash --num-layers N, random weights drawn on the GPU), bf16, one GPU. Every row is first prefilled with a `--prompt`-token prompt (one
 batched forward), then decoded greedily: a step = forward/replay + argmax, fed back on device.
 Prints ms/step and output tok/s per batch size, and checks graph logits against eager logits
 on the same cache state (same greedy tokens, max |diff|).
 
     python bench/bench_decode_gpu.py [--batch 1 8 64] [--prompt 256] [--steps 50] [--profile]
+    python bench/bench_decode_gpu.py --preset flash --num-layers 8 --expert-dtype fp4 --batch 64 --prompt 32 --profile
 """
 import argparse
 import os
@@ -38,11 +39,18 @@ def main():
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--profile", action="store_true", help="top kernels of one eager step at the largest batch")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--preset", default="mini", choices=["mini", "flash"])
+    ap.add_argument("--num-layers", type=int, default=None, help="the preset's first N layers")
+    ap.add_argument("--expert-dtype", default="bf16", choices=["bf16", "fp8", "fp4"])
     args = ap.parse_args()
     dev = torch.device("cuda")
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model = build_model(ModelConfig.mini(), seed=0, device=dev, dtype=getattr(torch, args.dtype))
+    config = getattr(ModelConfig, args.preset)()
+    if args.num_layers:
+        config = config.truncated(args.num_layers)
+    model = build_model(config, seed=0, device=dev, dtype=getattr(torch, args.dtype), expert_dtype=args.expert_dtype,
+                        init_device=dev if args.preset != "mini" else None)
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__}; build {time.perf_counter() - t0:.1f}s", flush=True)
     max_b, V = max(args.batch), model.config.vocab_size
     max_seq = args.prompt + 6 * args.steps + 8
@@ -103,16 +111,23 @@ def main():
         B = max_b
         slots, pos = torch.arange(B, device=dev), torch.full((B,), args.prompt + 3 * args.steps, device=dev)
         from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        load.zero_()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
             model.forward(prompts[:B, -1:], pos, cache, slots, load=load, last_only=True)
             torch.cuda.synchronize()
         events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
         total = sum(e.device_time_total for e in events)
-        print(f"B={B} eager step: {sum(e.count for e in events)} kernels, {total / 1e3:.2f} ms GPU time", flush=True)
-        for e in sorted(events, key=lambda e: -e.device_time_total)[:18]:
+        print(f"B={B} eager step: {sum(e.count for e in events)} kernels, {total / 1e3:.2f} ms GPU time; "
+              f"experts used per layer {(load > 0).sum(1).tolist()}", flush=True)
+        for e in sorted(events, key=lambda e: -e.device_time_total)[:25]:
             print(f"  {e.device_time_total / 1e3:7.3f} ms {e.count:5d}x  {e.key[:110]}", flush=True)
+        copies = [e for e in prof.key_averages(group_by_input_shape=True) if e.key in ("aten::copy_", "aten::einsum",
+                                                                                    "aten::linear", "aten::mm")]
+        print("  the aten ops behind them, by input shapes (GPU ms):", flush=True)
+        for e in sorted(copies, key=lambda e: -e.device_time_total)[:12]:
+            print(f"  {e.device_time_total / 1e3:7.3f} ms {e.count:5d}x  {e.key} {str(e.input_shapes)[:120]}", flush=True)
 
-    print(f"\nmini preset, {args.dtype}, prompt {args.prompt} per row, {args.steps} greedy steps (argmax on device "
+    print(f"\n{args.preset} preset ({model.config.num_hidden_layers} layers, {args.expert_dtype} experts), {args.dtype}, prompt {args.prompt} per row, {args.steps} greedy steps (argmax on device "
           f"included), cache max_seq_len {max_seq}")
     print("| batch | mode | ms/step | output tok/s | notes |")
     print("|---|---|---|---|---|")

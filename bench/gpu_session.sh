@@ -44,9 +44,14 @@ for part in "$@"; do
              head -14 $OUT/eplbstep.log ;;
     qmoe)    QMOE_SWEEP_BUDGET_S=${QMOE_SWEEP_BUDGET_S:-120} timeout 300 python3 bench/bench_kernels.py --only qmoe \
                > $OUT/qmoe.log 2>&1; grep -E "qmoe sweep|^\|" $OUT/qmoe.log | tail -30 ;;
-    fp4serve) timeout 270 python3 bench/bench_serve.py --device cuda --preset flash --num-layers 8 --concurrency 64 \
-               --output-len 64 --eplb-modes off --sampling greedy --expert-dtype bf16 fp4 > $OUT/fp4serve.log 2>&1
-             tail -8 $OUT/fp4serve.log ;;
+    fp4serve) timeout 480 python3 bench/bench_serve.py --device cuda --preset flash --num-layers 8 --concurrency 64 \
+               --output-len 64 --eplb-modes off --sampling greedy sampled --expert-dtype bf16 fp4 > $OUT/fp4serve.log 2>&1
+             tail -12 $OUT/fp4serve.log ;;
+    decodeflash) # #16: what a released-width decode step spends its time on, bf16 vs fp4 experts (C = 64)
+             for e in bf16 fp4; do
+               timeout 240 python3 bench/bench_decode_gpu.py --preset flash --num-layers 8 --expert-dtype $e --batch 64 \
+                 --prompt 32 --steps 20 --profile > $OUT/decodeflash_$e.log 2>&1; tail -34 $OUT/decodeflash_$e.log
+             done ;;
     capacity) timeout 300 python3 bench/bench_fp4_capacity.py --time-budget-s 200 > $OUT/capacity.log 2>&1
              tail -25 $OUT/capacity.log ;;
   esac

@@ -474,3 +474,27 @@ def test_sinkhorn_is_nearly_doubly_stochastic():
     comb = M.sinkhorn(torch.randn(3, 5, 4, 4, generator=torch.Generator().manual_seed(0)), 20, 1e-6)
     assert comb.shape == (3, 5, 4, 4)
     assert (comb.sum(-1) - 1).abs().max() < 1e-3 and (comb.sum(-2) - 1).abs().max() < 1e-5
+
+
+def test_linear_fp32_is_the_fp32_linear_off_cuda():
+    # on the CPU (and for fp32 operands) linear_fp32 is exactly F.linear on fp32 copies
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 64, generator=gen).bfloat16()
+    w = torch.randn(40, 64, generator=gen).bfloat16()
+    got = M.linear_fp32(x, w)
+    assert got.dtype == torch.float32 and got.shape == (3, 5, 40)
+    assert torch.equal(got, torch.nn.functional.linear(x.float(), w.float()))
+    assert torch.equal(M.linear_fp32(x.float(), w.float()), got)
+
+
+@pytest.mark.gpu
+def test_linear_fp32_on_cuda_matches_the_fp32_cast():
+    # the CUDA path: one GEMM of the bf16 operands with an fp32 result (the same exact products, fp32 sums
+    # in another order), at the released head's shape and a router's
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for rows, (out_dim, in_dim) in ((64, (129280, 4096)), (21, (256, 4096))):
+        x = torch.randn(rows, 1, in_dim, device="cuda", generator=gen).bfloat16()
+        w = (torch.randn(out_dim, in_dim, device="cuda", generator=gen) * in_dim ** -0.5).bfloat16()
+        got, want = M.linear_fp32(x, w), torch.nn.functional.linear(x.float(), w.float())
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        assert float((got - want).abs().max() / want.abs().max()) < 1e-5

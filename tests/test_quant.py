@@ -129,6 +129,13 @@ def test_quantised_triton_default_configs(fmt, pairs_per_slot):
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
 
 
+def test_config_register_cap_reaches_the_launch():
+    # "maxnreg" becomes the launch's register cap only when set (the fp4 decode default sets it)
+    assert kernels._regs({}) == {} and kernels._regs(dict(maxnreg=None)) == {}
+    assert kernels._regs(dict(maxnreg=128)) == {"maxnreg": 128}
+    assert kernels._moe_config(64 * 6, 256, 2, fmt="fp4")["maxnreg"] == 128
+
+
 VARIANTS = [  # fmt, activation dtype, config variant keys (see kernels._variant_code)
     ("fp4", torch.float32, dict(swap=True)),
     ("fp8", torch.float32, dict(swap=True)),
