@@ -800,6 +800,12 @@ if triton is not None:
             s_off = slot64 * N * SK + n64 * SK  # [1, BN]
             offs_j = tl.arange(0, BLOCK_K // 2)  # byte j holds inputs 2j (low nibble), 2j+1 (high)
             offs_g = tl.arange(0, BLOCK_K // 32)  # scale groups of the tile
+            if not SCALED:  # scales one K tile ahead, as in _qdot_t (prefill at T = 8192: 11.75 -> 11.24 ms, H200)
+                s_mask = (offs_g < SK)[:, None] & n_ok[None, :]  # [BK/32, BN]
+                sg = tl.load(s_ptr + s_off + offs_g[:, None], mask=s_mask, other=0)
+                sg2 = sg
+                if TWO:
+                    sg2 = tl.load(s2_ptr + s_off + offs_g[:, None], mask=s_mask, other=0)
             for k0 in range(0, K, BLOCK_K):
                 j = k0 // 2 + offs_j  # [BK/2]
                 j_ok = (j < KH) | EVEN_K
@@ -818,12 +824,17 @@ if triton is not None:
                     a_mask = a_ok[:, None] & j_ok[None, :]
                     a_even = tl.load(a_rows + j[None, :], mask=a_mask, other=0.0)  # [BM, BK/2]
                     a_odd = tl.load(a_rows + KH + j[None, :], mask=a_mask, other=0.0)
-                    s_mask = ((g < SK) | EVEN_K)[:, None] & n_ok[None, :]  # [BK/32, BN]
-                    acc = _fp4_step(acc, a_even, a_odd, w_ptr + w_off + j[:, None], s_ptr + s_off + g[:, None],
-                                    w_mask, s_mask, PRECISION, ASM)
+                    gn = g + BLOCK_K // 32  # [BK/32] the next tile's scale groups
+                    sn_mask = (gn < SK)[:, None] & n_ok[None, :]
+                    sg_n = tl.load(s_ptr + s_off + gn[:, None], mask=sn_mask, other=0)  # [BK/32, BN]
+                    acc = _fp4_step(acc, a_even, a_odd, w_ptr + w_off + j[:, None], sg,
+                                    w_mask, PRECISION, ASM)
+                    sg2_n = sg_n
                     if TWO:
+                        sg2_n = tl.load(s2_ptr + s_off + gn[:, None], mask=sn_mask, other=0)
                         acc2 = _fp4_step(acc2, a_even, a_odd, w2_ptr + w_off + j[:, None],
-                                         s2_ptr + s_off + g[:, None], w_mask, s_mask, PRECISION, ASM)
+                                         sg2, w_mask, PRECISION, ASM)
+                    sg, sg2 = sg_n, sg2_n
         return acc, acc2
 
     @triton.jit
@@ -927,10 +938,9 @@ if triton is not None:
         return acc_t + tl.dot(w.to(a_t.dtype), a_t, input_precision=PRECISION) * scale
 
     @triton.jit
-    def _fp4_step(acc, a_even, a_odd, w_ptrs, s_ptrs, w_mask, s_mask, PRECISION: tl.constexpr, ASM: tl.constexpr):
-        """One K tile of a packed fp4 weight: w_ptrs [BK/2, BN] bytes, s_ptrs [BK/32, BN] their scales."""
+    def _fp4_step(acc, a_even, a_odd, w_ptrs, sg, w_mask, PRECISION: tl.constexpr, ASM: tl.constexpr):
+        """One K tile of a packed fp4 weight: w_ptrs [BK/2, BN] bytes, sg [BK/32, BN] their scales."""
         b = tl.load(w_ptrs, mask=w_mask, other=0)  # [BK/2, BN] uint8
-        sg = tl.load(s_ptrs, mask=s_mask, other=0)  # [BK/32, BN]
         even, odd = _fp4_tile(b, sg, a_even.dtype, ASM)
         acc = tl.dot(a_even, even, acc, input_precision=PRECISION)
         return tl.dot(a_odd, odd, acc, input_precision=PRECISION)

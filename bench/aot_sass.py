@@ -1,6 +1,8 @@
-"""Ahead-of-time sm_90 compile of the quantised decode (scan) kernels on a machine without a GPU, and the
+"""Ahead-of-time sm_90 compile of the quantised expert kernels on a machine without a GPU, and the
 instruction mix of their inner K loop: python bench/aot_sass.py --fmt fp4 --var 1 --bn 64 --bm 8 [--down]
-(--var 5: the fp8_mma variant).
+[--align] [--maxnreg 128] (--var 5: the fp8_mma variant; --align: the sorted-block kernels that fp4 decode
+and every prefill use, else the scan path's). It compiles with the triton it imports: put a triton 3.6
+install first on PYTHONPATH to see what the H200 runs (3.9 gives these dots wgmma, 3.6 mma.sync).
 
 Prints the dot ops of the TTGIR (wgmma operand placement: a `dot_op` tensor = registers, a `memdesc` =
 shared memory) and the SASS of the innermost loop holding MMAs, with instructions per weight value per
@@ -26,23 +28,25 @@ import kernels  # noqa: E402
 DIV16 = ("stride_xt", "N", "D", "I", "slot_offset", "num_n", "x_part_q", "h_part_q")
 
 
-def compile_scan(down, fmt, var, asm, BM, BN, BK, warps, stages, maxnreg=None):
-    """The up or down scan kernel for sm_90 with released-size specialisation (fp16 activations;
-    var bit 4 (fp8_mma): x and h split into e4m3 parts with fp32 scales, h written in fp32)."""
+def compile_scan(down, fmt, var, asm, BM, BN, BK, warps, stages, maxnreg=None, align=False):
+    """The up or down scan kernel (align: the align path's kernel, sorted blocks) for sm_90 with
+    released-size specialisation (fp16 activations; var bit 4 (fp8_mma): x and h split into e4m3 parts
+    with fp32 scales, h written in fp32)."""
     w = "*u8" if fmt == "fp4" else "*fp8e4nv"
     act = "*fp8e4nv" if var & 4 else "*fp16"
+    rows = dict(pairs_ptr="*i32", slot_ptr="*i32") if align else dict(ids_ptr="*i32")  # how a block finds its pairs
     if down:
-        fn = kernels._moe_down_scan_kernel
-        sig = dict(h_ptr=act, hs_ptr="*fp32", h_part_q="i32", w2_ptr=w, s2_ptr="*u8",
-                   y_ptr="*fp32", ids_ptr="*i32", N="i32", D="i32", I="i32", slot_offset="i32", num_n="i32")
+        fn = kernels._moe_down_kernel if align else kernels._moe_down_scan_kernel
+        sig = dict(h_ptr=act, hs_ptr="*fp32", h_part_q="i32", w2_ptr=w, s2_ptr="*u8", y_ptr="*fp32", **rows,
+                   N="i32", D="i32", I="i32", **({} if align else dict(slot_offset="i32")), num_n="i32")
     else:
-        fn = kernels._moe_up_scan_kernel
+        fn = kernels._moe_up_kernel if align else kernels._moe_up_scan_kernel
         sig = dict(x_ptr=act, stride_xt="i32", xs_ptr="*fp32", x_part_q="i32", w1_ptr=w,
                    w3_ptr=w, s1_ptr="*u8", s3_ptr="*u8", h_ptr="*fp32" if var & 4 else "*fp16", rw_ptr="*fp32",
-                   ids_ptr="*i32", N="i32", D="i32", I="i32", top_k="i32", limit="fp32", slot_offset="i32",
-                   num_n="i32")
-    consts = dict(NP=512, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, EVEN_K=True, PRECISION="tf32",
-                  FMT=kernels._FMT_CODE[fmt], ASM=asm, VAR=var)
+                   **rows, N="i32", D="i32", I="i32", top_k="i32", limit="fp32",
+                   **({} if align else dict(slot_offset="i32")), num_n="i32")
+    consts = dict(BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, EVEN_K=True, PRECISION="tf32",
+                  FMT=kernels._FMT_CODE[fmt], ASM=asm, VAR=var, **({} if align else dict(NP=512)))
     sig.update({k: "constexpr" for k in consts})
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
              for n, t in sig.items() if t.startswith("*") or n in DIV16}
@@ -89,11 +93,12 @@ def main():
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--maxnreg", type=int, default=None, help="cap registers per thread (ptx .maxnreg)")
+    ap.add_argument("--align", action="store_true", help="the align path's kernels (sorted blocks), not the scan path's")
     ap.add_argument("--out", default="/tmp/aot_sass")
     a = ap.parse_args()
-    k = compile_scan(a.down, a.fmt, a.var, not a.no_asm, a.bm, a.bn, a.bk, a.warps, a.stages, a.maxnreg)
+    k = compile_scan(a.down, a.fmt, a.var, not a.no_asm, a.bm, a.bn, a.bk, a.warps, a.stages, a.maxnreg, a.align)
     os.makedirs(a.out, exist_ok=True)
-    tag = f"{a.fmt}_{'down' if a.down else 'up'}_v{a.var}_m{a.bm}_n{a.bn}_k{a.bk}_w{a.warps}"
+    tag = f"{a.fmt}_{'down' if a.down else 'up'}{'_align' if a.align else ''}_v{a.var}_m{a.bm}_n{a.bn}_k{a.bk}_w{a.warps}"
     for ext in ("ttgir", "ptx"):
         with open(os.path.join(a.out, f"{tag}.{ext}"), "w") as f:
             f.write(k.asm[ext])
