@@ -1,9 +1,9 @@
 """GPU decode step: eager forward vs DecodeGraphs (CUDA graphs).
 
-Mini preset (or --preset flash --num-layers N, random weights drawn on the GPU), bf16, one GPU. Every row is first prefilled with a `--prompt`-token prompt (one
-batched forward), then decoded greedily: a step = forward/replay + argmax, fed back on device.
-Prints ms/step and output tok/s per batch size, and checks graph logits against eager logits
-on the same cache state (same greedy tokens, max |diff|).
+Mini preset (or --preset flash --num-layers N: released widths, random weights drawn on the GPU), bf16,
+one GPU. Every row is first prefilled with a `--prompt`-token prompt (one batched forward), then decoded
+greedily: a step = forward/replay + argmax, fed back on device. Prints ms/step and output tok/s per batch
+size, and checks graph logits against eager logits on the same cache state (same greedy tokens, max |diff|).
 
     python bench/bench_decode_gpu.py [--batch 1 8 64] [--prompt 256] [--steps 50] [--profile]
     python bench/bench_decode_gpu.py --preset flash --num-layers 8 --expert-dtype fp4 --batch 64 --prompt 32 --profile
@@ -121,14 +121,15 @@ def main():
               f"experts used per layer {(load > 0).sum(1).tolist()}", flush=True)
         for e in sorted(events, key=lambda e: -e.device_time_total)[:25]:
             print(f"  {e.device_time_total / 1e3:7.3f} ms {e.count:5d}x  {e.key[:110]}", flush=True)
-        copies = [e for e in prof.key_averages(group_by_input_shape=True) if e.key in ("aten::copy_", "aten::einsum",
-                                                                                    "aten::linear", "aten::mm")]
+        ops = [e for e in prof.key_averages(group_by_input_shape=True)
+               if e.key in ("aten::copy_", "aten::einsum", "aten::linear", "aten::mm")]
         print("  the aten ops behind them, by input shapes (GPU ms):", flush=True)
-        for e in sorted(copies, key=lambda e: -e.device_time_total)[:12]:
+        for e in sorted(ops, key=lambda e: -e.device_time_total)[:12]:
             print(f"  {e.device_time_total / 1e3:7.3f} ms {e.count:5d}x  {e.key} {str(e.input_shapes)[:120]}", flush=True)
 
-    print(f"\n{args.preset} preset ({model.config.num_hidden_layers} layers, {args.expert_dtype} experts), {args.dtype}, prompt {args.prompt} per row, {args.steps} greedy steps (argmax on device "
-          f"included), cache max_seq_len {max_seq}")
+    print(f"\n{args.preset} preset ({model.config.num_hidden_layers} layers, {args.expert_dtype} experts), {args.dtype}, "
+          f"prompt {args.prompt} per row, {args.steps} greedy steps (argmax on device included), "
+          f"cache max_seq_len {max_seq}")
     print("| batch | mode | ms/step | output tok/s | notes |")
     print("|---|---|---|---|---|")
     for B, mode, ms, note in sorted(rows, key=lambda r: r[0]):

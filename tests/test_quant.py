@@ -129,11 +129,13 @@ def test_quantised_triton_default_configs(fmt, pairs_per_slot):
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
 
 
-def test_config_register_cap_reaches_the_launch():
-    # "maxnreg" becomes the launch's register cap only when set (the fp4 decode default sets it)
+def test_config_register_cap_becomes_a_launch_option_and_fp4_decode_takes_the_align_path():
+    # "maxnreg" becomes the launch's register cap only when set; fp4's decode config sets it and "scan": False
+    # (test_quantised_triton_default_configs runs that config)
     assert kernels._regs({}) == {} and kernels._regs(dict(maxnreg=None)) == {}
     assert kernels._regs(dict(maxnreg=128)) == {"maxnreg": 128}
-    assert kernels._moe_config(64 * 6, 256, 2, fmt="fp4")["maxnreg"] == 128
+    fp4, fp8 = (kernels._moe_config(64 * 6, 256, 2, fmt=f) for f in ("fp4", "fp8"))
+    assert fp4["maxnreg"] == 128 and not fp4["scan"] and fp8["scan"]
 
 
 VARIANTS = [  # fmt, activation dtype, config variant keys (see kernels._variant_code)
