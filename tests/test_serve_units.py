@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 import serve
 from app import Runtime, create_app
 from engine import EngineStats, QueueFull, SamplingParams, TokenLogprobs
-from text import ASSISTANT, BOS, THINK_END, USER, TextStream, TextTokenizer, builtin_tokenizer
+from text import ASSISTANT, BOS, EOS, THINK_END, USER, TextStream, TextTokenizer, builtin_tokenizer
 
 TOKENIZER = TextTokenizer(builtin_tokenizer(512))
 
@@ -29,7 +29,17 @@ def test_builtin_tokenizer_is_deterministic_and_has_chat_tokens():
 @settings(max_examples=60, deadline=None)
 @given(st.text())
 def test_builtin_tokenizer_is_lossless(text):
-    assert TOKENIZER.decode(TOKENIZER.encode(text, add_bos=False)) == text
+    # user text (encode_plain) round-trips whatever it spells; a raw prompt (encode) turns control-token
+    # strings such as "</think>" into control tokens on purpose, which decode then skips
+    assert TOKENIZER.decode(TOKENIZER.encode_plain(text)) == text
+    if not any(t in text for t in (BOS, EOS, USER, ASSISTANT, THINK_END)):
+        assert TOKENIZER.decode(TOKENIZER.encode(text, add_bos=False)) == text
+
+
+def test_raw_prompt_control_strings_become_control_tokens():
+    ids = TOKENIZER.encode(f"a{THINK_END}b", add_bos=False)
+    assert TOKENIZER.tokenizer.token_to_id(THINK_END) in ids
+    assert TOKENIZER.decode(ids) == "ab" and TOKENIZER.decode(TOKENIZER.encode_plain(f"a{THINK_END}b")) == f"a{THINK_END}b"
 
 
 @settings(max_examples=40, deadline=None)
