@@ -52,6 +52,14 @@ for part in "$@"; do
                timeout 240 python3 bench/bench_decode_gpu.py --preset flash --num-layers 8 --expert-dtype $e --batch 64 \
                  --prompt 32 --steps 20 --profile > $OUT/decodeflash_$e.log 2>&1; tail -34 $OUT/decodeflash_$e.log
              done ;;
+    ncufp4)  # #16: issue and pipe utilisation of the fp4 decode kernels (Nsight Compute on the device image)
+             M=sm__inst_issued.avg.pct_of_peak_sustained_active,sm__pipe_alu_cycles_active.avg.pct_of_peak_sustained_active
+             M=$M,sm__pipe_fma_cycles_active.avg.pct_of_peak_sustained_active,sm__pipe_fmaheavy_cycles_active.avg.pct_of_peak_sustained_active
+             M=$M,sm__inst_executed_pipe_lsu.avg.pct_of_peak_sustained_active
+             M=$M,sm__warps_active.avg.pct_of_peak_sustained_active,dram__throughput.avg.pct_of_peak_sustained_elapsed,gpu__time_duration.sum
+             timeout 200 ncu --clock-control none -k 'regex:^_moe_(up|down)_kernel$' --launch-skip 6 --launch-count 2 \
+               --metrics $M python3 bench/ncu_fp4_decode.py --warmup 3 > $OUT/ncufp4.log 2>&1
+             grep -v "^==PROF==" $OUT/ncufp4.log | tail -32 ;;
     capacity) timeout 300 python3 bench/bench_fp4_capacity.py --time-budget-s 200 > $OUT/capacity.log 2>&1
              tail -25 $OUT/capacity.log ;;
   esac
