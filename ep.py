@@ -210,17 +210,26 @@ class DistributedMover:
         return slot_bytes * len(staged)
 
 
-def slot_fingerprints(weights: list[torch.Tensor], group=None, num_ranks: int = 1) -> torch.Tensor:
-    """[P] float64 fingerprint of every global slot's weights (gathered from all ranks).
+FINGERPRINT_CHUNK = 1 << 20  # bytes per slot per step of slot_fingerprints: bounds its int32 temporaries
 
-    A weighted sum with position-dependent weights, so permuted or partially copied tensors differ.
+
+def slot_fingerprints(weights: list[torch.Tensor], group=None, num_ranks: int = 1) -> torch.Tensor:
+    """[P] int64 fingerprint of every global slot's bytes (gathered from all ranks).
+
+    Per slot, the sum over its raw bytes b_j (every tensor in `weights`, any dtype: bf16, fp8, packed
+    fp4 and their scales alike) of b_j * (j mod 251 + 1): position-dependent weights, so permuted or
+    partially copied tensors differ. Integer sums, so a slot's fingerprint does not depend on where it
+    sits among the slots (a float64 matvec's rounding did, and a moved slot then failed the canary).
     """
-    parts = []
+    local = None
     for w in weights:
-        flat = w.reshape(w.shape[0], -1).double()
-        ramp = torch.linspace(1.0, 2.0, flat.shape[1], dtype=torch.float64, device=flat.device)
-        parts.append(flat @ ramp)
-    local = torch.stack(parts, 1).sum(1)  # [P_local]
+        data = w.reshape(w.shape[0], -1).contiguous().view(torch.uint8)  # [P_local, bytes per slot]
+        fp = torch.zeros(data.shape[0], dtype=torch.int64, device=data.device)
+        for j0 in range(0, data.shape[1], FINGERPRINT_CHUNK):
+            chunk = data[:, j0:j0 + FINGERPRINT_CHUNK].to(torch.int32)  # [P_local, C]
+            pos = torch.arange(j0, j0 + chunk.shape[1], device=data.device, dtype=torch.int32) % 251 + 1
+            fp += (chunk * pos).sum(1)  # each term < 2^16; the sum accumulates in int64
+        local = fp if local is None else local + fp
     if num_ranks == 1:
         return local
     gathered = [torch.empty_like(local) for _ in range(num_ranks)]
@@ -229,8 +238,8 @@ def slot_fingerprints(weights: list[torch.Tensor], group=None, num_ranks: int = 
 
 
 def expert_fingerprints(slot_fp: torch.Tensor, phy2log_row: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """[E] fingerprint of each logical expert, read from the first slot holding it."""
-    fp = torch.full((num_experts,), float("nan"), dtype=torch.float64, device=slot_fp.device)
+    """[E] fingerprint of each logical expert, read from the first slot holding it (-1: held by none)."""
+    fp = torch.full((num_experts,), -1, dtype=slot_fp.dtype, device=slot_fp.device)
     for slot in reversed(range(phy2log_row.numel())):
         fp[int(phy2log_row[slot])] = slot_fp[slot]
     return fp

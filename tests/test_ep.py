@@ -18,6 +18,7 @@ import httpx
 import pytest
 import torch
 
+import ep
 import eplb
 import planner
 
@@ -239,3 +240,30 @@ def test_distributed_mover_moves_only_changed_slots_between_two_gloo_ranks(tmp_p
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.count("mover ok") == 2
+
+
+def test_slot_fingerprints_do_not_depend_on_where_a_slot_sits_and_see_every_byte(monkeypatch):
+    """The canary compares a moved slot's fingerprint with its expert's fingerprint before the move, so
+    the value must not depend on the slot's position among the slots (a float64 matvec's rounding did),
+    nor on how the bytes are chunked; and it must see any byte of any dtype: one scale byte, two bytes
+    of packed fp4 swapped."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(33, 2048, generator=gen).to(torch.bfloat16)
+    fp = ep.slot_fingerprints([w])
+    perm = torch.randperm(33, generator=gen)
+    assert torch.equal(ep.slot_fingerprints([w[perm]]), fp[perm])
+    assert torch.equal(torch.cat([ep.slot_fingerprints([w[i:i + 1]]) for i in range(33)]), fp)
+    assert fp.unique().numel() == 33
+    monkeypatch.setattr(ep, "FINGERPRINT_CHUNK", 1000)  # 4096 bytes per slot: chunks of 1000, 1000, ..., 96
+    assert torch.equal(ep.slot_fingerprints([w]), fp)
+
+    packed = torch.randint(0, 256, (4, 8, 16), dtype=torch.uint8, generator=gen)  # 4 fp4 slots [8, 32 inputs]
+    packed[1, 0, :2] = torch.tensor([3, 200], dtype=torch.uint8)
+    scales = torch.randint(110, 130, (4, 8, 1), dtype=torch.uint8, generator=gen)  # their ue8m0 scales
+    base = ep.slot_fingerprints([packed, scales])
+    bumped = scales.clone()
+    bumped[2, 5, 0] += 1
+    assert (ep.slot_fingerprints([packed, bumped]) != base).tolist() == [False, False, True, False]
+    swapped = packed.clone()
+    swapped[1, 0, :2] = torch.tensor([200, 3], dtype=torch.uint8)
+    assert (ep.slot_fingerprints([swapped, scales]) != base).tolist() == [False, True, False, False]
