@@ -47,6 +47,10 @@ for part in "$@"; do
     fp4serve) timeout 480 python3 bench/bench_serve.py --device cuda --preset flash --num-layers 8 --concurrency 64 \
                --output-len 64 --eplb-modes off --sampling greedy sampled --expert-dtype bf16 fp4 > $OUT/fp4serve.log 2>&1
              tail -12 $OUT/fp4serve.log ;;
+    fp4eplb) # #16: EPLB on with fp4 experts at released width (sampled): quantised slots moved between steps
+             timeout 560 python3 bench/bench_serve.py --device cuda --preset flash --num-layers 8 --concurrency 64 \
+               --output-len 128 --requests-per-client 2 --eplb-modes off slots on --sampling sampled --expert-dtype fp4 \
+               --eplb-period 50 > $OUT/fp4eplb.log 2>&1; grep -A 12 "^experts" $OUT/fp4eplb.log ;;
     decodeflash) # #16: what a released-width decode step spends its time on, bf16 vs fp4 experts (C = 64)
              for e in bf16 fp4; do
                timeout 240 python3 bench/bench_decode_gpu.py --preset flash --num-layers 8 --expert-dtype $e --batch 64 \
