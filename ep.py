@@ -210,7 +210,7 @@ class DistributedMover:
         return slot_bytes * len(staged)
 
 
-FINGERPRINT_CHUNK = 1 << 20  # bytes per slot per step of slot_fingerprints: bounds its int32 temporaries
+FINGERPRINT_CHUNK = 1 << 18  # bytes per slot per step of slot_fingerprints: its int32 temporaries stay 2 MiB per slot
 
 
 def slot_fingerprints(weights: list[torch.Tensor], group=None, num_ranks: int = 1) -> torch.Tensor:

@@ -254,7 +254,7 @@ def test_slot_fingerprints_do_not_depend_on_where_a_slot_sits_and_see_every_byte
     assert torch.equal(ep.slot_fingerprints([w[perm]]), fp[perm])
     assert torch.equal(torch.cat([ep.slot_fingerprints([w[i:i + 1]]) for i in range(33)]), fp)
     assert fp.unique().numel() == 33
-    monkeypatch.setattr(ep, "FINGERPRINT_CHUNK", 1000)  # 4096 bytes per slot: chunks of 1000, 1000, ..., 96
+    monkeypatch.setattr(ep, "FINGERPRINT_CHUNK", 1000)  # 4096 bytes per slot: chunks of 1000, 1000, 1000, 1000, 96
     assert torch.equal(ep.slot_fingerprints([w]), fp)
 
     packed = torch.randint(0, 256, (4, 8, 16), dtype=torch.uint8, generator=gen)  # 4 fp4 slots [8, 32 inputs]
